@@ -1,0 +1,150 @@
+// Binds any backend that implements pagedgpt2::Model with one Python surface, so that the CPU
+// (_core) and CUDA (_cuda) modules look the same to the generation loop. Shapes are checked here,
+// once, at the boundary; the backends trust them.
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <map>
+#include <stdexcept>
+#include <string>
+
+#include "engine/model.h"
+
+namespace pagedgpt2::bindings {
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+using IntArray = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using IntMatrix = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using FloatArray = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using U64Array = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using I64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+inline void check_len(const char* name, size_t got, size_t want) {
+  if (got != want) {
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(want) +
+                                " entries, got " + std::to_string(got));
+  }
+}
+
+// Builds StepInputs over the arrays (which must outlive the call) and checks their shapes.
+inline StepInputs make_step_inputs(IntArray token_ids, IntArray positions, IntArray slot_mapping,
+                                   IntArray query_start_loc, IntArray context_lens,
+                                   IntMatrix block_tables, IntArray logits_indices) {
+  StepInputs in;
+  in.num_tokens = static_cast<int>(token_ids.shape(0));
+  in.num_seqs = static_cast<int>(context_lens.shape(0));
+  in.max_blocks_per_seq = static_cast<int>(block_tables.shape(1));
+  in.num_logits = static_cast<int>(logits_indices.shape(0));
+  check_len("positions", positions.shape(0), in.num_tokens);
+  check_len("slot_mapping", slot_mapping.shape(0), in.num_tokens);
+  check_len("query_start_loc", query_start_loc.shape(0), in.num_seqs + 1);
+  check_len("block_tables rows", block_tables.shape(0), in.num_seqs);
+  in.token_ids = token_ids.data();
+  in.positions = positions.data();
+  in.slot_mapping = slot_mapping.data();
+  in.query_start_loc = query_start_loc.data();
+  in.context_lens = context_lens.data();
+  in.block_tables = block_tables.data();
+  in.logits_indices = logits_indices.data();
+  return in;
+}
+
+// dict[str, numpy float32 C-contiguous array] -> HostWeights (views: keep the dict alive).
+inline HostWeights weights_from_dict(const nb::dict& tensors) {
+  using Any = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+  HostWeights out;
+  for (auto [key, value] : tensors) {
+    Any array = nb::cast<Any>(value);
+    HostTensor t;
+    t.data = array.data();
+    for (size_t i = 0; i < array.ndim(); ++i) t.shape.push_back(array.shape(i));
+    out[nb::cast<std::string>(key)] = t;
+  }
+  return out;
+}
+
+inline ModelConfig config_from_dict(const nb::dict& c) {
+  ModelConfig cfg;
+  cfg.vocab_size = nb::cast<int>(c["vocab_size"]);
+  cfg.n_positions = nb::cast<int>(c["n_positions"]);
+  cfg.n_embd = nb::cast<int>(c["n_embd"]);
+  cfg.n_layer = nb::cast<int>(c["n_layer"]);
+  cfg.n_head = nb::cast<int>(c["n_head"]);
+  cfg.n_inner = nb::cast<int>(c["n_inner"]);
+  cfg.layer_norm_epsilon = nb::cast<float>(c["layer_norm_epsilon"]);
+  return cfg;
+}
+
+template <class M>
+void bind_model_methods(nb::class_<M>& cls) {
+  cls.def(
+      "forward",
+      [](M& m, IntArray token_ids, IntArray positions, IntArray slot_mapping,
+         IntArray query_start_loc, IntArray context_lens, IntMatrix block_tables,
+         IntArray logits_indices) {
+        StepInputs in = make_step_inputs(token_ids, positions, slot_mapping, query_start_loc,
+                                         context_lens, block_tables, logits_indices);
+        const size_t vocab = static_cast<size_t>(m.config().vocab_size);
+        float* logits = new float[static_cast<size_t>(in.num_logits) * vocab];
+        nb::capsule owner(logits, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+        {
+          nb::gil_scoped_release release;
+          m.forward(in, logits);
+        }
+        return nb::ndarray<nb::numpy, float, nb::ndim<2>>(
+            logits, {static_cast<size_t>(in.num_logits), vocab}, owner);
+      },
+      "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start_loc"_a, "context_lens"_a,
+      "block_tables"_a, "logits_indices"_a,
+      "One forward over a ragged batch; returns float32 logits [num_logits, vocab].");
+  cls.def(
+      "forward_and_sample",
+      [](M& m, IntArray token_ids, IntArray positions, IntArray slot_mapping,
+         IntArray query_start_loc, IntArray context_lens, IntMatrix block_tables,
+         IntArray logits_indices, FloatArray temperature, IntArray top_k, FloatArray top_p,
+         U64Array seeds, I64Array counters) {
+        StepInputs in = make_step_inputs(token_ids, positions, slot_mapping, query_start_loc,
+                                         context_lens, block_tables, logits_indices);
+        check_len("temperature", temperature.shape(0), in.num_logits);
+        check_len("top_k", top_k.shape(0), in.num_logits);
+        check_len("top_p", top_p.shape(0), in.num_logits);
+        check_len("seeds", seeds.shape(0), in.num_logits);
+        check_len("counters", counters.shape(0), in.num_logits);
+        SamplingInputs s;
+        s.temperature = temperature.data();
+        s.top_k = top_k.data();
+        s.top_p = top_p.data();
+        s.seeds = seeds.data();
+        s.counters = counters.data();
+        int32_t* next = new int32_t[static_cast<size_t>(in.num_logits)];
+        nb::capsule owner(next, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+        {
+          nb::gil_scoped_release release;
+          m.forward_and_sample(in, s, next);
+        }
+        return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(
+            next, {static_cast<size_t>(in.num_logits)}, owner);
+      },
+      "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start_loc"_a, "context_lens"_a,
+      "block_tables"_a, "logits_indices"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a,
+      "counters"_a, "Forward, then one sampled token id per logits row (int32 [num_logits]).");
+  cls.def(
+      "copy_blocks",
+      [](M& m, IntArray src, IntArray dst) {
+        check_len("dst", dst.shape(0), src.shape(0));
+        nb::gil_scoped_release release;
+        m.copy_blocks(src.data(), dst.data(), static_cast<int>(src.shape(0)));
+      },
+      "src"_a, "dst"_a, "Copies whole KV blocks of every layer: dst[i] <- src[i].");
+  cls.def_prop_ro("num_blocks", &M::num_blocks);
+  cls.def_prop_ro("block_size", &M::block_size);
+  cls.def_prop_ro("kv_bytes_per_block", &M::kv_bytes_per_block);
+  cls.def_prop_ro("device_name", &M::device_name);
+}
+
+}  // namespace pagedgpt2::bindings

@@ -1,0 +1,3 @@
+from pagedgpt2.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""Engine: the public API. Loads a model, owns the backend and the KV cache, runs requests.
+
+    eng = Engine("models/gpt2", device="cpu")
+    outs = eng.generate(["Alan Turing", [15496, 995]], SamplingParams(max_new_tokens=32))
+
+Inputs are checked here, once; below this layer (scheduler, model runner, C++ core) they are
+trusted.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence as Seq
+
+import numpy as np
+
+from pagedgpt2 import _core
+from pagedgpt2.kv_cache import KV_CACHE_MODES, KVCache
+from pagedgpt2.model_runner import ModelRunner
+from pagedgpt2.sampling import SamplingParams, _is_int
+from pagedgpt2.scheduler import Scheduler
+from pagedgpt2.sequence import Sequence
+from pagedgpt2.tokenizer import get_tokenizer
+from pagedgpt2.weights import load_model_dir
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU; the memory is touched only when used
+
+Prompt = str | Seq[int]
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens, the stop token included when finish_reason == "stop"
+    text: str  # generated text, the stop token left out
+    finish_reason: str  # "stop" | "length"
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def cuda_module():
+    """The CUDA backend module, or a RuntimeError saying why it cannot be used."""
+    try:
+        from pagedgpt2 import _cuda
+    except ImportError as e:
+        raise RuntimeError(
+            "device='cuda' needs pagedgpt2 built with its CUDA backend (a CUDA toolkit and cuBLAS "
+            f"at install time); this build has none: {e}") from e
+    if _cuda.device_count() < 1:
+        raise RuntimeError("device='cuda' but no CUDA GPU is visible")
+    return _cuda
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        cuda_module()
+        return "cuda"
+    except RuntimeError:
+        return "cpu"
+
+
+class Engine:
+    def __init__(self, model: str | os.PathLike, device: str = "auto", dtype: str | None = None,
+                 kv_cache: str = "paged", block_size: int = 16, num_blocks: int | None = None, *,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 gpu_memory_fraction: float = 0.9, num_threads: int | None = None):
+        _check_choice("device", device, DEVICES)
+        _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
+        if dtype is not None:
+            _check_choice("dtype", dtype, DTYPES)
+        if not _is_int(block_size) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        if num_blocks is not None and (not _is_int(num_blocks) or num_blocks < 1):
+            raise ValueError(f"num_blocks must be an integer >= 1 or None, got {num_blocks!r}")
+        if not _is_int(max_num_seqs) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        if not 0.0 < gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction!r}")
+
+        self.device = _resolve_device(device)
+        self.dtype = dtype or ("float16" if self.device == "cuda" else "float32")
+        if self.device == "cpu" and self.dtype != "float32":
+            raise ValueError(f"the CPU backend computes in float32; dtype {self.dtype!r} needs device='cuda'")
+        self.config, tensors = load_model_dir(Path(model))
+        n_positions = self.config["n_positions"]
+        self.max_num_batched_tokens = max(max_num_batched_tokens or 2048, n_positions)
+        self.tokenizer = get_tokenizer()
+
+        # contiguous: one n_positions-long buffer per sequence, carved from the same budget.
+        backend_block_size = block_size if kv_cache == "paged" else n_positions
+        backend_num_blocks = self._backend_num_blocks(kv_cache, block_size, num_blocks)
+        self.backend = self._make_backend(tensors, backend_num_blocks, backend_block_size,
+                                          gpu_memory_fraction, max_num_seqs, num_threads)
+        del tensors
+        self.kv = KVCache(kv_cache, self.backend.num_blocks, self.backend.block_size,
+                          self.backend.kv_bytes_per_block)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, self.max_num_batched_tokens)
+        self.runner = ModelRunner(self.backend, self.kv)
+        self._seq_ids = itertools.count()
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _kv_bytes_per_token(self) -> int:
+        c = self.config
+        return 2 * c["n_layer"] * c["n_embd"] * np.dtype(np.float32 if self.dtype == "float32" else np.float16).itemsize
+
+    def _backend_num_blocks(self, kv_cache: str, block_size: int, num_blocks: int | None) -> int:
+        """Blocks of the backend's pool (-1: the GPU backend sizes it from free memory)."""
+        n_positions = self.config["n_positions"]
+        if num_blocks is None:
+            if self.device == "cuda":
+                return -1
+            tokens = max(CPU_KV_CACHE_BYTES // self._kv_bytes_per_token(), n_positions)
+        else:
+            tokens = num_blocks * block_size
+        if kv_cache == "paged":
+            return -(-tokens // block_size)
+        if tokens < n_positions:
+            raise ValueError(
+                f"num_blocks={num_blocks} blocks of {block_size} tokens hold {tokens} tokens: less than "
+                f"one contiguous buffer of the context length n_positions={n_positions}")
+        return tokens // n_positions
+
+    def _make_backend(self, tensors, num_blocks, block_size, gpu_memory_fraction, max_num_seqs,
+                      num_threads):
+        if self.device == "cpu":
+            return _core.CpuModel(self.config, tensors, num_blocks, block_size, num_threads or 0)
+        return cuda_module().CudaModel(
+            self.config, tensors, self.dtype, num_blocks, block_size, gpu_memory_fraction, 0,
+            max_num_seqs, self.max_num_batched_tokens)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _token_ids(self, prompt, index: int) -> list[int]:
+        vocab_size = self.config["vocab_size"]
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            bad = [t for t in prompt if not _is_int(t) and not isinstance(t, np.integer)]
+            if bad:
+                raise TypeError(f"prompt {index}: token ids must be integers, got {bad[0]!r}")
+            ids = [int(t) for t in prompt]
+        else:
+            raise TypeError(f"prompt {index}: expected a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        bad_ids = [t for t in ids if not 0 <= t < vocab_size]
+        if bad_ids:
+            raise ValueError(f"prompt {index}: token id {bad_ids[0]} is outside the vocabulary [0, {vocab_size})")
+        if len(ids) > self.config["n_positions"]:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens, more than the model's context "
+                             f"(n_positions={self.config['n_positions']})")
+        return ids
+
+    def _check_fits(self, ids: list[int], params: SamplingParams, index: int) -> None:
+        n_positions = self.config["n_positions"]
+        total = len(ids) + params.max_new_tokens
+        if total > n_positions:
+            raise ValueError(
+                f"prompt {index}: {len(ids)} prompt tokens + max_new_tokens {params.max_new_tokens} = "
+                f"{total} exceeds the model's context (n_positions={n_positions})")
+        need = self.kv.blocks_for(total)
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"prompt {index}: {total} tokens need {need} KV blocks of {self.kv.block_size} tokens, "
+                f"but the pool has only {self.kv.num_blocks}; raise num_blocks")
+
+    def _make_sequence(self, prompt, params: SamplingParams, index: int) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
+        ids = self._token_ids(prompt, index)
+        self._check_fits(ids, params, index)
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        return Sequence(next(self._seq_ids), ids, params, seed)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        batch = self.scheduler.schedule()
+        next_tokens = self.runner.sample(batch)
+        for (seq, _), token in zip(batch, next_tokens.tolist()):
+            seq.append(token)
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+
+    def _abort_all(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.abort(seq)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        ids = seq.output_ids
+        text_ids = ids[:-1] if seq.finish_reason == "stop" else ids
+        return RequestOutput(seq.seq_id, seq.prompt_ids, list(ids),
+                             self.tokenizer.decode([t for t in text_ids if t < self.tokenizer.n_vocab]),
+                             seq.finish_reason)
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Runs all prompts together (one forward per step over every live sequence).
+
+        prompts: a string, a list of token ids, or a list of those. Returns one RequestOutput per
+        prompt, in order. Every prompt is checked before any runs.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and all(_is_int(t) or isinstance(t, np.integer) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        params = params if params is not None else SamplingParams()
+        params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+            while self.scheduler.has_work():
+                self._step()
+        finally:
+            self._abort_all()
+        return [self._output(seq) for seq in seqs]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Generates for one prompt, yielding text pieces as tokens are produced.
+
+        Bytes of a character split across tokens are held back until the character is whole.
+        Closing the iterator early frees the request's blocks.
+        """
+        seq = self._make_sequence(prompt, params if params is not None else SamplingParams(), 0)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.scheduler.add(seq)
+        try:
+            num_seen = 0
+            while not seq.is_finished:
+                self._step()
+                new_ids = seq.output_ids[num_seen:]
+                num_seen = len(seq.output_ids)
+                if seq.finish_reason == "stop":
+                    new_ids = new_ids[:-1]
+                piece = decoder.decode(self.tokenizer.decode_bytes(new_ids))
+                if piece:
+                    yield piece
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield tail
+        finally:
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+
+    def logits(self, tokens: Prompt) -> np.ndarray:
+        """float32 [T, vocab]: the next-token logits at every position of one sequence."""
+        ids = self._token_ids(tokens, 0)
+        need = self.kv.blocks_for(len(ids))
+        if need > self.kv.manager.num_free:
+            raise ValueError(f"{len(ids)} tokens need {need} KV blocks; {self.kv.manager.num_free} are free")
+        seq = Sequence(next(self._seq_ids), ids, SamplingParams(max_new_tokens=1), 0)
+        self.kv.manager.add_sequence(seq.seq_id)
+        try:
+            return self.runner.logits(seq)
+        finally:
+            self.kv.manager.free_sequence(seq.seq_id)
+
+    def kv_stats(self) -> dict:
+        """Pool size and use: num_blocks, blocks_used, blocks_free, bytes_reserved, bytes_holding_tokens…"""
+        return self.kv.stats()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Engine(n_layer={c['n_layer']}, n_embd={c['n_embd']}, device={self.device!r}, "
+                f"dtype={self.dtype!r}, kv_cache={self.kv.mode!r}, block_size={self.kv.block_size}, "
+                f"num_blocks={self.kv.num_blocks})")

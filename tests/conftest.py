@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny real Hugging Face GPT-2 models with random weights, converted with our
+tool, and the automatic skip of GPU tests where there is no GPU or no CUDA build."""
+
+from __future__ import annotations
+
+import pytest
+
+# Shapes the engine must match HF on: a head size other than 64 and n_positions other than 1024.
+MODEL_SHAPES = {
+    # name: (n_layer, n_embd, n_head, n_positions, vocab_size)
+    "d16": (2, 64, 4, 128, 50257),    # head size 16, the real vocabulary (text prompts)
+    "d48": (3, 96, 2, 96, 1000),      # head size 48, a small vocabulary
+    "d64": (2, 128, 2, 1024, 50257),  # GPT-2's head size 64 and context 1024
+}
+
+
+def cuda_available() -> bool:
+    try:
+        from pagedgpt2 import _cuda
+        return _cuda.device_count() > 0
+    except Exception:  # noqa: BLE001 - no CUDA build, no driver, no GPU: all mean "skip"
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and pagedgpt2's CUDA build")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_hf_model(shape: str, seed: int = 0, initializer_range: float = 0.15):
+    """A GPT2LMHeadModel with fresh random weights (std large enough that logits are peaked,
+    so greedy decoding has clear winners), fp32, eval mode."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_layer, n_embd, n_head, n_positions, vocab_size = MODEL_SHAPES[shape]
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                        vocab_size=vocab_size, initializer_range=initializer_range,
+                        attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # biases and LayerNorms start at 0/1: randomize them too
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tmp_path_factory):
+    """{shape: (hf_model, hf_dir, converted_dir)} built once per session."""
+    from pagedgpt2.convert import convert_checkpoint
+
+    out = {}
+    for shape in MODEL_SHAPES:
+        model = make_hf_model(shape)
+        hf_dir = tmp_path_factory.mktemp(f"hf-{shape}")
+        model.save_pretrained(hf_dir)
+        dst = tmp_path_factory.mktemp(f"engine-{shape}") / "model"
+        convert_checkpoint(hf_dir, dst, progress=False)
+        out[shape] = (model, hf_dir, dst)
+    return out
