@@ -1,0 +1,121 @@
+"""The CUDA engine end to end: against HF transformers on the same GPU, against the CPU engine,
+and paged against contiguous. Skipped where there is no GPU or no CUDA build."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pagedgpt2 import Engine, SamplingParams
+
+pytestmark = pytest.mark.cuda
+
+# Stated tolerances: max |logit difference| against HF fp32, for logits of order 1-10.
+LOGIT_ATOL = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
+TOP1_AGREEMENT = 0.99
+
+
+def hf_on_gpu(model):
+    return model.to("cuda")
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids], device="cuda")).logits[0].float().cpu().numpy()
+
+
+def hf_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
+                             max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.mark.parametrize("shape", ["d16", "d48", "d64"])
+def test_fp32_logits_and_greedy_match_hf(hf_model_dirs, shape):
+    model, _, engine_dir = hf_model_dirs[shape]
+    model = hf_on_gpu(model)
+    eng = Engine(engine_dir, device="cuda", dtype="float32", num_blocks=256)
+    rng = np.random.default_rng(11)
+    for length in (1, 9, model.config.n_positions):
+        ids = rng.integers(0, model.config.vocab_size, size=length).tolist()
+        np.testing.assert_allclose(eng.logits(ids), hf_logits(model, ids), rtol=0, atol=LOGIT_ATOL["float32"])
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (1, 6, 19, 33, 16)]
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(model, prompt, 20)
+    assert eng.kv_stats()["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_logits_and_top1_agreement(hf_model_dirs, dtype):
+    model, _, engine_dir = hf_model_dirs["d64"]
+    model = hf_on_gpu(model)
+    eng = Engine(engine_dir, device="cuda", dtype=dtype, num_blocks=256)
+    rng = np.random.default_rng(12)
+    agree = total = 0
+    worst = 0.0
+    for _ in range(4):
+        ids = rng.integers(0, model.config.vocab_size, size=256).tolist()
+        ours, ref = eng.logits(ids), hf_logits(model, ids)
+        worst = max(worst, float(np.abs(ours - ref).max()))
+        agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+    print(f"{dtype}: max |logit diff| {worst:.4f}, top-1 agreement {agree / total:.4f}")
+    assert worst <= LOGIT_ATOL[dtype]
+    assert agree / total >= TOP1_AGREEMENT
+
+
+def test_paged_equals_contiguous_on_gpu(hf_model_dirs):
+    engine_dir = hf_model_dirs["d48"][2]
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(0, 1000, size=n).tolist() for n in (3, 14, 30, 1, 21)]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    ref = [o.token_ids for o in Engine(engine_dir, device="cuda", dtype="float32", kv_cache="contiguous",
+                                       num_blocks=64).generate(prompts, params)]
+    for block_size in (1, 7, 16, 32):
+        eng = Engine(engine_dir, device="cuda", dtype="float32", block_size=block_size, num_blocks=4096 // block_size)
+        assert [o.token_ids for o in eng.generate(prompts, params)] == ref, f"block_size={block_size}"
+
+
+def test_cpu_and_gpu_engines_agree(hf_model_dirs):
+    engine_dir = hf_model_dirs["d16"][2]
+    cpu = Engine(engine_dir, device="cpu")
+    gpu = Engine(engine_dir, device="cuda", dtype="float32", num_blocks=128)
+    ids = np.random.default_rng(14).integers(0, 50257, size=100).tolist()
+    np.testing.assert_allclose(gpu.logits(ids), cpu.logits(ids), rtol=0, atol=1e-3)
+    prompts = ["Alan Turing", "The quick brown fox", [15496, 995]]
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in gpu.generate(prompts, greedy)] == [o.token_ids for o in cpu.generate(prompts, greedy)]
+    sampled = SamplingParams(max_new_tokens=24, temperature=0.8, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
+    a = [o.token_ids for o in gpu.generate(prompts, sampled)]
+    assert a == [o.token_ids for o in gpu.generate(prompts, sampled)]  # seeded: reproducible
+
+
+def test_gpu_pool_too_small_is_a_clear_error(hf_model_dirs):
+    eng = Engine(hf_model_dirs["d48"][2], device="cuda", block_size=4, num_blocks=5)
+    with pytest.raises(ValueError, match="but the pool has only 5"):
+        eng.generate([1] * 10, SamplingParams(max_new_tokens=16))
+    assert eng.generate([1, 2], SamplingParams(max_new_tokens=3))[0].token_ids
+
+
+def test_kv_pool_is_sized_from_free_memory_and_steps_allocate_nothing(hf_model_dirs):
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    free_before = torch.cuda.mem_get_info()[0]
+    eng = Engine(hf_model_dirs["d64"][2], device="cuda", gpu_memory_fraction=0.5)
+    pool = eng.kv_stats()["bytes_total"]
+    assert 0.3 * free_before < pool <= 0.5 * free_before
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    eng.generate([[1, 2, 3]] * 8, params)
+    free_after_first = torch.cuda.mem_get_info()[0]
+    eng.generate([[4, 5, 6, 7]] * 8, params)
+    assert torch.cuda.mem_get_info()[0] == free_after_first
