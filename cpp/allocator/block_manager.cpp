@@ -1,14 +1,32 @@
 #include "allocator/block_manager.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
 namespace pagedgpt2 {
+namespace {
 
-BlockManager::BlockManager(int num_blocks, int block_size)
-    : block_size_(block_size), allocator_(num_blocks) {
+constexpr uint64_t kRootHash = 0x6a09e667f3bcc908ULL;  // the parent of every first block
+
+inline uint64_t mix(uint64_t z) {  // splitmix64 finalizer
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+BlockManager::BlockManager(int num_blocks, int block_size, bool enable_prefix_caching)
+    : block_size_(block_size), prefix_caching_(enable_prefix_caching), allocator_(num_blocks) {
   if (block_size < 1) throw std::invalid_argument("block_size must be >= 1");
+  if (prefix_caching_) {
+    hash_of_block_.assign(num_blocks, 0);
+    parent_of_block_.assign(num_blocks, 0);
+    tokens_of_block_.assign(size_t(num_blocks) * block_size, 0);
+    allocator_.set_eviction_callback([this](int block_id) { forget(block_id); });
+  }
 }
 
 BlockManager::Sequence& BlockManager::get(int64_t seq_id) {
@@ -27,6 +45,76 @@ void BlockManager::add_sequence(int64_t seq_id) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Prefix cache
+// ---------------------------------------------------------------------------------------------
+
+uint64_t BlockManager::hash_block(uint64_t parent, const int32_t* tokens) const {
+  uint64_t h = mix(parent);
+  for (int i = 0; i < block_size_; ++i) h = mix(h ^ (uint64_t(uint32_t(tokens[i])) + 0x9E3779B97F4A7C15ULL));
+  return h;
+}
+
+uint64_t BlockManager::parent_hash(const Sequence& seq, int block_index) const {
+  return block_index == 0 ? kRootHash : hash_of_block_[seq.block_table[block_index - 1]];
+}
+
+bool BlockManager::holds(int block_id, uint64_t parent, const int32_t* tokens) const {
+  return parent_of_block_[block_id] == parent &&
+         std::equal(tokens, tokens + block_size_, tokens_of_block_.begin() + size_t(block_id) * block_size_);
+}
+
+int BlockManager::match_prefix(int64_t seq_id, const int32_t* tokens, int num_tokens) {
+  Sequence& seq = get(seq_id);
+  if (!prefix_caching_ || seq.num_tokens != 0) return 0;
+  const int max_blocks = (num_tokens - 1) / block_size_;  // leave >= 1 token to compute
+  uint64_t parent = kRootHash;
+  num_queried_blocks_ += max_blocks;
+  for (int i = 0; i < max_blocks; ++i) {
+    const int32_t* block_tokens = tokens + size_t(i) * block_size_;
+    const uint64_t h = hash_block(parent, block_tokens);
+    auto it = block_of_hash_.find(h);
+    if (it == block_of_hash_.end() || !holds(it->second, parent, block_tokens)) break;
+    allocator_.share(it->second);
+    seq.block_table.push_back(it->second);
+    parent = h;
+    ++num_hit_blocks_;
+  }
+  seq.num_tokens = int(seq.block_table.size()) * block_size_;
+  seq.tokens.assign(tokens, tokens + seq.num_tokens);
+  return seq.num_tokens;
+}
+
+// Registers the blocks that became full with tokens [first_new_token, seq.num_tokens).
+void BlockManager::register_full_blocks(Sequence& seq, int first_new_token) {
+  for (int b = first_new_token / block_size_; b < seq.num_tokens / block_size_; ++b) {
+    const int block_id = seq.block_table[b];
+    if (allocator_.is_cached(block_id)) continue;  // already registered (a shared prefix)
+    const uint64_t parent = parent_hash(seq, b);
+    const int32_t* tokens = seq.tokens.data() + size_t(b) * block_size_;
+    const uint64_t h = hash_block(parent, tokens);
+    if (!block_of_hash_.emplace(h, block_id).second) {
+      // The same prefix already lives in another block: keep that one as the cached copy. This
+      // block's children must still find their parent hash, so record it without registering.
+      hash_of_block_[block_id] = h;
+      continue;
+    }
+    hash_of_block_[block_id] = h;
+    parent_of_block_[block_id] = parent;
+    std::copy(tokens, tokens + block_size_, tokens_of_block_.begin() + size_t(block_id) * block_size_);
+    allocator_.set_cached(block_id, true);
+  }
+}
+
+void BlockManager::forget(int block_id) {
+  auto it = block_of_hash_.find(hash_of_block_[block_id]);
+  if (it != block_of_hash_.end() && it->second == block_id) block_of_hash_.erase(it);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Growing, forking, freeing
+// ---------------------------------------------------------------------------------------------
+
 bool BlockManager::last_block_shared(const Sequence& seq) const {
   return !seq.block_table.empty() && seq.num_tokens % block_size_ != 0 &&
          allocator_.ref_count(seq.block_table.back()) > 1;
@@ -38,8 +126,8 @@ int BlockManager::blocks_needed_to_append(int64_t seq_id, int num_new_tokens) co
   return blocks_for(seq.num_tokens + num_new_tokens) - int(seq.block_table.size()) + copies;
 }
 
-std::vector<BlockCopy> BlockManager::append_slots(int64_t seq_id, int num_new_tokens,
-                                                  std::vector<int32_t>* slots) {
+std::vector<BlockCopy> BlockManager::append_slots(int64_t seq_id, const int32_t* tokens,
+                                                  int num_new_tokens, std::vector<int32_t>* slots) {
   if (num_new_tokens < 0) throw std::invalid_argument("num_new_tokens must be >= 0");
   Sequence& seq = get(seq_id);
   int needed = blocks_needed_to_append(seq_id, num_new_tokens);
@@ -59,10 +147,15 @@ std::vector<BlockCopy> BlockManager::append_slots(int64_t seq_id, int num_new_to
   while (int(seq.block_table.size()) < blocks_for(seq.num_tokens + num_new_tokens)) {
     seq.block_table.push_back(allocator_.allocate());
   }
-  for (int p = seq.num_tokens; p < seq.num_tokens + num_new_tokens; ++p) {
+  const int first = seq.num_tokens;
+  for (int p = first; p < first + num_new_tokens; ++p) {
     slots->push_back(seq.block_table[p / block_size_] * block_size_ + p % block_size_);
   }
   seq.num_tokens += num_new_tokens;
+  if (prefix_caching_) {
+    seq.tokens.insert(seq.tokens.end(), tokens, tokens + num_new_tokens);
+    register_full_blocks(seq, first);
+  }
   return copies;
 }
 
@@ -75,7 +168,9 @@ void BlockManager::fork(int64_t parent_id, int64_t child_id) {
 
 void BlockManager::free_sequence(int64_t seq_id) {
   Sequence& seq = get(seq_id);
-  for (int block : seq.block_table) allocator_.release(block);
+  // Release the last block first so that, among evictable blocks, a prefix's deeper blocks go
+  // before its shallower ones (they are worth less: fewer prompts reach them).
+  for (auto it = seq.block_table.rbegin(); it != seq.block_table.rend(); ++it) allocator_.release(*it);
   seqs_.erase(seq_id);
 }
 

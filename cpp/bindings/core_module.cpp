@@ -50,16 +50,21 @@ nb::ndarray<nb::numpy, T> copy_of(const FloatTensor& a) {
 // Returns (slot_mapping [T], block_tables [S, max_blocks], context_lens [S], copies [n, 2]).
 nb::tuple prepare_step(BlockManager& bm, nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig,
                                                      nb::device::cpu> seq_ids,
-                       IntArray num_new_tokens, int max_blocks) {
+                       IntArray num_new_tokens, IntArray token_ids, int max_blocks) {
   const size_t S = seq_ids.shape(0);
   check_len("num_new_tokens", num_new_tokens.shape(0), S);
+  size_t num_tokens = 0;
+  for (size_t s = 0; s < S; ++s) num_tokens += num_new_tokens.data()[s];
+  check_len("token_ids", token_ids.shape(0), num_tokens);
   std::vector<int32_t> slots;
   std::vector<BlockCopy> copies;
   auto tables = owned_array<int32_t>({S, size_t(max_blocks)});
   auto context_lens = owned_array<int32_t>({S});
   std::fill(tables.data(), tables.data() + S * max_blocks, 0);
+  const int32_t* tokens = token_ids.data();
   for (size_t s = 0; s < S; ++s) {
-    auto c = bm.append_slots(seq_ids.data()[s], num_new_tokens.data()[s], &slots);
+    auto c = bm.append_slots(seq_ids.data()[s], tokens, num_new_tokens.data()[s], &slots);
+    tokens += num_new_tokens.data()[s];
     copies.insert(copies.end(), c.begin(), c.end());
     const std::vector<int>& table = bm.block_table(seq_ids.data()[s]);
     if (int(table.size()) > max_blocks) {
@@ -92,7 +97,13 @@ void bind_allocator(nb::module_& m) {
       .def_prop_ro("num_used", &BlockAllocator::num_used);
 
   nb::class_<BlockManager>(m, "BlockManager", "Block tables of sequences over one block pool.")
-      .def(nb::init<int, int>(), "num_blocks"_a, "block_size"_a)
+      .def(nb::init<int, int, bool>(), "num_blocks"_a, "block_size"_a,
+           "enable_prefix_caching"_a = false)
+      .def_prop_ro("prefix_caching", &BlockManager::prefix_caching)
+      .def_prop_ro("num_cached_blocks", &BlockManager::num_cached_blocks)
+      .def_prop_ro("num_evictable", [](const BlockManager& b) { return b.allocator().num_evictable(); })
+      .def_prop_ro("num_prefix_queried_blocks", &BlockManager::num_prefix_queried_blocks)
+      .def_prop_ro("num_prefix_hit_blocks", &BlockManager::num_prefix_hit_blocks)
       .def_prop_ro("block_size", &BlockManager::block_size)
       .def_prop_ro("num_blocks", [](const BlockManager& b) { return b.allocator().num_blocks(); })
       .def_prop_ro("num_free", [](const BlockManager& b) { return b.allocator().num_free(); })
@@ -107,14 +118,24 @@ void bind_allocator(nb::module_& m) {
       .def("add_sequence", &BlockManager::add_sequence, "seq_id"_a)
       .def(
           "append_slots",
-          [](BlockManager& b, int64_t seq_id, int n) {
+          [](BlockManager& b, int64_t seq_id, const std::vector<int32_t>& token_ids) {
             std::vector<int32_t> slots;
             std::vector<std::pair<int, int>> copies;
-            for (const BlockCopy& c : b.append_slots(seq_id, n, &slots)) copies.push_back({c.src, c.dst});
+            for (const BlockCopy& c : b.append_slots(seq_id, token_ids.data(), int(token_ids.size()), &slots)) {
+              copies.push_back({c.src, c.dst});
+            }
             return std::make_pair(slots, copies);
           },
-          "seq_id"_a, "num_new_tokens"_a,
-          "Room for n more tokens: (their cache slots, [(src, dst)] block copies to make first).")
+          "seq_id"_a, "token_ids"_a,
+          "Room for these next tokens: (their cache slots, [(src, dst)] block copies to make first).")
+      .def(
+          "match_prefix",
+          [](BlockManager& b, int64_t seq_id, const std::vector<int32_t>& token_ids) {
+            return b.match_prefix(seq_id, token_ids.data(), int(token_ids.size()));
+          },
+          "seq_id"_a, "token_ids"_a,
+          "Prefix caching: share the cached blocks of the prompt's longest whole-block prefix; "
+          "returns the tokens now held.")
       .def("blocks_needed_to_append", &BlockManager::blocks_needed_to_append, "seq_id"_a,
            "num_new_tokens"_a)
       .def("fork", &BlockManager::fork, "parent_id"_a, "child_id"_a)
@@ -122,7 +143,8 @@ void bind_allocator(nb::module_& m) {
       .def("has_sequence", &BlockManager::has_sequence, "seq_id"_a)
       .def("block_table", &BlockManager::block_table, "seq_id"_a)
       .def("num_tokens", &BlockManager::num_tokens, "seq_id"_a)
-      .def("prepare_step", &prepare_step, "seq_ids"_a, "num_new_tokens"_a, "max_blocks"_a);
+      .def("prepare_step", &prepare_step, "seq_ids"_a, "num_new_tokens"_a, "token_ids"_a,
+           "max_blocks"_a);
 }
 
 void bind_ops(nb::module_& m) {

@@ -3,8 +3,9 @@
     eng = Engine("models/gpt2", device="cpu")
     outs = eng.generate(["Alan Turing", [15496, 995]], SamplingParams(max_new_tokens=32))
 
-Inputs are checked here, once; below this layer (scheduler, model runner, C++ core) they are
-trusted.
+Requests join and leave at any step: add_request() / step() / abort() are the loop that
+generate() and stream() are built on. Inputs are checked here, once; below this layer
+(scheduler, model runner, C++ core) they are trusted.
 """
 
 from __future__ import annotations
@@ -36,12 +37,56 @@ Prompt = str | Seq[int]
 
 
 @dataclass
+class Completion:
+    """One sample of a request."""
+    token_ids: list[int]  # generated tokens, the stop token included when finish_reason == "stop"
+    text: str  # generated text, the stop token left out
+    finish_reason: str | None  # "stop" | "length" | "abort"
+
+
+@dataclass
 class RequestOutput:
     request_id: int
     prompt_token_ids: list[int]
-    token_ids: list[int]  # generated tokens, the stop token included when finish_reason == "stop"
-    text: str  # generated text, the stop token left out
-    finish_reason: str  # "stop" | "length"
+    samples: list[Completion]  # SamplingParams.n of them
+
+    # The first sample, for the common n == 1 case.
+    @property
+    def token_ids(self) -> list[int]:
+        return self.samples[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.samples[0].finish_reason
+
+
+@dataclass
+class StepOutput:
+    """What one step gave one sample of a request."""
+    request_id: int
+    sample_index: int
+    new_token_ids: list[int]
+    finish_reason: str | None  # set in the step the sample finished
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    samples: list[Sequence]  # grows to params.n when the prompt's prefill forks
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self.samples) == self.params.n and all(s.is_finished for s in self.samples)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -76,7 +121,8 @@ class Engine:
     def __init__(self, model: str | os.PathLike, device: str = "auto", dtype: str | None = None,
                  kv_cache: str = "paged", block_size: int = 16, num_blocks: int | None = None, *,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 gpu_memory_fraction: float = 0.9, num_threads: int | None = None):
+                 enable_prefix_caching: bool = False, gpu_memory_fraction: float = 0.9,
+                 num_threads: int | None = None):
         _check_choice("device", device, DEVICES)
         _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
         if dtype is not None:
@@ -87,6 +133,10 @@ class Engine:
             raise ValueError(f"num_blocks must be an integer >= 1 or None, got {num_blocks!r}")
         if not _is_int(max_num_seqs) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        if max_num_batched_tokens is not None and (not _is_int(max_num_batched_tokens)
+                                                   or max_num_batched_tokens < 1):
+            raise ValueError(f"max_num_batched_tokens must be an integer >= 1 or None, "
+                             f"got {max_num_batched_tokens!r}")
         if not 0.0 < gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction!r}")
 
@@ -96,7 +146,8 @@ class Engine:
             raise ValueError(f"the CPU backend computes in float32; dtype {self.dtype!r} needs device='cuda'")
         self.config, tensors = load_model_dir(Path(model))
         n_positions = self.config["n_positions"]
-        self.max_num_batched_tokens = max(max_num_batched_tokens or 2048, n_positions)
+        # NOTE: long prompts are chunked, so the token budget may be below the context length.
+        self.max_num_batched_tokens = max_num_batched_tokens or max(2048, n_positions)
         self.tokenizer = get_tokenizer()
 
         # contiguous: one n_positions-long buffer per sequence, carved from the same budget.
@@ -106,10 +157,11 @@ class Engine:
                                           gpu_memory_fraction, max_num_seqs, num_threads)
         del tensors
         self.kv = KVCache(kv_cache, self.backend.num_blocks, self.backend.block_size,
-                          self.backend.kv_bytes_per_block)
+                          self.backend.kv_bytes_per_block, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, self.max_num_batched_tokens)
         self.runner = ModelRunner(self.backend, self.kv)
         self._seq_ids = itertools.count()
+        self._requests: dict[int, Request] = {}  # live requests by id
 
     # -- construction -------------------------------------------------------------------------
 
@@ -178,38 +230,86 @@ class Engine:
                 f"prompt {index}: {total} tokens need {need} KV blocks of {self.kv.block_size} tokens, "
                 f"but the pool has only {self.kv.num_blocks}; raise num_blocks")
 
-    def _make_sequence(self, prompt, params: SamplingParams, index: int) -> Sequence:
+    def _make_request(self, prompt, params: SamplingParams, index: int) -> Request:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} samples exceed max_num_seqs={self.scheduler.max_num_seqs}")
         ids = self._token_ids(prompt, index)
         self._check_fits(ids, params, index)
         seed = params.seed if params.seed is not None else secrets.randbits(64)
-        return Sequence(next(self._seq_ids), ids, params, seed)
+        request_id = next(self._seq_ids)
+        return Request(request_id, ids, params, [Sequence(request_id, request_id, 0, ids, params, seed)])
 
-    # -- running ------------------------------------------------------------------------------
+    # -- the request-level loop ---------------------------------------------------------------
 
-    def _step(self) -> None:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queues a request (checked now); it runs from the next step() on. Returns its id."""
+        request = self._make_request(prompt, params if params is not None else SamplingParams(), 0)
+        self._start(request)
+        return request.request_id
+
+    def _start(self, request: Request) -> None:
+        self._requests[request.request_id] = request
+        self.scheduler.add(request.samples[0])
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[StepOutput]:
+        """One forward over every scheduled sequence: the new tokens of each, and which finished.
+
+        A finished request leaves the engine in the step it finishes."""
         batch = self.scheduler.schedule()
-        next_tokens = self.runner.sample(batch)
-        for (seq, _), token in zip(batch, next_tokens.tolist()):
-            seq.append(token)
-            if seq.is_finished:
-                self.scheduler.finish(seq)
+        if not batch:
+            return []
+        outputs = []
+        for item, tokens in zip(batch, self.runner.sample(batch)):
+            for j, token in enumerate(tokens[1:], start=1):  # the prompt forks into n samples
+                outputs.append(self._fork(item.seq, j, token))
+            if tokens:
+                outputs.append(self._advance(item.seq, tokens[0]))
+        for request_id in {o.request_id for o in outputs if o.finished}:
+            if self._requests[request_id].is_finished:
+                del self._requests[request_id]
+        return outputs
 
-    def _abort_all(self) -> None:
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.abort(seq)
+    def _advance(self, seq: Sequence, token: int) -> StepOutput:
+        seq.append(token)
+        if seq.is_finished:
+            self.scheduler.finish(seq)
+        return StepOutput(seq.request_id, seq.sample_index, [token], seq.finish_reason)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _fork(self, parent: Sequence, sample_index: int, token: int) -> StepOutput:
+        child = parent.fork(next(self._seq_ids), sample_index)
+        self.kv.manager.fork(parent.seq_id, child.seq_id)
+        self._requests[parent.request_id].samples.append(child)
+        self.scheduler.add_running(child, after=parent)
+        return self._advance(child, token)
+
+    def abort(self, request_id: int) -> None:
+        """Stops a request and frees every block it holds. Unknown or finished ids are ignored."""
+        request = self._requests.pop(request_id, None)
+        for seq in request.samples if request else []:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.abort(seq)
+
+    # -- whole requests -----------------------------------------------------------------------
+
+    def _completion(self, seq: Sequence) -> Completion:
         ids = seq.output_ids
         text_ids = ids[:-1] if seq.finish_reason == "stop" else ids
-        return RequestOutput(seq.seq_id, seq.prompt_ids, list(ids),
-                             self.tokenizer.decode([t for t in text_ids if t < self.tokenizer.n_vocab]),
-                             seq.finish_reason)
+        return Completion(list(ids), self.tokenizer.decode([t for t in text_ids if t < self.tokenizer.n_vocab]),
+                          seq.finish_reason)
+
+    def _output(self, request: Request) -> RequestOutput:
+        samples = sorted(request.samples, key=lambda s: s.sample_index)
+        return RequestOutput(request.request_id, request.prompt_ids, [self._completion(s) for s in samples])
 
     def generate(self, prompts: Prompt | list[Prompt],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Runs all prompts together (one forward per step over every live sequence).
+        """Runs all prompts to completion together (continuous batching, one forward per step).
 
         prompts: a string, a list of token ids, or a list of those. Returns one RequestOutput per
         prompt, in order. Every prompt is checked before any runs.
@@ -223,42 +323,43 @@ class Engine:
         params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
-        seqs = [self._make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        requests = [self._make_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params_list))]
         try:
-            for seq in seqs:
-                self.scheduler.add(seq)
-            while self.scheduler.has_work():
-                self._step()
+            for request in requests:
+                self._start(request)
+            while any(r.request_id in self._requests for r in requests):
+                self.step()
         finally:
-            self._abort_all()
-        return [self._output(seq) for seq in seqs]
+            for request in requests:
+                self.abort(request.request_id)
+        return [self._output(r) for r in requests]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Generates for one prompt, yielding text pieces as tokens are produced.
+        """Generates for one prompt, yielding text pieces of its first sample as they come.
 
-        Bytes of a character split across tokens are held back until the character is whole.
-        Closing the iterator early frees the request's blocks.
+        Other requests in the engine advance too. Bytes of a character split across tokens are
+        held back until the character is whole. Closing the iterator early aborts the request.
         """
-        seq = self._make_sequence(prompt, params if params is not None else SamplingParams(), 0)
+        request = self._make_request(prompt, params if params is not None else SamplingParams(), 0)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.scheduler.add(seq)
+        self._start(request)
+        seq = request.samples[0]
         try:
             num_seen = 0
             while not seq.is_finished:
-                self._step()
+                self.step()
                 new_ids = seq.output_ids[num_seen:]
                 num_seen = len(seq.output_ids)
                 if seq.finish_reason == "stop":
                     new_ids = new_ids[:-1]
-                piece = decoder.decode(self.tokenizer.decode_bytes(new_ids))
+                piece = decoder.decode(self.tokenizer.decode_bytes([t for t in new_ids if t < self.tokenizer.n_vocab]))
                 if piece:
                     yield piece
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield tail
         finally:
-            if not seq.is_finished:
-                self.scheduler.abort(seq)
+            self.abort(request.request_id)
 
     def logits(self, tokens: Prompt) -> np.ndarray:
         """float32 [T, vocab]: the next-token logits at every position of one sequence."""
@@ -266,16 +367,19 @@ class Engine:
         need = self.kv.blocks_for(len(ids))
         if need > self.kv.manager.num_free:
             raise ValueError(f"{len(ids)} tokens need {need} KV blocks; {self.kv.manager.num_free} are free")
-        seq = Sequence(next(self._seq_ids), ids, SamplingParams(max_new_tokens=1), 0)
-        self.kv.manager.add_sequence(seq.seq_id)
+        seq_id = next(self._seq_ids)
+        seq = Sequence(seq_id, seq_id, 0, ids, SamplingParams(max_new_tokens=1), 0)
+        self.kv.manager.add_sequence(seq_id)
         try:
             return self.runner.logits(seq)
         finally:
-            self.kv.manager.free_sequence(seq.seq_id)
+            self.kv.manager.free_sequence(seq_id)
 
     def kv_stats(self) -> dict:
-        """Pool size and use: num_blocks, blocks_used, blocks_free, bytes_reserved, bytes_holding_tokens…"""
-        return self.kv.stats()
+        """Pool size and use: num_blocks, blocks_used, blocks_free, bytes_reserved,
+        bytes_holding_tokens, blocks_shared, waste, prefix-cache hits, preemptions…"""
+        return {**self.kv.stats(), "num_preemptions": self.scheduler.num_preemptions,
+                "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting)}
 
     def __repr__(self) -> str:
         c = self.config

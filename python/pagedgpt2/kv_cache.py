@@ -15,10 +15,11 @@ KV_CACHE_MODES = ("paged", "contiguous")
 
 
 class KVCache:
-    def __init__(self, mode: str, num_blocks: int, block_size: int, bytes_per_block: int):
+    def __init__(self, mode: str, num_blocks: int, block_size: int, bytes_per_block: int,
+                 enable_prefix_caching: bool = False):
         self.mode = mode
         self.bytes_per_block = bytes_per_block
-        self.manager = _core.BlockManager(num_blocks, block_size)
+        self.manager = _core.BlockManager(num_blocks, block_size, enable_prefix_caching)
 
     @property
     def block_size(self) -> int:
@@ -34,6 +35,7 @@ class KVCache:
     def stats(self) -> dict:
         m = self.manager
         bytes_per_token = self.bytes_per_block // m.block_size
+        slots, held = m.num_slots_in_use, m.num_tokens_held
         return {
             "mode": self.mode,
             "block_size": m.block_size,
@@ -44,4 +46,10 @@ class KVCache:
             "bytes_reserved": m.num_used * self.bytes_per_block,
             "bytes_holding_tokens": m.num_tokens_held * bytes_per_token,
             "bytes_total": m.num_blocks * self.bytes_per_block,
+            "waste_tokens": slots - held,  # reserved token slots holding no token
+            "waste_fraction": (slots - held) / slots if slots else 0.0,
+            "prefix_caching": m.prefix_caching,
+            "blocks_cached": m.num_cached_blocks,
+            "prefix_queried_blocks": m.num_prefix_queried_blocks,
+            "prefix_hit_blocks": m.num_prefix_hit_blocks,
         }

@@ -1,6 +1,6 @@
 """Turns a scheduled batch into the flat arrays a backend runs, and runs it.
 
-A batch of (sequence, n) pairs becomes, for T new tokens over S sequences:
+A batch of scheduled sequences (each with n new tokens) becomes, for T new tokens over S sequences:
   token_ids, positions, slot_mapping  [T]      query_start_loc [S+1]
   context_lens [S]    block_tables [S, max_blocks]    logits_indices [R]
 The block manager grows each sequence and lays out slot_mapping and block_tables (see
@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from pagedgpt2.kv_cache import KVCache
-from pagedgpt2.sequence import Sequence
+from pagedgpt2.scheduler import ScheduledSeq
+from pagedgpt2.sequence import Sequence, sample_seed
 
 
 class ModelRunner:
@@ -21,45 +22,60 @@ class ModelRunner:
         self.kv = kv
 
     def _prepare(self, batch: list[tuple[Sequence, int]]) -> dict:
-        new_ids = [seq.uncached_ids(n) for seq, n in batch]
+        """batch: [(sequence, number of new tokens)]."""
+        seqs = [seq for seq, _ in batch]
         num_new = np.fromiter((n for _, n in batch), dtype=np.int32, count=len(batch))
-        seq_ids = np.fromiter((seq.seq_id for seq, _ in batch), dtype=np.int64, count=len(batch))
-        starts = np.fromiter((seq.num_cached for seq, _ in batch), dtype=np.int32, count=len(batch))
-        max_blocks = max(self.kv.blocks_for(seq.num_cached + n) for seq, n in batch)
-        slot_mapping, block_tables, context_lens, copies = self.kv.manager.prepare_step(
-            seq_ids, num_new, max_blocks)
-        if len(copies):
-            self.backend.copy_blocks(np.ascontiguousarray(copies[:, 0]), np.ascontiguousarray(copies[:, 1]))
+        seq_ids = np.fromiter((seq.seq_id for seq in seqs), dtype=np.int64, count=len(batch))
+        starts = np.fromiter((seq.num_cached for seq in seqs), dtype=np.int32, count=len(batch))
+        block_size = self.kv.block_size
+        max_blocks = int(((starts + num_new + block_size - 1) // block_size).max())
         query_start_loc = np.zeros(len(batch) + 1, dtype=np.int32)
         np.cumsum(num_new, out=query_start_loc[1:])
-        if int(num_new.max()) == 1:  # decode only
-            token_ids = np.array([ids[0] for ids in new_ids], dtype=np.int32)
+        num_tokens = int(query_start_loc[-1])
+        if num_tokens == len(batch):  # decode only: one token each
+            token_ids = np.fromiter((seq.uncached_ids(1)[0] for seq in seqs), dtype=np.int32, count=num_tokens)
             positions = starts
         else:
-            token_ids = np.fromiter((t for ids in new_ids for t in ids), dtype=np.int32,
-                                    count=int(query_start_loc[-1]))
-            positions = (np.arange(query_start_loc[-1], dtype=np.int32)
-                         - np.repeat(query_start_loc[:-1] - starts, num_new))
+            token_ids = np.fromiter((t for seq, n in batch for t in seq.uncached_ids(n)), dtype=np.int32,
+                                    count=num_tokens)
+            positions = (np.arange(num_tokens, dtype=np.int32)
+                         - np.repeat(query_start_loc[:-1] - starts, num_new)).astype(np.int32)
+        slot_mapping, block_tables, context_lens, copies = self.kv.manager.prepare_step(
+            seq_ids, num_new, token_ids, max_blocks)
+        if len(copies):
+            self.backend.copy_blocks(np.ascontiguousarray(copies[:, 0]), np.ascontiguousarray(copies[:, 1]))
         for seq, n in batch:
             seq.num_cached += n
-        return dict(token_ids=token_ids, positions=positions.astype(np.int32), slot_mapping=slot_mapping,
+        return dict(token_ids=token_ids, positions=positions, slot_mapping=slot_mapping,
                     query_start_loc=query_start_loc, context_lens=context_lens,
                     block_tables=block_tables)
 
-    def sample(self, batch: list[tuple[Sequence, int]]) -> np.ndarray:
-        """Runs the batch; returns the next token of every sequence [S] int32."""
-        arrays = self._prepare(batch)
-        logits_indices = arrays["query_start_loc"][1:] - 1
-        params = [seq.params for seq, _ in batch]
-        return self.backend.forward_and_sample(
+    def sample(self, batch: list[ScheduledSeq]) -> list[list[int]]:
+        """Runs the batch; returns, per scheduled sequence, its num_samples new tokens."""
+        arrays = self._prepare([(item.seq, item.num_new_tokens) for item in batch])
+        last_rows = arrays["query_start_loc"][1:] - 1
+        counts = np.fromiter((item.num_samples for item in batch), dtype=np.int64, count=len(batch))
+        logits_indices = np.repeat(last_rows, counts).astype(np.int32)
+        if len(logits_indices) == 0:  # every sequence is mid-prompt
+            self.backend.forward(**arrays, logits_indices=logits_indices)
+            return [[] for _ in batch]
+        rows = [(item.seq, j) for item in batch for j in range(item.num_samples)]
+        params = [seq.params for seq, _ in rows]
+        n = len(rows)
+        tokens = self.backend.forward_and_sample(
             **arrays,
-            logits_indices=np.ascontiguousarray(logits_indices),
-            temperature=np.array([p.temperature for p in params], dtype=np.float32),
-            top_k=np.array([p.top_k for p in params], dtype=np.int32),
-            top_p=np.array([p.top_p for p in params], dtype=np.float32),
-            seeds=np.array([seq.seed for seq, _ in batch], dtype=np.uint64),
-            counters=np.array([len(seq.output_ids) for seq, _ in batch], dtype=np.int64),
-        )
+            logits_indices=logits_indices,
+            temperature=np.fromiter((p.temperature for p in params), dtype=np.float32, count=n),
+            top_k=np.fromiter((p.top_k for p in params), dtype=np.int32, count=n),
+            top_p=np.fromiter((p.top_p for p in params), dtype=np.float32, count=n),
+            seeds=np.fromiter((sample_seed(seq.seed, j) for seq, j in rows), dtype=np.uint64, count=n),
+            counters=np.fromiter((len(seq.output_ids) for seq, _ in rows), dtype=np.int64, count=n),
+        ).tolist()
+        out, start = [], 0
+        for item in batch:
+            out.append(tokens[start:start + item.num_samples])
+            start += item.num_samples
+        return out
 
     def logits(self, seq: Sequence) -> np.ndarray:
         """Feeds the whole prompt of one fresh sequence; logits at every position [T, V]."""

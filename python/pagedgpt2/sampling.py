@@ -16,13 +16,14 @@ def _is_int(x) -> bool:
 class SamplingParams:
     """Per-request decoding settings.
 
-    temperature 0 is greedy. top_k 0 and top_p 1 turn those filters off. The same seed gives the
+    n samples are drawn per prompt (sharing the prompt's KV blocks). temperature 0 is greedy. top_k 0 and top_p 1 turn those filters off. The same seed gives the
     same tokens whatever else runs in the batch. Generation stops at any of stop_token_ids (the
     stop token is kept in token_ids, left out of text) unless ignore_eos is set, or after
     max_new_tokens.
     """
 
     max_new_tokens: int = 16
+    n: int = 1
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -33,6 +34,8 @@ class SamplingParams:
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) \
                 or self.temperature < 0 or math.isinf(self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")

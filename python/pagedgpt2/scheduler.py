@@ -1,26 +1,40 @@
-"""Which sequences run in the next step, and with how many new tokens.
+"""Continuous batching: which sequences run in the next step, and with how many new tokens.
 
-Every step runs the running sequences' next token (decode) together with the prompts of newly
-admitted sequences (prefill) in one forward. A waiting sequence is admitted only when the pool
-can hold it at its longest (prompt + max_new_tokens) on top of what the running sequences may
-still claim, so a running sequence never finds the pool empty.
+Each step has a budget of max_num_batched_tokens. Running sequences go first, oldest first:
+one token each while decoding, the next chunk of the prompt while prefilling. Waiting sequences
+are admitted in arrival order while the budget lasts and the pool keeps a watermark of free
+blocks. Blocks are taken as sequences grow; when the pool runs dry, the newest running sequences
+are preempted — all their blocks freed — and queued first, to be recomputed later (their
+outputs are unchanged: sampling depends only on each sequence's seed and token count).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from pagedgpt2.kv_cache import KVCache
 from pagedgpt2.sequence import Sequence
 
 
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    num_samples: int  # tokens to sample from its last row: 0 mid-prompt, n when a prompt forks
+
+
 class Scheduler:
-    def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCache, max_num_seqs: int, max_num_batched_tokens: int,
+                 watermark: float = 0.01):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.watermark_blocks = int(watermark * kv.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._reserved = 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -29,28 +43,94 @@ class Scheduler:
         self.kv.manager.add_sequence(seq.seq_id)
         self.waiting.append(seq)
 
-    def _blocks_still_claimable(self) -> int:
-        """Blocks the running sequences may still take before they finish."""
-        kv = self.kv
-        return sum(kv.blocks_for(s.max_num_tokens) - kv.blocks_for(s.num_cached) for s in self.running)
+    # -- one step -----------------------------------------------------------------------------
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """[(sequence, number of new tokens to feed)] for the next step."""
-        batch = [(s, 1) for s in self.running]
-        num_tokens = len(batch)
-        free = self.kv.manager.num_free - self._blocks_still_claimable()
-        while self.waiting and len(self.running) < self.max_num_seqs:
+    def schedule(self) -> list[ScheduledSeq]:
+        batch: list[ScheduledSeq] = []
+        budget = self.max_num_batched_tokens
+        self._reserved = 0  # blocks promised to sequences already in this step's batch
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted to make room for an older one
+                continue
+            n = min(seq.num_uncached, budget)
+            if self._make_room(seq, n):
+                batch.append(self._scheduled(seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and self._has_seq_room(self.waiting[0]):
             seq = self.waiting[0]
-            need_blocks = self.kv.blocks_for(seq.max_num_tokens)
-            need_tokens = len(seq.prompt_ids)
-            if need_blocks > free or (batch and num_tokens + need_tokens > self.max_num_batched_tokens):
+            self._match_prefix(seq)
+            n = min(seq.num_uncached, budget)
+            if not self._admissible(seq, n):
+                self._forget_prefix(seq)
                 break
             self.waiting.popleft()
             self.running.append(seq)
-            batch.append((seq, need_tokens))
-            num_tokens += need_tokens
-            free -= need_blocks
+            batch.append(self._scheduled(seq, n))
+            budget -= n
         return batch
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        return self.kv.manager.blocks_needed_to_append(seq.seq_id, n)
+
+    def _free_blocks(self) -> int:
+        return self.kv.manager.num_free - self._reserved
+
+    def _admissible(self, seq: Sequence, n: int) -> bool:
+        """A waiting sequence starts only if the pool keeps a watermark of free blocks after it,
+        so that running sequences can grow (waived when nothing runs: it must start)."""
+        need = self._blocks_needed(seq, n)
+        watermark = self.watermark_blocks if self.running else 0
+        if need > self._free_blocks() - watermark:
+            return False
+        self._reserved += need
+        return True
+
+    def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
+        if n < seq.num_uncached:
+            return ScheduledSeq(seq, n, 0)  # a chunk of the prompt: nothing to sample yet
+        forks = seq.params.n if not seq.output_ids and seq.sample_index == 0 else 1
+        return ScheduledSeq(seq, n, forks)
+
+    def _has_seq_room(self, seq: Sequence) -> bool:
+        return len(self.running) + (seq.params.n if not seq.output_ids else 1) <= self.max_num_seqs
+
+    def _make_room(self, seq: Sequence, n: int) -> bool:
+        """Preempts the newest running sequences until seq can take n more tokens.
+        False when seq itself had to go."""
+        while self._blocks_needed(seq, n) > self._free_blocks():
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self._reserved += self._blocks_needed(seq, n)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees all of seq's blocks and queues it first, to be recomputed."""
+        self.running.remove(seq)
+        self.kv.manager.free_sequence(seq.seq_id)
+        self.kv.manager.add_sequence(seq.seq_id)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        if self.kv.manager.prefix_caching and seq.num_cached == 0:
+            seq.num_cached = self.kv.manager.match_prefix(seq.seq_id, seq.token_ids())
+
+    def _forget_prefix(self, seq: Sequence) -> None:
+        if seq.num_cached:
+            self.kv.manager.free_sequence(seq.seq_id)
+            self.kv.manager.add_sequence(seq.seq_id)
+            seq.num_cached = 0
+
+    # -- leaving ------------------------------------------------------------------------------
+
+    def add_running(self, seq: Sequence, after: Sequence) -> None:
+        """A forked sample joins the running set beside its parent."""
+        self.running.insert(self.running.index(after) + 1, seq)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -33,37 +33,37 @@ def test_out_of_range_block_id():
 def test_append_allocates_a_block_only_when_the_last_is_full():
     bm = _core.BlockManager(10, 4)
     bm.add_sequence(1)
-    slots, copies = bm.append_slots(1, 3)
+    slots, copies = bm.append_slots(1, [7] * 3)
     assert bm.num_used == 1 and copies == []
     table = bm.block_table(1)
     assert slots == [table[0] * 4 + i for i in range(3)]
-    bm.append_slots(1, 1)
+    bm.append_slots(1, [7])
     assert bm.num_used == 1
-    slots, _ = bm.append_slots(1, 1)
+    slots, _ = bm.append_slots(1, [7])
     assert bm.num_used == 2 and slots == [bm.block_table(1)[1] * 4]
 
 
 def test_fork_then_write_copies_the_shared_partial_block():
     bm = _core.BlockManager(10, 4)
     bm.add_sequence(1)
-    bm.append_slots(1, 6)  # one full block + a half-full one
+    bm.append_slots(1, [7] * 6)  # one full block + a half-full one
     bm.fork(1, 2)
     assert bm.num_used == 2 and bm.num_shared_blocks == 2
     full, partial = bm.block_table(1)
-    slots, copies = bm.append_slots(2, 1)
+    slots, copies = bm.append_slots(2, [7])
     new_partial = bm.block_table(2)[1]
     assert copies == [(partial, new_partial)] and new_partial != partial
     assert bm.block_table(2)[0] == full and slots == [new_partial * 4 + 2]
-    _, copies = bm.append_slots(1, 1)  # the parent's block is its own again: no copy
+    _, copies = bm.append_slots(1, [7])  # the parent's block is its own again: no copy
     assert copies == []
 
 
 def test_exhaustion_changes_nothing():
     bm = _core.BlockManager(2, 4)
     bm.add_sequence(1)
-    bm.append_slots(1, 8)
+    bm.append_slots(1, [7] * 8)
     with pytest.raises(RuntimeError, match="needs 1 more blocks, 0 free"):
-        bm.append_slots(1, 1)
+        bm.append_slots(1, [7])
     assert bm.num_tokens(1) == 8 and bm.num_free == 0
 
 
@@ -92,9 +92,9 @@ def test_random_operations_never_leak_or_double_own(num_blocks, block_size, ops)
             need = bm.blocks_needed_to_append(a, n)
             if need > bm.num_free:
                 with pytest.raises(RuntimeError):
-                    bm.append_slots(a, n)
+                    bm.append_slots(a, [a] * n)
             else:
-                slots, _ = bm.append_slots(a, n)
+                slots, _ = bm.append_slots(a, [a] * n)
                 assert len(slots) == n
                 tokens[a] += n
         elif op == "fork" and a in tokens and b not in tokens:

@@ -55,7 +55,7 @@ def test_paged_reserves_less_memory_than_contiguous(hf_model_dirs):
         eng = Engine(engine_dir, device="cpu", kv_cache=mode, block_size=16)
         seq = [1, 2, 3, 4, 5]
         eng.kv.manager.add_sequence(999)
-        eng.kv.manager.append_slots(999, len(seq))
+        eng.kv.manager.append_slots(999, seq)
         stats[mode] = eng.kv_stats()
     assert stats["paged"]["bytes_holding_tokens"] == stats["contiguous"]["bytes_holding_tokens"]
     # 5 tokens: one block of 16 vs one buffer of n_positions = 96 tokens.

@@ -1,0 +1,193 @@
+"""Continuous batching on the CPU: preemption with recompute, chunked prefill, parallel sampling
+with copy-on-write, prefix caching, abort, and a randomized soak that must end with a free pool."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pagedgpt2 import Engine, SamplingParams
+from pagedgpt2.sequence import sample_seed
+
+VOCAB = 1000  # the d48 model: n_positions 96
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model_dirs):
+    return hf_model_dirs["d48"][2]
+
+
+def make_prompts(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, size=n).tolist() for n in lengths]
+
+
+def mixed_params(num, max_new=20):
+    """Greedy and seeded sampling, alternating, with different lengths."""
+    return [SamplingParams(max_new_tokens=max_new - (i % 5), temperature=0.0 if i % 2 else 0.9, top_k=40,
+                           seed=100 + i, ignore_eos=True) for i in range(num)]
+
+
+def tokens(outs):
+    return [[s.token_ids for s in o.samples] for o in outs]
+
+
+def test_a_pool_far_too_small_gives_the_unconstrained_tokens(model_dir):
+    prompts = make_prompts(1, [30, 5, 17, 40, 12, 25, 8, 33])
+    params = mixed_params(len(prompts))
+    reference = tokens(Engine(model_dir, device="cpu", block_size=4).generate(prompts, params))
+    small = Engine(model_dir, device="cpu", block_size=4, num_blocks=16)  # 64 slots for ~400 tokens
+    assert tokens(small.generate(prompts, params)) == reference
+    stats = small.kv_stats()
+    assert stats["num_preemptions"] > 0
+    assert stats["blocks_used"] == 0 and stats["blocks_free"] == 16
+
+
+def test_chunked_prefill_gives_the_same_tokens(model_dir):
+    prompts = make_prompts(2, [60, 3, 45, 20])
+    params = mixed_params(len(prompts))
+    reference = tokens(Engine(model_dir, device="cpu").generate(prompts, params))
+    chunked = Engine(model_dir, device="cpu", max_num_batched_tokens=7)
+    assert tokens(chunked.generate(prompts, params)) == reference
+
+
+def test_parallel_samples_reproduce_and_match_each_sample_run_alone(model_dir):
+    prompt = make_prompts(3, [22])[0]  # 22 tokens: the last block is shared while partly full
+    params = SamplingParams(n=4, max_new_tokens=16, temperature=1.0, seed=42, ignore_eos=True)
+    eng = Engine(model_dir, device="cpu", block_size=8)
+    first = eng.generate(prompt, params)[0]
+    again = eng.generate(prompt, params)[0]
+    assert [s.token_ids for s in first.samples] == [s.token_ids for s in again.samples]
+    assert len({tuple(s.token_ids) for s in first.samples}) == 4  # they diverge
+    for j, sample in enumerate(first.samples):
+        alone = SamplingParams(max_new_tokens=16, temperature=1.0, seed=sample_seed(42, j), ignore_eos=True)
+        assert eng.generate(prompt, alone)[0].token_ids == sample.token_ids, f"sample {j}"
+    assert eng.kv_stats()["blocks_used"] == 0
+
+
+def test_parallel_samples_share_the_prompt_blocks(model_dir):
+    prompt = make_prompts(4, [40])[0]
+    eng = Engine(model_dir, device="cpu", block_size=8)
+    rid = eng.add_request(prompt, SamplingParams(n=4, max_new_tokens=10, temperature=1.0, seed=1, ignore_eos=True))
+    eng.step()  # prefill, then the fork into 4 samples
+    stats = eng.kv_stats()
+    assert stats["blocks_shared"] == 5  # 40 tokens = 5 full blocks, all four samples share them
+    assert stats["blocks_used"] == 5
+    eng.step()  # each sample writes its own next token: 4 new blocks, no copies of full ones
+    assert eng.kv_stats()["blocks_used"] == 5 + 4
+    eng.abort(rid)
+    assert eng.kv_stats()["blocks_used"] == 0
+
+
+def test_parallel_samples_under_preemption(model_dir):
+    prompt = make_prompts(5, [21])[0]
+    params = SamplingParams(n=4, max_new_tokens=24, temperature=0.8, seed=9, ignore_eos=True)
+    reference = Engine(model_dir, device="cpu", block_size=4).generate(prompt, params)[0]
+    small = Engine(model_dir, device="cpu", block_size=4, num_blocks=14)
+    out = small.generate(prompt, params)[0]
+    assert [s.token_ids for s in out.samples] == [s.token_ids for s in reference.samples]
+    assert small.kv_stats()["num_preemptions"] > 0 and small.kv_stats()["blocks_used"] == 0
+
+
+def test_prefix_caching_gives_identical_logits_and_tokens_and_counts_hits(model_dir):
+    shared = make_prompts(6, [48])[0]
+    prompts = [shared + tail for tail in make_prompts(7, [5, 9, 1, 13])]
+    params = mixed_params(len(prompts), max_new=12)
+    plain = Engine(model_dir, device="cpu", block_size=8)
+    cached = Engine(model_dir, device="cpu", block_size=8, enable_prefix_caching=True)
+    reference = tokens(plain.generate(prompts, params))
+    assert tokens(cached.generate(prompts, params)) == reference  # the first fills the cache…
+    assert tokens(cached.generate(prompts, params)) == reference  # …the second hits it
+    stats = cached.kv_stats()
+    assert stats["prefix_hit_blocks"] >= 4 * 6  # each prompt finds at least the 6 shared blocks
+    assert stats["blocks_used"] == 0 and stats["blocks_cached"] > 0
+    full = shared + prompts[0][48:]
+    np.testing.assert_array_equal(cached.logits(full), plain.logits(full))
+
+
+def test_prefix_cache_evicts_least_recently_used_blocks(model_dir):
+    eng = Engine(model_dir, device="cpu", block_size=8, num_blocks=12, enable_prefix_caching=True)
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)
+    a, b = make_prompts(8, [41, 41])
+    eng.generate(a, params)  # a's 5 full blocks stay cached (evictable)
+    assert eng.kv_stats()["blocks_cached"] == 5
+    eng.generate(b, params)  # b takes 6 of the 7 free blocks: a's survive
+    assert eng.kv_stats()["blocks_cached"] == 10
+    eng.generate([1] * 80, SamplingParams(max_new_tokens=8, temperature=0.0))  # 11 blocks: evicts a's first
+    before = eng.kv_stats()["prefix_hit_blocks"]
+    eng.generate(a, params)
+    assert eng.kv_stats()["prefix_hit_blocks"] == before  # a was evicted: no hit
+    assert eng.kv_stats()["blocks_used"] == 0
+
+
+def test_step_api_requests_join_and_leave(model_dir):
+    eng = Engine(model_dir, device="cpu")
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    p1, p2 = make_prompts(9, [7, 11])
+    r1 = eng.add_request(p1, greedy)
+    got = {r1: [], }
+    for _ in range(3):
+        for out in eng.step():
+            got[out.request_id] += out.new_token_ids
+    r2 = eng.add_request(p2, greedy)  # joins while r1 is decoding
+    got[r2] = []
+    finished = set()
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            got[out.request_id] += out.new_token_ids
+            if out.finished:
+                finished.add(out.request_id)
+    assert finished == {r1, r2}
+    alone = Engine(model_dir, device="cpu")
+    assert got[r1] == alone.generate(p1, greedy)[0].token_ids
+    assert got[r2] == alone.generate(p2, greedy)[0].token_ids
+    assert eng.kv_stats()["blocks_used"] == 0
+
+
+def test_abort_frees_every_block(model_dir):
+    eng = Engine(model_dir, device="cpu", block_size=4)
+    rids = [eng.add_request(p, SamplingParams(n=2, max_new_tokens=30, temperature=1.0, ignore_eos=True))
+            for p in make_prompts(10, [10, 20, 30])]
+    for _ in range(4):
+        eng.step()
+    assert eng.kv_stats()["blocks_used"] > 0
+    for rid in rids:
+        eng.abort(rid)
+    assert eng.kv_stats()["blocks_used"] == 0 and not eng.has_unfinished_requests()
+    eng.abort(12345)  # unknown: ignored
+
+
+def test_randomized_soak_ends_with_the_pool_free(model_dir):
+    rng = np.random.default_rng(2026)
+    eng = Engine(model_dir, device="cpu", block_size=int(rng.integers(1, 9)), num_blocks=40,
+                 max_num_seqs=6, max_num_batched_tokens=32, enable_prefix_caching=True)
+    reference = Engine(model_dir, device="cpu")
+    live, finished, expected = {}, {}, {}
+    for step in range(150):
+        if rng.random() < 0.3:
+            prompt = rng.integers(0, VOCAB, size=int(rng.integers(1, 40))).tolist()
+            greedy = rng.random() < 0.5
+            params = SamplingParams(max_new_tokens=int(rng.integers(1, 30)), temperature=0.0 if greedy else 1.0,
+                                    n=1 if greedy else int(rng.integers(1, 4)), seed=int(rng.integers(1 << 30)),
+                                    ignore_eos=True)
+            rid = eng.add_request(prompt, params)
+            live[rid] = (prompt, params)
+        if live and rng.random() < 0.05:
+            rid = list(live)[int(rng.integers(len(live)))]
+            eng.abort(rid)
+            del live[rid]
+        for out in eng.step():
+            finished.setdefault((out.request_id, out.sample_index), []).extend(out.new_token_ids)
+        for rid in [r for r in live if not eng._requests.get(r)]:
+            expected[rid] = live.pop(rid)
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            finished.setdefault((out.request_id, out.sample_index), []).extend(out.new_token_ids)
+    expected.update(live)
+    assert eng.kv_stats()["blocks_used"] == 0
+    assert eng.kv_stats()["num_running"] == 0 and eng.kv_stats()["num_waiting"] == 0
+    # Every request that ran to the end gave what it gives alone.
+    for rid, (prompt, params) in list(expected.items())[:12]:
+        ref = reference.generate(prompt, params)[0]
+        for j, sample in enumerate(ref.samples):
+            assert finished[(rid, j)] == sample.token_ids
