@@ -1,58 +1,68 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA engine, run the GPU tests, the sanitizers and the benchmarks,
 # and print a short table. Stages to run are arguments (default: all):
-#   bash tools/gpu_check.sh build tests sanitize bench kernels
+#   bash tools/gpu_check.sh build tests sanitize kernels bench bench_xl serving
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pagedgpt2-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-stages=${*:-build tests sanitize bench kernels}
+stages=${*:-build tests sanitize kernels bench bench_xl serving}
 has() { [[ " $stages " == *" $1 "* ]]; }
 banner() { echo; echo "== $* ($(date +%T))"; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/bench.txt"
 
 if has build; then
   banner build
   t0=$SECONDS
-  if ! pip install --no-build-isolation --no-deps -q -C cmake.define.PAGEDGPT2_CUDA_ARCHS=90 \
+  if ! python3 -m pip install --no-build-isolation --no-deps -q -C cmake.define.PAGEDGPT2_CUDA_ARCHS=90 \
        -C build.verbose=true . > "$OUT/build.log" 2>&1; then
     grep -E "error|Error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1
   fi
   grep -E "pagedgpt2:" "$OUT/build.log" | head -3
   echo "built in $((SECONDS - t0)) s"
-  python -c "import pagedgpt2._cuda as c; print('CUDA devices:', c.device_count())" || exit 1
+  python3 -c "import pagedgpt2._cuda as c; print('CUDA devices:', c.device_count())" || exit 1
 fi
 
 if has tests; then
   banner "GPU tests"
-  python -m pytest -q -rs tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  python3 -m pytest -q -rs tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -v "^\.\.\." | tail -25
 fi
 
 if has sanitize; then
   for tool in memcheck racecheck; do
     banner "compute-sanitizer $tool"
-    compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
-      python -m pytest -q -x tests/gpu/test_kernels.py -k "not slow" -p no:cacheprovider \
+    timeout ${SANITIZE_S:-150} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest -q -x tests/gpu/test_kernels.py -k "${SANITIZE_K:-attention or write_kv or copy_blocks}" -p no:cacheprovider \
       > "$OUT/sanitize_$tool.log" 2>&1
     echo "exit $? ($tool)"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
+    cat "$OUT/sanitize_$tool.log" >> "$OUT/sanitize.log" && rm "$OUT/sanitize_$tool.log"
   done
 fi
 
 if has kernels; then
   banner "kernel benchmarks"
-  python tools/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tail -30
+  timeout ${KERNELS_S:-120} python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.txt" | tail -30
 fi
 
 if has bench; then
   banner "end-to-end benchmark (gpt2)"
-  python tools/bench.py --device cuda --model gpt2 --batch-sizes 1 8 64 256 --prompt-len 128 \
+  timeout ${BENCH_S:-240} python3 tools/bench.py --device cuda --model gpt2 --batch-sizes 1 8 64 256 --prompt-len 128 \
     --new-tokens 128 --kv-cache paged contiguous --repeats 3 --workdir /tmp/bench \
-    --json "$OUT/bench_gpt2.json" 2>&1 | grep -v -i -E "warn|loading|writing" | tail -20
+    --json "$OUT/bench_gpt2.json" 2>&1 | tee -a "$OUT/bench.txt" | grep -v -i -E "warn|loading|writing" | tail -20
+fi
+
+if has bench_xl; then
   banner "end-to-end benchmark (gpt2-xl)"
-  python tools/bench.py --device cuda --model gpt2-xl --batch-sizes 1 8 64 256 --prompt-len 128 \
-    --new-tokens 128 --kv-cache paged contiguous --repeats 2 --hf-max-batch 8 --workdir /tmp/bench \
-    --json "$OUT/bench_gpt2xl.json" 2>&1 | grep -v -i -E "warn|loading|writing" | tail -20
+  timeout ${BENCH_XL_S:-300} python3 tools/bench.py --device cuda --model gpt2-xl --batch-sizes 1 8 64 256 --prompt-len 128 \
+    --new-tokens 128 --kv-cache paged contiguous --repeats 1 --hf-max-batch 8 --workdir /tmp/bench \
+    --json "$OUT/bench_gpt2xl.json" 2>&1 | tee -a "$OUT/bench.txt" | grep -v -i -E "warn|loading|writing" | tail -20
+fi
+
+if has serving; then
+  banner "serving workload (1000 requests)"
+  timeout ${SERVING_S:-240} python3 tools/bench_serving.py --requests 1000 --kv-gib 2 --workdir /tmp/bench \
+    --json "$OUT/bench_serving.json" 2>&1 | tee -a "$OUT/bench.txt" | grep -v -i -E "warn|loading|writing" | tail -20
 fi

@@ -195,6 +195,12 @@ int64_t BlockManager::num_tokens_held() const {
   return total;
 }
 
+int64_t BlockManager::num_logical_blocks() const {
+  int64_t n = 0;
+  for (const auto& [id, seq] : seqs_) n += int64_t(seq.block_table.size());
+  return n;
+}
+
 int BlockManager::num_shared_blocks() const {
   int n = 0;
   for (int id = 0; id < allocator_.num_blocks(); ++id) n += allocator_.ref_count(id) > 1;

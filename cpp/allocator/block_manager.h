@@ -67,6 +67,8 @@ class BlockManager {
   int64_t num_slots_in_use() const { return int64_t(allocator_.num_used()) * block_size_; }
   int64_t num_tokens_held() const;
   int num_shared_blocks() const;
+  // Block-table entries over all sequences: the blocks they would hold without sharing.
+  int64_t num_logical_blocks() const;
   int num_cached_blocks() const { return static_cast<int>(block_of_hash_.size()); }
   int64_t num_prefix_queried_blocks() const { return num_queried_blocks_; }
   int64_t num_prefix_hit_blocks() const { return num_hit_blocks_; }

@@ -112,6 +112,7 @@ void bind_allocator(nb::module_& m) {
       .def_prop_ro("num_slots_in_use", &BlockManager::num_slots_in_use)
       .def_prop_ro("num_tokens_held", &BlockManager::num_tokens_held)
       .def_prop_ro("num_shared_blocks", &BlockManager::num_shared_blocks)
+      .def_prop_ro("num_logical_blocks", &BlockManager::num_logical_blocks)
       .def("ref_count", [](const BlockManager& b, int id) { return b.allocator().ref_count(id); })
       .def("blocks_for", &BlockManager::blocks_for, "num_tokens"_a)
       .def("can_allocate", &BlockManager::can_allocate, "num_tokens"_a)
@@ -138,6 +139,19 @@ void bind_allocator(nb::module_& m) {
           "returns the tokens now held.")
       .def("blocks_needed_to_append", &BlockManager::blocks_needed_to_append, "seq_id"_a,
            "num_new_tokens"_a)
+      .def(
+          "blocks_needed_to_append_each",
+          [](const BlockManager& b,
+             nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> seq_ids,
+             int num_new_tokens) {
+            int64_t total = 0;
+            for (size_t i = 0; i < seq_ids.shape(0); ++i) {
+              total += b.blocks_needed_to_append(seq_ids.data()[i], num_new_tokens);
+            }
+            return total;
+          },
+          "seq_ids"_a, "num_new_tokens"_a,
+          "Blocks that appending num_new_tokens to each of these sequences takes, in all.")
       .def("fork", &BlockManager::fork, "parent_id"_a, "child_id"_a)
       .def("free_sequence", &BlockManager::free_sequence, "seq_id"_a)
       .def("has_sequence", &BlockManager::has_sequence, "seq_id"_a)

@@ -64,7 +64,7 @@ class RequestOutput:
         return self.samples[0].finish_reason
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     """What one step gave one sample of a request."""
     request_id: int

@@ -43,6 +43,7 @@ class KVCache:
             "blocks_used": m.num_used,
             "blocks_free": m.num_free,
             "blocks_shared": m.num_shared_blocks,
+            "blocks_saved_by_sharing": m.num_logical_blocks - m.num_used,
             "bytes_reserved": m.num_used * self.bytes_per_block,
             "bytes_holding_tokens": m.num_tokens_held * bytes_per_token,
             "bytes_total": m.num_blocks * self.bytes_per_block,

@@ -20,6 +20,8 @@ class ModelRunner:
     def __init__(self, backend, kv: KVCache):
         self.backend = backend
         self.kv = kv
+        self._sampling_key: tuple = ()
+        self._sampling: dict = {}
 
     def _prepare(self, batch: list[tuple[Sequence, int]]) -> dict:
         """batch: [(sequence, number of new tokens)]."""
@@ -50,6 +52,21 @@ class ModelRunner:
                     query_start_loc=query_start_loc, context_lens=context_lens,
                     block_tables=block_tables)
 
+    def _sampling_arrays(self, rows: list[tuple[Sequence, int]]) -> dict:
+        """temperature, top_k, top_p and seeds of the rows; reused while the rows stay the same
+        (the common run of decode steps)."""
+        key = tuple((seq.seq_id, j) for seq, j in rows)
+        if key != self._sampling_key:
+            params = [seq.params for seq, _ in rows]
+            n = len(rows)
+            self._sampling_key = key
+            self._sampling = dict(
+                temperature=np.fromiter((p.temperature for p in params), dtype=np.float32, count=n),
+                top_k=np.fromiter((p.top_k for p in params), dtype=np.int32, count=n),
+                top_p=np.fromiter((p.top_p for p in params), dtype=np.float32, count=n),
+                seeds=np.fromiter((sample_seed(seq.seed, j) for seq, j in rows), dtype=np.uint64, count=n))
+        return self._sampling
+
     def sample(self, batch: list[ScheduledSeq]) -> list[list[int]]:
         """Runs the batch; returns, per scheduled sequence, its num_samples new tokens."""
         arrays = self._prepare([(item.seq, item.num_new_tokens) for item in batch])
@@ -60,16 +77,9 @@ class ModelRunner:
             self.backend.forward(**arrays, logits_indices=logits_indices)
             return [[] for _ in batch]
         rows = [(item.seq, j) for item in batch for j in range(item.num_samples)]
-        params = [seq.params for seq, _ in rows]
-        n = len(rows)
         tokens = self.backend.forward_and_sample(
-            **arrays,
-            logits_indices=logits_indices,
-            temperature=np.fromiter((p.temperature for p in params), dtype=np.float32, count=n),
-            top_k=np.fromiter((p.top_k for p in params), dtype=np.int32, count=n),
-            top_p=np.fromiter((p.top_p for p in params), dtype=np.float32, count=n),
-            seeds=np.fromiter((sample_seed(seq.seed, j) for seq, j in rows), dtype=np.uint64, count=n),
-            counters=np.fromiter((len(seq.output_ids) for seq, _ in rows), dtype=np.int64, count=n),
+            **arrays, logits_indices=logits_indices, **self._sampling_arrays(rows),
+            counters=np.fromiter((len(seq.output_ids) for seq, _ in rows), dtype=np.int64, count=len(rows)),
         ).tolist()
         out, start = [], 0
         for item in batch:

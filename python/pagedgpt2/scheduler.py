@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from pagedgpt2.kv_cache import KVCache
 from pagedgpt2.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
@@ -35,6 +37,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._reserved = 0
+        self._pending_forks = 0  # samples running prompts will fork into once prefilled
+        self._preempted_now: set[int] = set()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -49,10 +53,14 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens
         self._reserved = 0  # blocks promised to sequences already in this step's batch
-        for seq in list(self.running):
+        self._preempted_now: set[int] = set()
+        decodes = self._all_running_decode()
+        batch += decodes
+        budget -= len(decodes)
+        for seq in [] if decodes else list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted to make room for an older one
+            if seq.seq_id in self._preempted_now:  # made room for an older one
                 continue
             n = min(seq.num_uncached, budget)
             if self._make_room(seq, n):
@@ -66,10 +74,25 @@ class Scheduler:
                 self._forget_prefix(seq)
                 break
             self.waiting.popleft()
-            self.running.append(seq)
+            self._enter_running(seq)
             batch.append(self._scheduled(seq, n))
             budget -= n
         return batch
+
+    def _all_running_decode(self) -> list[ScheduledSeq]:
+        """The common step, at once: every running sequence decodes one token and the pool has
+        the blocks for all of them. [] when any of that fails (then sequences go one by one)."""
+        running = self.running
+        if not running or len(running) > self.max_num_batched_tokens:
+            return []
+        if not all(seq.output_ids and seq.num_uncached == 1 for seq in running):
+            return []
+        seq_ids = np.fromiter((seq.seq_id for seq in running), dtype=np.int64, count=len(running))
+        need = self.kv.manager.blocks_needed_to_append_each(seq_ids, 1)
+        if need > self._free_blocks():
+            return []
+        self._reserved += need
+        return [ScheduledSeq(seq, 1, 1) for seq in running]
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         return self.kv.manager.blocks_needed_to_append(seq.seq_id, n)
@@ -93,8 +116,14 @@ class Scheduler:
         forks = seq.params.n if not seq.output_ids and seq.sample_index == 0 else 1
         return ScheduledSeq(seq, n, forks)
 
+    @staticmethod
+    def _forks_of(seq: Sequence) -> int:
+        """Samples seq will still fork into: n - 1 for a prompt not yet sampled."""
+        return seq.params.n - 1 if not seq.output_ids and seq.sample_index == 0 else 0
+
     def _has_seq_room(self, seq: Sequence) -> bool:
-        return len(self.running) + (seq.params.n if not seq.output_ids else 1) <= self.max_num_seqs
+        needed = 1 + self._forks_of(seq)
+        return len(self.running) + self._pending_forks + needed <= self.max_num_seqs
 
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Preempts the newest running sequences until seq can take n more tokens.
@@ -107,14 +136,23 @@ class Scheduler:
         self._reserved += self._blocks_needed(seq, n)
         return True
 
+    def _enter_running(self, seq: Sequence) -> None:
+        self.running.append(seq)
+        self._pending_forks += self._forks_of(seq)
+
+    def _leave_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._pending_forks -= self._forks_of(seq)
+
     def preempt(self, seq: Sequence) -> None:
         """Frees all of seq's blocks and queues it first, to be recomputed."""
-        self.running.remove(seq)
+        self._leave_running(seq)
         self.kv.manager.free_sequence(seq.seq_id)
         self.kv.manager.add_sequence(seq.seq_id)
         seq.num_cached = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        self._preempted_now.add(seq.seq_id)
 
     def _match_prefix(self, seq: Sequence) -> None:
         if self.kv.manager.prefix_caching and seq.num_cached == 0:
@@ -129,17 +167,18 @@ class Scheduler:
     # -- leaving ------------------------------------------------------------------------------
 
     def add_running(self, seq: Sequence, after: Sequence) -> None:
-        """A forked sample joins the running set beside its parent."""
+        """A forked sample joins the running set beside its parent (which has sampled now)."""
         self.running.insert(self.running.index(after) + 1, seq)
+        self._pending_forks -= 1
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        self._leave_running(seq)
         self.kv.manager.free_sequence(seq.seq_id)
 
     def abort(self, seq: Sequence) -> None:
         """Drops a sequence wherever it is and frees its blocks."""
         if seq in self.running:
-            self.running.remove(seq)
+            self._leave_running(seq)
         else:
             self.waiting.remove(seq)
         self.kv.manager.free_sequence(seq.seq_id)

@@ -21,7 +21,7 @@ def sample_seed(seed: int, sample_index: int) -> int:
     return z ^ (z >> 31)
 
 
-@dataclass
+@dataclass(eq=False)  # NOTE: identity, not field-by-field: sequences live in lists
 class Sequence:
     seq_id: int
     request_id: int

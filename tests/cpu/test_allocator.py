@@ -123,3 +123,52 @@ def check_invariants(bm, tokens, num_blocks, block_size):
     assert bm.num_free + bm.num_used == num_blocks
     for block, count in owners.items():
         assert bm.ref_count(block) == count
+
+
+OPS_CACHED = st.lists(st.tuples(st.sampled_from(["add", "append", "fork", "free"]),
+                                st.integers(0, 7), st.integers(0, 7),
+                                st.lists(st.integers(0, 2), min_size=1, max_size=12)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_blocks=st.integers(1, 24), block_size=st.integers(1, 4), ops=OPS_CACHED)
+def test_prefix_caching_never_leaks_and_hits_only_equal_prefixes(num_blocks, block_size, ops):
+    """Tokens from a 3-letter alphabet, so prefixes repeat and the cache is hit often."""
+    bm = _core.BlockManager(num_blocks, block_size, True)
+    tokens: dict[int, list[int]] = {}
+    content: dict[int, list[int]] = {}  # block id -> the tokens it holds (as far as written)
+    for op, a, b, ids in ops:
+        if op == "add" and a not in tokens:
+            bm.add_sequence(a)
+            held = bm.match_prefix(a, ids)
+            assert held % block_size == 0 and held < len(ids)
+            for i, block in enumerate(bm.block_table(a)):  # a hit holds exactly these tokens
+                assert content[block][:block_size] == ids[i * block_size:(i + 1) * block_size]
+            tokens[a] = ids[:held]
+        elif op == "append" and a in tokens:
+            if bm.blocks_needed_to_append(a, len(ids)) > bm.num_free:
+                with pytest.raises(RuntimeError):
+                    bm.append_slots(a, ids)
+                continue
+            slots, copies = bm.append_slots(a, ids)
+            for src, dst in copies:
+                content[dst] = list(content[src])
+            for token, slot in zip(ids, slots):
+                block, offset = divmod(slot, block_size)
+                cells = content.setdefault(block, [])
+                del cells[offset:]
+                cells.append(token)
+            tokens[a] += ids
+        elif op == "fork" and a in tokens and b not in tokens:
+            bm.fork(a, b)
+            tokens[b] = list(tokens[a])
+        elif op == "free" and a in tokens:
+            bm.free_sequence(a)
+            del tokens[a]
+        check_invariants(bm, {s: len(t) for s, t in tokens.items()}, num_blocks, block_size)
+        for seq, seq_tokens in tokens.items():  # every table holds its sequence's tokens
+            for i, block in enumerate(bm.block_table(seq)):
+                assert content[block][:block_size] == seq_tokens[i * block_size:(i + 1) * block_size][:len(content[block])]
+    for seq in list(tokens):
+        bm.free_sequence(seq)
+    assert bm.num_free == num_blocks and bm.num_used == 0

@@ -191,3 +191,15 @@ def test_randomized_soak_ends_with_the_pool_free(model_dir):
         ref = reference.generate(prompt, params)[0]
         for j, sample in enumerate(ref.samples):
             assert finished[(rid, j)] == sample.token_ids
+
+
+def test_parallel_samples_count_against_max_num_seqs(model_dir):
+    eng = Engine(model_dir, device="cpu", block_size=4, max_num_seqs=6)
+    for prompt in make_prompts(11, [5, 9, 3, 12, 7]):
+        eng.add_request(prompt, SamplingParams(n=4, max_new_tokens=6, temperature=1.0, ignore_eos=True))
+    peak = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        peak = max(peak, len(eng.scheduler.running))
+    assert 4 <= peak <= 6
+    assert eng.kv_stats()["blocks_used"] == 0 and eng.scheduler._pending_forks == 0

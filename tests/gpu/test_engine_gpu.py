@@ -3,6 +3,8 @@ and paged against contiguous. Skipped where there is no GPU or no CUDA build."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -56,21 +58,34 @@ def test_fp32_logits_and_greedy_match_hf(hf_model_dirs, shape):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_logits_and_top1_agreement(hf_model_dirs, dtype):
+    """Random weights have many near-ties, where rounding the weights alone flips the top token:
+    agreement must be >= 99% wherever HF fp32 has a clear winner (top-1 margin >= 0.1), and
+    overall no worse than HF itself at the same dtype."""
     model, _, engine_dir = hf_model_dirs["d64"]
     model = hf_on_gpu(model)
+    hf_half = copy.deepcopy(model).to(getattr(torch, dtype))
     eng = Engine(engine_dir, device="cuda", dtype=dtype, num_blocks=256)
     rng = np.random.default_rng(12)
-    agree = total = 0
+    ours_top, ref_top, half_top, margins = [], [], [], []
     worst = 0.0
     for _ in range(4):
         ids = rng.integers(0, model.config.vocab_size, size=256).tolist()
         ours, ref = eng.logits(ids), hf_logits(model, ids)
         worst = max(worst, float(np.abs(ours - ref).max()))
-        agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(ids)
-    print(f"{dtype}: max |logit diff| {worst:.4f}, top-1 agreement {agree / total:.4f}")
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        margins.append(top2[:, 1] - top2[:, 0])
+        ours_top.append(ours.argmax(-1))
+        ref_top.append(ref.argmax(-1))
+        half_top.append(hf_logits(hf_half, ids).argmax(-1))
+    ours_top, ref_top, half_top, margins = map(np.concatenate, (ours_top, ref_top, half_top, margins))
+    clear = margins >= 0.1
+    agree_clear = float((ours_top == ref_top)[clear].mean())
+    agree_all, hf_agree_all = float((ours_top == ref_top).mean()), float((half_top == ref_top).mean())
+    print(f"{dtype}: max |logit diff| {worst:.4f}; top-1 agreement with HF fp32: {agree_all:.4f} "
+          f"(HF {dtype}: {hf_agree_all:.4f}), {agree_clear:.4f} on {clear.mean():.0%} of positions with margin >= 0.1")
     assert worst <= LOGIT_ATOL[dtype]
-    assert agree / total >= TOP1_AGREEMENT
+    assert agree_clear >= TOP1_AGREEMENT
+    assert agree_all >= hf_agree_all - 0.01
 
 
 def test_paged_equals_contiguous_on_gpu(hf_model_dirs):

@@ -1,0 +1,262 @@
+// pagedgpt2._cuda: the CUDA backend (CudaModel, with the same Python surface as CpuModel through
+// bind_model_methods) and `ops`, every CUDA kernel over float32 numpy arrays for the kernel tests,
+// with the CPU reference ops' names and argument order plus a `dtype` keyword.
+// Exports only; the logic lives in cpp/cuda. Imported only when a user asks for device="cuda".
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bindings/model_binding.h"
+#include "cuda/cuda_model.h"
+#include "cuda/ops.h"
+#include "cuda/sampling_host.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace pagedgpt2;
+using bindings::check_len;
+using bindings::FloatArray;
+using bindings::I64Array;
+using bindings::IntArray;
+using bindings::IntMatrix;
+using bindings::U64Array;
+
+namespace {
+
+using FloatTensor = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+
+template <class T>
+nb::ndarray<nb::numpy, T> owned_array(std::vector<size_t> shape) {
+  size_t n = 1;
+  for (size_t d : shape) n *= d;
+  T* data = new T[n > 0 ? n : 1];
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
+}
+
+nb::ndarray<nb::numpy, float> copy_of(const FloatTensor& a) {
+  std::vector<size_t> shape(a.shape_ptr(), a.shape_ptr() + a.ndim());
+  auto out = owned_array<float>(shape);
+  std::memcpy(out.data(), a.data(), a.size() * sizeof(float));
+  return out;
+}
+
+cuda::DType dt(const std::string& name) { return cuda::parse_dtype(name); }
+
+void bind_ops(nb::module_& m) {
+  nb::module_ ops = m.def_submodule(
+      "ops", "CUDA kernels over float32 numpy arrays (cast to `dtype` on the device).");
+  ops.def(
+      "layernorm",
+      [](FloatTensor in, FloatTensor w, FloatTensor b, float eps, std::string dtype) {
+        const int C = int(in.shape(in.ndim() - 1)), T = int(in.size() / C);
+        check_len("weight", w.size(), C);
+        check_len("bias", b.size(), C);
+        auto out = copy_of(in);
+        cuda::ops::layernorm(out.data(), in.data(), w.data(), b.data(), T, C, eps, dt(dtype));
+        return out;
+      },
+      "input"_a, "weight"_a, "bias"_a, "eps"_a, nb::kw_only(), "dtype"_a = "float32");
+  ops.def(
+      "matmul",
+      [](FloatTensor in, FloatTensor w, std::optional<FloatTensor> bias, bool gelu,
+         std::string dtype) {
+        if (in.ndim() != 2 || w.ndim() != 2) throw std::invalid_argument("matmul: 2-D arrays");
+        const int T = int(in.shape(0)), K = int(in.shape(1)), N = int(w.shape(0));
+        check_len("weight columns", w.shape(1), K);
+        if (bias) check_len("bias", bias->size(), N);
+        if (gelu && !bias) throw std::invalid_argument("matmul: gelu=True needs a bias");
+        auto out = owned_array<float>({size_t(T), size_t(N)});
+        cuda::ops::matmul(out.data(), in.data(), w.data(), bias ? bias->data() : nullptr, T, N, K,
+                          gelu, dt(dtype));
+        return out;
+      },
+      "input"_a, "weight"_a, "bias"_a.none() = nb::none(), nb::kw_only(), "gelu"_a = false,
+      "dtype"_a = "float32",
+      "cuBLASLt: input @ weight.T (+ bias) (then tanh-GELU, in the GEMM epilogue).");
+  ops.def(
+      "skinny_matmul",
+      [](FloatTensor in, FloatTensor w, std::optional<FloatTensor> bias,
+         std::optional<FloatTensor> ln_weight, std::optional<FloatTensor> ln_bias, float eps,
+         std::optional<FloatTensor> residual, bool gelu, std::string dtype) {
+        if (in.ndim() != 2 || w.ndim() != 2) throw std::invalid_argument("skinny_matmul: 2-D");
+        const int T = int(in.shape(0)), K = int(in.shape(1)), N = int(w.shape(0));
+        check_len("weight columns", w.shape(1), K);
+        if (bias) check_len("bias", bias->size(), N);
+        if (bool(ln_weight) != bool(ln_bias)) {
+          throw std::invalid_argument("skinny_matmul: ln_weight and ln_bias go together");
+        }
+        if (ln_weight) check_len("ln_weight", ln_weight->size(), K);
+        if (ln_bias) check_len("ln_bias", ln_bias->size(), K);
+        if (residual) check_len("residual", residual->size(), size_t(T) * N);
+        if ((gelu || residual) && !bias) {
+          throw std::invalid_argument("skinny_matmul: gelu / residual need a bias");
+        }
+        auto out = owned_array<float>({size_t(T), size_t(N)});
+        cuda::ops::skinny_matmul(out.data(), in.data(), w.data(), bias ? bias->data() : nullptr,
+                                 ln_weight ? ln_weight->data() : nullptr,
+                                 ln_bias ? ln_bias->data() : nullptr, eps,
+                                 residual ? residual->data() : nullptr, gelu, T, N, K,
+                                 dt(dtype));
+        return out;
+      },
+      "input"_a, "weight"_a, "bias"_a.none() = nb::none(), nb::kw_only(),
+      "ln_weight"_a.none() = nb::none(), "ln_bias"_a.none() = nb::none(), "eps"_a = 1e-5f,
+      "residual"_a.none() = nb::none(), "gelu"_a = false, "dtype"_a = "float32",
+      "The decode GEMV (<= 8 rows): [residual +] [gelu](LN?(input) @ weight.T + bias); no bias: "
+      "float32 logits.");
+  ops.def(
+      "gelu",
+      [](FloatTensor x, std::string dtype) {
+        auto out = copy_of(x);
+        cuda::ops::gelu(out.data(), int64_t(x.size()), dt(dtype));
+        return out;
+      },
+      "x"_a, nb::kw_only(), "dtype"_a = "float32");
+  ops.def(
+      "write_kv",
+      [](FloatTensor k_cache, FloatTensor v_cache, FloatTensor qkv, IntArray slot_mapping,
+         int num_heads, std::string dtype) {
+        if (k_cache.ndim() != 4 || qkv.ndim() != 2) {
+          throw std::invalid_argument(
+              "write_kv: caches [num_blocks, block_size, H, D], qkv [T, 3C]");
+        }
+        check_len("v_cache", v_cache.size(), k_cache.size());
+        const int T = int(qkv.shape(0)), D = int(qkv.shape(1)) / 3 / num_heads;
+        check_len("slot_mapping", slot_mapping.shape(0), T);
+        auto k = copy_of(k_cache), v = copy_of(v_cache);
+        cuda::ops::write_kv(k.data(), v.data(), qkv.data(), slot_mapping.data(), T, num_heads, D,
+                            int64_t(k_cache.size()), dt(dtype));
+        return nb::make_tuple(k, v);
+      },
+      "k_cache"_a, "v_cache"_a, "qkv"_a, "slot_mapping"_a, "num_heads"_a, nb::kw_only(),
+      "dtype"_a = "float32");
+  ops.def(
+      "paged_attention",
+      [](FloatTensor qkv, FloatTensor k_cache, FloatTensor v_cache, IntArray positions,
+         IntArray query_start_loc, IntMatrix block_tables, int num_heads, std::string dtype,
+         std::string kernel, int partition_size) {
+        if (k_cache.ndim() != 4 || qkv.ndim() != 2) {
+          throw std::invalid_argument(
+              "paged_attention: caches [num_blocks, block_size, H, D], qkv [T, 3C]");
+        }
+        const int T = int(qkv.shape(0)), C = int(qkv.shape(1)) / 3, D = C / num_heads;
+        const int S = int(query_start_loc.shape(0)) - 1;
+        check_len("positions", positions.shape(0), T);
+        check_len("block_tables rows", block_tables.shape(0), S);
+        if (query_start_loc.data()[S] != T) {
+          throw std::invalid_argument("paged_attention: query_start_loc[-1] != num tokens");
+        }
+        cuda::ops::AttentionKernel which;
+        if (kernel == "auto") which = cuda::ops::AttentionKernel::kAuto;
+        else if (kernel == "decode") which = cuda::ops::AttentionKernel::kDecode;
+        else if (kernel == "prefill") which = cuda::ops::AttentionKernel::kPrefill;
+        else throw std::invalid_argument("kernel must be 'auto', 'decode' or 'prefill'");
+        auto out = owned_array<float>({size_t(T), size_t(C)});
+        cuda::ops::paged_attention(out.data(), qkv.data(), k_cache.data(), v_cache.data(),
+                                   positions.data(), query_start_loc.data(), block_tables.data(),
+                                   S, int(block_tables.shape(1)), num_heads, D,
+                                   int(k_cache.shape(1)), int64_t(k_cache.size()), dt(dtype),
+                                   which, partition_size);
+        return out;
+      },
+      "qkv"_a, "k_cache"_a, "v_cache"_a, "positions"_a, "query_start_loc"_a, "block_tables"_a,
+      "num_heads"_a, nb::kw_only(), "dtype"_a = "float32", "kernel"_a = "auto",
+      "partition_size"_a = 0,
+      "kernel: 'auto' (decode kernel when every sequence has one query), 'decode', 'prefill'; "
+      "partition_size: tokens per decode thread block (0 = as the model picks).");
+  ops.def(
+      "sample",
+      [](FloatTensor logits, FloatArray temperature, IntArray top_k, FloatArray top_p,
+         U64Array seeds, I64Array counters) {
+        if (logits.ndim() != 2) throw std::invalid_argument("sample: logits [R, V]");
+        const int R = int(logits.shape(0)), V = int(logits.shape(1));
+        check_len("temperature", temperature.shape(0), R);
+        check_len("top_k", top_k.shape(0), R);
+        check_len("top_p", top_p.shape(0), R);
+        check_len("seeds", seeds.shape(0), R);
+        check_len("counters", counters.shape(0), R);
+        auto out = owned_array<int32_t>({size_t(R)});
+        SamplingInputs s{temperature.data(), top_k.data(), top_p.data(), seeds.data(),
+                         counters.data()};
+        cuda::ops::sample(out.data(), logits.data(), s, R, V);
+        return out;
+      },
+      "logits"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a, "counters"_a);
+  ops.def(
+      "copy_blocks",
+      [](FloatTensor cache, IntArray src, IntArray dst, std::string dtype) {
+        if (cache.ndim() < 2) throw std::invalid_argument("copy_blocks: cache [num_blocks, ...]");
+        check_len("dst", dst.shape(0), src.shape(0));
+        const int num_blocks = int(cache.shape(0));
+        for (size_t i = 0; i < src.shape(0); ++i) {
+          if (src.data()[i] < 0 || src.data()[i] >= num_blocks || dst.data()[i] < 0 ||
+              dst.data()[i] >= num_blocks) {
+            throw std::invalid_argument("copy_blocks: block id out of range");
+          }
+        }
+        auto out = copy_of(cache);
+        cuda::ops::copy_blocks(out.data(), num_blocks, int64_t(cache.size() / num_blocks),
+                               src.data(), dst.data(), int(src.shape(0)), dt(dtype));
+        return out;
+      },
+      "cache"_a, "src"_a, "dst"_a, nb::kw_only(), "dtype"_a = "float32",
+      "Returns a copy of cache [num_blocks, ...] with blocks dst[i] <- src[i].");
+  ops.def("uniform_from_counter", &cuda::uniform_from_counter, "seed"_a, "counter"_a);
+  ops.def(
+      "time_decode_attention",
+      [](int num_seqs, int context_len, int num_heads, int head_size, int block_size,
+         std::string dtype, int iters) {
+        nb::gil_scoped_release release;
+        return cuda::ops::time_decode_attention(num_seqs, context_len, num_heads, head_size,
+                                                block_size, dt(dtype), iters);
+      },
+      "num_seqs"_a, "context_len"_a, "num_heads"_a, "head_size"_a, "block_size"_a,
+      "dtype"_a = "float16", "iters"_a = 50,
+      "Median ms per launch of the decode-attention kernel (random data, shuffled blocks).");
+  ops.def(
+      "copy_bandwidth_gbs",
+      [](int64_t bytes, int iters) {
+        nb::gil_scoped_release release;
+        return cuda::ops::copy_bandwidth_gbs(bytes, iters);
+      },
+      "bytes"_a = int64_t(1) << 30, "iters"_a = 20,
+      "Device-to-device copy bandwidth, GB/s counting bytes read + written.");
+}
+
+}  // namespace
+
+NB_MODULE(_cuda, m) {
+  m.doc() = "pagedgpt2 CUDA backend: CudaModel and the CUDA kernels as test ops";
+  m.def("device_count", &cuda::device_count, "Number of visible CUDA devices (0 without a GPU).");
+  bind_ops(m);
+
+  auto cls = nb::class_<cuda::CudaModel>(
+      m, "CudaModel", "GPT-2 on one CUDA GPU over a paged KV cache (float32/float16/bfloat16).");
+  cls.def(
+      "__init__",
+      [](cuda::CudaModel* self, nb::dict config, nb::dict weights, std::string dtype,
+         int num_blocks, int block_size, double gpu_memory_fraction, int device_index,
+         int max_num_seqs, int max_num_batched_tokens) {
+        ModelConfig cfg = bindings::config_from_dict(config);
+        HostWeights w = bindings::weights_from_dict(weights);
+        new (self) cuda::CudaModel(cfg, w, dtype, num_blocks, block_size, gpu_memory_fraction,
+                                   device_index, max_num_seqs, max_num_batched_tokens);
+      },
+      "config"_a, "weights"_a, "dtype"_a = "float16", "num_blocks"_a = -1, "block_size"_a = 16,
+      "gpu_memory_fraction"_a = 0.9, "device_index"_a = 0, "max_num_seqs"_a = 256,
+      "max_num_batched_tokens"_a = 2048,
+      "num_blocks=-1 sizes the KV pool from free GPU memory x gpu_memory_fraction.");
+  bindings::bind_model_methods(cls);
+  cls.def_prop_ro("dtype", &cuda::CudaModel::dtype);
+  cls.def_prop_rw("use_cuda_graphs", &cuda::CudaModel::use_cuda_graphs,
+                  &cuda::CudaModel::set_use_cuda_graphs,
+                  "Replay decode steps from CUDA graphs (default True).");
+  cls.def_prop_ro("num_cuda_graphs", &cuda::CudaModel::num_cuda_graphs);
+}

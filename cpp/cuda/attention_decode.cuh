@@ -1,0 +1,56 @@
+// Paged-attention decode: one query token per sequence attends to its whole cached context,
+// walking the block table. Reads K/V from the cache after write_kv (or the fused QKV epilogue).
+//
+// Work split: a thread block per (head, sequence, partition); a partition is `partition_size`
+// consecutive context tokens. With one partition per sequence it is a single pass; with several
+// (few sequences x heads, or long contexts) each block writes a partial (max, sum, unnormalized
+// output) and the last block of a (sequence, head) to finish merges them (flash-decoding, with
+// the reduce fused: no second launch). The grid is sized from an upper bound on the context so a
+// CUDA graph can replay it for any context up to that bound; blocks past a sequence's context
+// return at once.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pagedgpt2::cuda {
+
+// Scratch of the split path, sized once by the model.
+struct DecodeWorkspace {
+  float* partial_out = nullptr;    // [capacity_rows, D]  (row = (s * H + h) * max_partitions + p)
+  float* partial_max = nullptr;    // [capacity_rows]
+  float* partial_sum = nullptr;    // [capacity_rows]
+  unsigned* counters = nullptr;    // [S * H], zero between launches (the merging block resets it)
+  int64_t capacity_rows = 0;
+  int64_t capacity_counters = 0;
+};
+
+// How many partitions a context of max_context_len is split into (non-decreasing in
+// max_context_len: the model sizes DecodeWorkspace with it at n_positions), and the partition
+// length that gives (tokens per thread block, a multiple of 32).
+int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms);
+int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms);
+inline int decode_num_partitions(int max_context_len, int partition_size) {
+  return (max_context_len + partition_size - 1) / partition_size;
+}
+
+// Head sizes with a compiled decode kernel; others run the prefill kernel (which handles q_len 1).
+bool decode_attention_supported(int head_size, int elem_size);
+
+// out[s, h*D:(h+1)*D] = softmax(q . K^T / sqrt(D)) V over the first context_lens[s] cached
+// tokens of sequence s (q = qkv[s, h*D:(h+1)*D]). context_lens[s] == 0: padding, out row zeroed.
+template <typename T>
+void launch_decode_attention(T* out,                       // [S, H * D]
+                             const T* qkv,                 // [S, 3 * H * D]
+                             const T* k_cache,             // [num_blocks, block_size, H, D]
+                             const T* v_cache,             // [num_blocks, block_size, H, D]
+                             const int32_t* context_lens,  // [S]
+                             const int32_t* block_tables,  // [S, max_blocks_per_seq]
+                             int num_seqs, int max_blocks_per_seq, int num_heads, int head_size,
+                             int block_size,
+                             int max_context_len,  // >= every context_lens[s]: sizes the grid
+                             int partition_size,   // from decode_partition_size
+                             const DecodeWorkspace& ws, cudaStream_t stream);
+
+}  // namespace pagedgpt2::cuda

@@ -1,0 +1,195 @@
+// Shared helpers of the CUDA backend: error checks, the element types (float, __half,
+// __nv_bfloat16) and their conversions, 16-byte vector loads, warp/block reductions and the
+// dtype dispatch used by every launcher. No kernels of its own.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "cuda/dtype.h"
+
+namespace pagedgpt2::cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* expr, const char* file,
+                                          int line) {
+  const std::string msg = std::string("CUDA error: ") + cudaGetErrorString(err) + " (" +
+                          cudaGetErrorName(err) + ") in " + expr + " at " + file + ":" +
+                          std::to_string(line);
+  if (err == cudaErrorMemoryAllocation) throw std::runtime_error("out of GPU memory: " + msg);
+  throw std::runtime_error(msg);
+}
+
+#define CUDA_CHECK(expr)                                                          \
+  do {                                                                            \
+    cudaError_t err_ = (expr);                                                    \
+    if (err_ != cudaSuccess) {                                                    \
+      ::pagedgpt2::cuda::throw_cuda_error(err_, #expr, __FILE__, __LINE__);       \
+    }                                                                             \
+  } while (0)
+
+// After every kernel launch: catches bad launch configurations at once.
+#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+// Raises a kernel's dynamic shared-memory limit to `bytes` once per (device, kernel), when it
+// needs more than the default 48 KB.
+inline void allow_dynamic_smem_impl(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::set<std::pair<int, const void*>> done;
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!done.insert({device, kernel}).second) return;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)));
+}
+
+template <class Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  allow_dynamic_smem_impl(reinterpret_cast<const void*>(kernel), bytes);
+}
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Elements of T in one 16-byte load.
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+// N consecutive elements moved as one aligned load/store (16 bytes when N = kVec16<T>).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
+  const Vec<T, N> x = *reinterpret_cast<const Vec<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(x.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
+  Vec<T, N> x;
+#pragma unroll
+  for (int i = 0; i < N; ++i) x.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Vec<T, N>*>(p) = x;
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and when not launched that way)
+// ---------------------------------------------------------------------------------------------
+
+// Blocks until the previous kernel in the stream has finished and its writes are visible. Work
+// before it may only touch data no earlier kernel writes (the weights).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel, if launched with programmatic serialization, start its prologue now.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the result. scratch: >= 32 floats of shared memory.
+template <int kThreads>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  constexpr int kWarps = kThreads / 32;
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kWarps ? scratch[lane] : 0.f;
+  return warp_sum(v);
+}
+
+template <int kThreads>
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  constexpr int kWarps = kThreads / 32;
+  v = warp_max(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kWarps ? scratch[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype dispatch: calls f(T{}) with T the element type of `dtype`.
+// ---------------------------------------------------------------------------------------------
+
+template <class F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+  }
+}
+
+}  // namespace pagedgpt2::cuda

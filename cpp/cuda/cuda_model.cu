@@ -1,0 +1,947 @@
+// The CUDA backend's model: owns the GPU, the weights, the KV pool, the activation buffers and the
+// CUDA graphs, and sequences the kernels of one step.
+//
+// Memory, all allocated in the constructor, never per step:
+//   weights     one allocation, each tensor at a 256-byte boundary, in T (LayerNorm params fp32)
+//   activations one allocation sized for max_num_batched_tokens rows
+//   KV pool     one allocation [L, 2, num_blocks, block_size, H, D] (K then V per layer)
+//   step inputs one pinned host buffer + its device twin: every int array of a step is packed on
+//               the host and crosses in one cudaMemcpyAsync; sampled ids come back in one copy.
+//
+// Two ways through a layer (chosen per step):
+//   skinny (T <= 8 rows: decode at small batch): 5 launches per layer, LayerNorm / bias / GELU /
+//     residual / write_kv fused into weight-streaming GEMVs (skinny_gemm.cuh);
+//   wide (prefill, large batches): cuBLASLt GEMMs with bias(+GELU) epilogues, write_kv,
+//     add+LayerNorm kernels.
+// Decode steps (every sequence has one new token) are padded to a batch bucket (1, 2, 4, ...,
+// max_num_seqs) and replayed from a CUDA graph holding the whole step: upload, embedding, layers,
+// LM head, sampling and the download of the ids. Padding rows have slot -1 and context_len 0,
+// which every kernel skips. The first step of a bucket runs eagerly (warming cuBLASLt plans and
+// kernel attributes), the graph is captured from the same enqueue code, then replayed.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cuda/activation.cuh"
+#include "cuda/attention_decode.cuh"
+#include "cuda/attention_prefill.cuh"
+#include "cuda/copy_blocks.cuh"
+#include "cuda/cuda_common.cuh"
+#include "cuda/cuda_model.h"
+#include "cuda/embedding.cuh"
+#include "cuda/gemm.cuh"
+#include "cuda/layernorm.cuh"
+#include "cuda/sampling.cuh"
+#include "cuda/skinny_gemm.cuh"
+#include "cuda/write_kv.cuh"
+
+namespace pagedgpt2::cuda {
+namespace {
+
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t n, size_t a = kAlign) { return (n + a - 1) / a * a; }
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Owning buffers
+// ---------------------------------------------------------------------------------------------
+
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(size_t bytes, const char* what) { reset(bytes, what); }
+  ~DeviceBuffer() { release(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void reset(size_t bytes, const char* what) {
+    release();
+    if (bytes == 0) return;
+    const cudaError_t err = cudaMalloc(&ptr_, bytes);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky-free error state
+      ptr_ = nullptr;
+      throw std::runtime_error(std::string("out of GPU memory: cannot allocate ") +
+                               std::to_string(bytes >> 20) + " MiB for " + what + " (" +
+                               cudaGetErrorString(err) + ")");
+    }
+    bytes_ = bytes;
+  }
+  char* get() const { return static_cast<char*>(ptr_); }
+
+ private:
+  void release() {
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  ~PinnedBuffer() {
+    if (ptr_) cudaFreeHost(ptr_);
+  }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void reset(size_t bytes) {
+    if (ptr_) cudaFreeHost(ptr_);
+    ptr_ = nullptr;
+    CUDA_CHECK(cudaMallocHost(&ptr_, std::max<size_t>(bytes, 16)));
+  }
+  char* get() const { return static_cast<char*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+// Carves 256-byte-aligned pieces out of one allocation: plan with take() on a null base, then
+// allocate and walk again.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <class P>
+  P* take(size_t bytes) {
+    P* p = reinterpret_cast<P*>(base_ ? base_ + offset_ : nullptr);
+    offset_ += align_up(bytes);
+    return p;
+  }
+  size_t size() const { return offset_; }
+
+ private:
+  char* base_;
+  size_t offset_ = 0;
+};
+
+template <typename T>
+__global__ void convert_kernel(T* dst, const float* src, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    dst[i] = from_float<T>(src[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step inputs: packed layout (offsets into the pinned buffer and its device twin)
+// ---------------------------------------------------------------------------------------------
+
+struct StepLayout {
+  int T = 0, S = 0, R = 0, width = 0;
+  bool sampling = false;
+  size_t token_ids, positions, slot_mapping, query_start_loc, context_lens, block_tables,
+      logits_indices, temperature, top_k, top_p, seeds, counters, bytes;
+};
+
+StepLayout make_layout(int T, int S, int R, int width, bool sampling) {
+  StepLayout l;
+  l.T = T, l.S = S, l.R = R, l.width = width, l.sampling = sampling;
+  size_t o = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = o;
+    o += align_up(bytes, 16);
+    return at;
+  };
+  l.token_ids = take(4 * size_t(T));
+  l.positions = take(4 * size_t(T));
+  l.slot_mapping = take(4 * size_t(T));
+  l.query_start_loc = take(4 * size_t(S + 1));
+  l.context_lens = take(4 * size_t(S));
+  l.block_tables = take(4 * size_t(S) * width);
+  l.logits_indices = take(4 * size_t(R));
+  const size_t rs = sampling ? size_t(R) : 0;
+  l.temperature = take(4 * rs);
+  l.top_k = take(4 * rs);
+  l.top_p = take(4 * rs);
+  l.seeds = take(8 * rs);
+  l.counters = take(8 * rs);
+  l.bytes = o;
+  return l;
+}
+
+// What the kernels of one step see: device pointers into the uploaded inputs, plus the shape
+// decisions made on the host.
+struct Step {
+  StepLayout layout;
+  bool decode = false;        // every sequence has one new token
+  bool skinny = false;        // layers take the skinny path
+  int max_context_len = 0;    // bound on context_lens (sizes the decode grid)
+  int max_query_len = 0;      // longest query run (sizes the prefill grid)
+  int partition_size = 0;     // decode attention
+  const int32_t *token_ids, *positions, *slot_mapping, *query_start_loc, *context_lens,
+      *block_tables, *logits_indices;
+  DeviceSampling sampling;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The engine, templated on the element type
+// ---------------------------------------------------------------------------------------------
+
+struct CudaModel::Impl {
+  virtual ~Impl() = default;
+  virtual void forward(const StepInputs& in, float* logits) = 0;
+  virtual void forward_and_sample(const StepInputs& in, const SamplingInputs& s,
+                                  int32_t* next_tokens) = 0;
+  virtual void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) = 0;
+
+  ModelConfig cfg;
+  DType dtype = DType::kFloat16;
+  int device = 0;
+  int num_blocks = 0;
+  int block_size = 0;
+  int64_t kv_bytes_per_block = 0;
+  std::string device_name;
+  bool use_graphs = true;
+  int num_graphs = 0;
+};
+
+namespace {
+
+template <typename T>
+class Engine final : public CudaModel::Impl {
+ public:
+  Engine(const ModelConfig& config, const HostWeights& weights, DType dt, int num_blocks_arg,
+         int block_size_arg, double gpu_memory_fraction, int device_index, int max_num_seqs,
+         int max_num_batched_tokens);
+  ~Engine() override;
+
+  void forward(const StepInputs& in, float* logits) override;
+  void forward_and_sample(const StepInputs& in, const SamplingInputs& s,
+                          int32_t* next_tokens) override;
+  void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) override;
+
+ private:
+  struct Layer {
+    const float* ln_1_w;  // [C]
+    const float* ln_1_b;  // [C]
+    const T* qkv_w;       // [3C, C]
+    const T* qkv_b;       // [3C]
+    const T* proj_w;      // [C, C]
+    const T* proj_b;      // [C]
+    const float* ln_2_w;  // [C]
+    const float* ln_2_b;  // [C]
+    const T* fc_w;        // [I, C]
+    const T* fc_b;        // [I]
+    const T* fc_proj_w;   // [C, I]
+    const T* fc_proj_b;   // [C]
+  };
+
+  void upload_weights(const HostWeights& weights);
+  void allocate_activations();
+  void allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction);
+
+  T* k_cache(int l) const { return reinterpret_cast<T*>(kv_pool_.get() + (2 * l) * cache_bytes_); }
+  T* v_cache(int l) const {
+    return reinterpret_cast<T*>(kv_pool_.get() + (2 * l + 1) * cache_bytes_);
+  }
+
+  // Step preparation (host).
+  void check_inputs(const StepInputs& in) const;
+  bool is_decode(const StepInputs& in) const;
+  int bucket_for(int num_seqs) const;
+  Step pack_eager(const StepInputs& in, const SamplingInputs* s);
+  Step pack_graph(const StepInputs& in, const SamplingInputs* s, int bucket);
+  Step make_step(const StepLayout& layout, bool decode, int max_context_len, int max_query_len);
+
+  // Enqueue (device, on stream_; also what graphs capture).
+  void enqueue_upload(const Step& st);
+  void enqueue_layers(const Step& st);
+  void enqueue_attention(const Step& st, const T* k, const T* v);
+  void enqueue_logits(const Step& st, int r0, int rows);
+  void enqueue_sample(const Step& st, int r0, int rows);
+  void enqueue_decode_step(const Step& st, bool sample);
+
+  void run_decode_graph(const Step& st, bool sample);
+  void run(const StepInputs& in, const SamplingInputs* s, float* logits, int32_t* next_tokens);
+
+  cudaStream_t stream_ = nullptr;
+  int num_sms_ = 0;
+  bool pdl_ = false;  // programmatic dependent launch of the skinny GEMVs (sm_90+)
+  Gemm gemm_;
+  int C_, I_, V_, H_, D_, L_, P_;
+  float eps_;
+  int max_blocks_;   // ceil(n_positions / block_size): block-table width of graph steps
+  int max_tokens_;   // max_num_batched_tokens
+  int max_seqs_;     // sequences per step (>= max_num_seqs)
+  int logits_rows_;  // rows of logits computed at once (LM head chunk)
+  std::vector<int> buckets_;
+
+  DeviceBuffer weights_;
+  const T* wte_ = nullptr;       // [V, C]
+  const T* wpe_ = nullptr;       // [P, C]
+  const float* ln_f_w_ = nullptr;  // [C]
+  const float* ln_f_b_ = nullptr;  // [C]
+  std::vector<Layer> layers_;
+
+  DeviceBuffer activations_;
+  float* residual_ = nullptr;      // [max_tokens, C] fp32 residual stream
+  T* ln_out_ = nullptr;            // [max_tokens, C]
+  T* qkv_ = nullptr;               // [max_tokens, 3C]
+  T* attn_ = nullptr;              // [max_tokens, C]
+  T* tmp_ = nullptr;               // [max_tokens, C]
+  T* mlp_ = nullptr;               // [max_tokens, I]
+  T* final_x_ = nullptr;           // [logits_rows, C]
+  float* logits_ = nullptr;        // [logits_rows, V]
+  T* logits_t_ = nullptr;          // [logits_rows, V] half-precision LM-head output (T != float)
+  int32_t* next_tokens_ = nullptr; // [max_tokens]
+  char* step_dev_ = nullptr;       // packed step inputs (device twin of step_host_)
+  DecodeWorkspace decode_ws_;
+  size_t step_bytes_ = 0;
+
+  PinnedBuffer step_host_;    // packed step inputs
+  PinnedBuffer tokens_host_;  // [max_tokens] sampled ids
+
+  DeviceBuffer kv_pool_;
+  size_t cache_bytes_ = 0;  // one layer's K (or V): num_blocks * block_size * C * sizeof(T)
+
+  std::map<std::pair<int, bool>, cudaGraphExec_t> graphs_;  // (bucket, sample) -> graph
+};
+
+template <typename T>
+Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType dt,
+                  int num_blocks_arg, int block_size_arg, double gpu_memory_fraction,
+                  int device_index, int max_num_seqs, int max_num_batched_tokens) {
+  cfg = config;
+  dtype = dt;
+  device = device_index;
+  block_size = block_size_arg;
+  C_ = cfg.n_embd, I_ = cfg.n_inner, V_ = cfg.vocab_size, H_ = cfg.n_head;
+  D_ = cfg.head_size(), L_ = cfg.n_layer, P_ = cfg.n_positions;
+  eps_ = cfg.layer_norm_epsilon;
+  max_blocks_ = ceil_div(P_, block_size);
+  max_tokens_ = max_num_batched_tokens;
+  max_seqs_ = std::max(max_num_seqs, 256);
+  logits_rows_ = std::min(max_tokens_, std::max(max_num_seqs, 64));
+
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  num_sms_ = prop.multiProcessorCount;
+  const char* pdl_env = std::getenv("PAGEDGPT2_PDL");
+  pdl_ = prop.major >= 9 && !(pdl_env && std::string(pdl_env) == "0");
+  device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+
+  for (int b = 1; b < max_num_seqs; b *= 2) buckets_.push_back(b);
+  buckets_.push_back(max_num_seqs);
+  while (!buckets_.empty() && buckets_.back() > max_tokens_) buckets_.pop_back();
+
+  upload_weights(weights);
+  allocate_activations();
+  allocate_kv_pool(num_blocks_arg, gpu_memory_fraction);
+}
+
+template <typename T>
+Engine<T>::~Engine() {
+  for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
+  if (stream_) {
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+}
+
+template <typename T>
+void Engine<T>::upload_weights(const HostWeights& weights) {
+  struct Spec {
+    std::string name;
+    std::vector<int64_t> shape;
+    bool fp32;  // kept in float32 (LayerNorm parameters)
+    const void** dst;
+  };
+  std::vector<Spec> specs;
+  const int64_t C = C_, I = I_;
+  specs.push_back({"wte", {V_, C}, false, reinterpret_cast<const void**>(&wte_)});
+  specs.push_back({"wpe", {P_, C}, false, reinterpret_cast<const void**>(&wpe_)});
+  specs.push_back({"ln_f.weight", {C}, true, reinterpret_cast<const void**>(&ln_f_w_)});
+  specs.push_back({"ln_f.bias", {C}, true, reinterpret_cast<const void**>(&ln_f_b_)});
+  layers_.resize(L_);
+  for (int l = 0; l < L_; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    Layer& w = layers_[l];
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, bool fp32, auto** dst) {
+      specs.push_back({p + name, shape, fp32, reinterpret_cast<const void**>(dst)});
+    };
+    add("ln_1.weight", {C}, true, &w.ln_1_w);
+    add("ln_1.bias", {C}, true, &w.ln_1_b);
+    add("attn.qkv.weight", {3 * C, C}, false, &w.qkv_w);
+    add("attn.qkv.bias", {3 * C}, false, &w.qkv_b);
+    add("attn.proj.weight", {C, C}, false, &w.proj_w);
+    add("attn.proj.bias", {C}, false, &w.proj_b);
+    add("ln_2.weight", {C}, true, &w.ln_2_w);
+    add("ln_2.bias", {C}, true, &w.ln_2_b);
+    add("mlp.fc.weight", {I, C}, false, &w.fc_w);
+    add("mlp.fc.bias", {I}, false, &w.fc_b);
+    add("mlp.proj.weight", {C, I}, false, &w.fc_proj_w);
+    add("mlp.proj.bias", {C}, false, &w.fc_proj_b);
+  }
+
+  size_t total = 0, largest = 0;
+  for (const Spec& s : specs) {
+    auto it = weights.find(s.name);
+    if (it == weights.end()) throw std::invalid_argument("missing weight tensor '" + s.name + "'");
+    if (it->second.shape != s.shape) {
+      throw std::invalid_argument("weight tensor '" + s.name + "' has shape " +
+                                  shape_str(it->second.shape) + ", the config needs " +
+                                  shape_str(s.shape));
+    }
+    size_t n = 1;
+    for (int64_t d : s.shape) n *= size_t(d);
+    total += align_up(n * (s.fp32 ? sizeof(float) : sizeof(T)));
+    largest = std::max(largest, n);
+  }
+  weights_.reset(total, "the weights");
+  DeviceBuffer staging(largest * sizeof(float), "weight staging");
+  size_t offset = 0;
+  for (const Spec& s : specs) {
+    const HostTensor& h = weights.at(s.name);
+    size_t n = 1;
+    for (int64_t d : s.shape) n *= size_t(d);
+    char* dst = weights_.get() + offset;
+    // NOTE: every copy and conversion is ordered on stream_, so reusing `staging` is safe.
+    if (s.fp32 || std::is_same_v<T, float>) {
+      CUDA_CHECK(cudaMemcpyAsync(dst, h.data, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      offset += align_up(n * sizeof(float));
+    } else {
+      CUDA_CHECK(cudaMemcpyAsync(staging.get(), h.data, n * sizeof(float), cudaMemcpyHostToDevice,
+                                 stream_));
+      const int blocks = int(std::min<size_t>((n + 255) / 256, 4096));
+      convert_kernel<T><<<blocks, 256, 0, stream_>>>(reinterpret_cast<T*>(dst),
+                                                     reinterpret_cast<const float*>(staging.get()),
+                                                     int64_t(n));
+      CUDA_CHECK_LAUNCH();
+      offset += align_up(n * sizeof(T));
+    }
+    *s.dst = dst;
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // staging is freed on return
+}
+
+template <typename T>
+void Engine<T>::allocate_activations() {
+  // Decode split workspace: the most partial rows any decode batch of up to max_seqs_ needs.
+  int64_t partial_rows = 0;
+  for (int s = 1; s <= std::max(max_seqs_, max_tokens_); ++s) {
+    // Launches use ceil(context / size) <= this count partitions, for any context <= P_.
+    const int parts = decode_partition_count(s, H_, P_, num_sms_);
+    if (parts > 1) partial_rows = std::max<int64_t>(partial_rows, int64_t(s) * H_ * parts);
+  }
+  const int64_t counter_rows = int64_t(std::max(max_seqs_, max_tokens_)) * H_;
+  const StepLayout cap = make_layout(max_tokens_, max_seqs_, max_tokens_, max_blocks_, true);
+  step_bytes_ = std::max(cap.bytes, align_up(size_t(2) * 4 * 65536, 16));
+
+  const size_t Tn = size_t(max_tokens_), C = size_t(C_);
+  auto carve = [&](Carver& cv) {
+    residual_ = cv.take<float>(Tn * C * sizeof(float));
+    ln_out_ = cv.take<T>(Tn * C * sizeof(T));
+    qkv_ = cv.take<T>(Tn * 3 * C * sizeof(T));
+    attn_ = cv.take<T>(Tn * C * sizeof(T));
+    tmp_ = cv.take<T>(Tn * C * sizeof(T));
+    mlp_ = cv.take<T>(Tn * size_t(I_) * sizeof(T));
+    final_x_ = cv.take<T>(size_t(logits_rows_) * C * sizeof(T));
+    logits_ = cv.take<float>(size_t(logits_rows_) * V_ * sizeof(float));
+    if (!std::is_same_v<T, float>) logits_t_ = cv.take<T>(size_t(logits_rows_) * V_ * sizeof(T));
+    next_tokens_ = cv.take<int32_t>(Tn * sizeof(int32_t));
+    step_dev_ = cv.take<char>(step_bytes_);
+    decode_ws_.partial_out = cv.take<float>(size_t(partial_rows) * D_ * sizeof(float));
+    decode_ws_.partial_max = cv.take<float>(size_t(partial_rows) * sizeof(float));
+    decode_ws_.partial_sum = cv.take<float>(size_t(partial_rows) * sizeof(float));
+    decode_ws_.counters = cv.take<unsigned>(size_t(counter_rows) * sizeof(unsigned));
+  };
+  Carver plan(nullptr);
+  carve(plan);
+  activations_.reset(plan.size(), "the activations");
+  Carver real(activations_.get());
+  carve(real);
+  decode_ws_.capacity_rows = partial_rows;
+  decode_ws_.capacity_counters = counter_rows;
+  CUDA_CHECK(cudaMemset(decode_ws_.counters, 0, size_t(counter_rows) * sizeof(unsigned)));
+  step_host_.reset(step_bytes_);
+  tokens_host_.reset(Tn * sizeof(int32_t));
+}
+
+template <typename T>
+void Engine<T>::allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction) {
+  const size_t block_bytes = size_t(block_size) * C_ * sizeof(T);  // one block of one cache
+  kv_bytes_per_block = int64_t(block_bytes) * 2 * L_;
+  if (num_blocks_arg < 0) {
+    CUDA_CHECK(cudaDeviceSynchronize());
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    const double budget = double(free_bytes) * gpu_memory_fraction;
+    num_blocks_arg = int(std::min<double>(budget / double(kv_bytes_per_block), 2e9));
+    if (num_blocks_arg < max_blocks_) {
+      throw std::runtime_error(
+          "out of GPU memory: " + std::to_string(free_bytes >> 20) + " MiB free after the weights "
+          "hold " + std::to_string(num_blocks_arg) + " KV blocks, fewer than the " +
+          std::to_string(max_blocks_) + " one full-length sequence needs");
+    }
+  }
+  num_blocks = num_blocks_arg;
+  cache_bytes_ = size_t(num_blocks) * block_bytes;
+  kv_pool_.reset(cache_bytes_ * 2 * L_, "the KV cache");
+}
+
+// ---- step preparation -----------------------------------------------------------------------
+
+template <typename T>
+void Engine<T>::check_inputs(const StepInputs& in) const {
+  if (in.num_tokens > max_tokens_) {
+    throw std::invalid_argument("step has " + std::to_string(in.num_tokens) +
+                                " tokens, more than max_num_batched_tokens=" +
+                                std::to_string(max_tokens_));
+  }
+  if (in.num_seqs > max_seqs_) {
+    throw std::invalid_argument("step has " + std::to_string(in.num_seqs) +
+                                " sequences, more than the backend's " +
+                                std::to_string(max_seqs_) + " (raise max_num_seqs)");
+  }
+  if (in.num_logits > max_tokens_) {
+    throw std::invalid_argument("step asks for " + std::to_string(in.num_logits) +
+                                " logits rows, more than max_num_batched_tokens=" +
+                                std::to_string(max_tokens_));
+  }
+}
+
+template <typename T>
+bool Engine<T>::is_decode(const StepInputs& in) const {
+  if (in.num_tokens != in.num_seqs) return false;
+  for (int s = 0; s < in.num_seqs; ++s) {
+    if (in.query_start_loc[s + 1] - in.query_start_loc[s] != 1) return false;
+  }
+  return true;
+}
+
+template <typename T>
+int Engine<T>::bucket_for(int num_seqs) const {
+  for (int b : buckets_) {
+    if (b >= num_seqs) return b;
+  }
+  return -1;
+}
+
+template <typename T>
+Step Engine<T>::make_step(const StepLayout& layout, bool decode, int max_context_len,
+                          int max_query_len) {
+  Step st;
+  st.layout = layout;
+  st.decode = decode;
+  st.max_context_len = max_context_len;
+  st.max_query_len = max_query_len;
+  st.skinny = layout.T <= kSkinnyMaxRows && skinny_gemm_supported(layout.T, C_) &&
+              skinny_gemm_supported(layout.T, I_);
+  st.partition_size = decode_partition_size(layout.S, H_, std::max(max_context_len, 1), num_sms_);
+  auto ptr = [&](size_t offset) { return reinterpret_cast<const int32_t*>(step_dev_ + offset); };
+  st.token_ids = ptr(layout.token_ids);
+  st.positions = ptr(layout.positions);
+  st.slot_mapping = ptr(layout.slot_mapping);
+  st.query_start_loc = ptr(layout.query_start_loc);
+  st.context_lens = ptr(layout.context_lens);
+  st.block_tables = ptr(layout.block_tables);
+  st.logits_indices = ptr(layout.logits_indices);
+  st.sampling.temperature = reinterpret_cast<const float*>(step_dev_ + layout.temperature);
+  st.sampling.top_k = ptr(layout.top_k);
+  st.sampling.top_p = reinterpret_cast<const float*>(step_dev_ + layout.top_p);
+  st.sampling.seeds = reinterpret_cast<const uint64_t*>(step_dev_ + layout.seeds);
+  st.sampling.counters = reinterpret_cast<const int64_t*>(step_dev_ + layout.counters);
+  return st;
+}
+
+template <typename T>
+Step Engine<T>::pack_eager(const StepInputs& in, const SamplingInputs* s) {
+  const int width = std::min(in.max_blocks_per_seq, max_blocks_);
+  const StepLayout l = make_layout(in.num_tokens, in.num_seqs, in.num_logits, width, s != nullptr);
+  char* h = step_host_.get();
+  auto put = [&](size_t offset, const void* src, size_t bytes) {
+    if (bytes) std::memcpy(h + offset, src, bytes);
+  };
+  put(l.token_ids, in.token_ids, 4 * size_t(l.T));
+  put(l.positions, in.positions, 4 * size_t(l.T));
+  put(l.slot_mapping, in.slot_mapping, 4 * size_t(l.T));
+  put(l.query_start_loc, in.query_start_loc, 4 * size_t(l.S + 1));
+  put(l.context_lens, in.context_lens, 4 * size_t(l.S));
+  for (int q = 0; q < l.S; ++q) {
+    put(l.block_tables + 4 * size_t(q) * width,
+        in.block_tables + size_t(q) * in.max_blocks_per_seq, 4 * size_t(width));
+  }
+  put(l.logits_indices, in.logits_indices, 4 * size_t(l.R));
+  if (s) {
+    put(l.temperature, s->temperature, 4 * size_t(l.R));
+    put(l.top_k, s->top_k, 4 * size_t(l.R));
+    put(l.top_p, s->top_p, 4 * size_t(l.R));
+    put(l.seeds, s->seeds, 8 * size_t(l.R));
+    put(l.counters, s->counters, 8 * size_t(l.R));
+  }
+  int max_context = 0, max_query = 0;
+  for (int q = 0; q < l.S; ++q) {
+    max_context = std::max(max_context, in.context_lens[q]);
+    max_query = std::max(max_query, in.query_start_loc[q + 1] - in.query_start_loc[q]);
+  }
+  return make_step(l, is_decode(in), max_context, max_query);
+}
+
+template <typename T>
+Step Engine<T>::pack_graph(const StepInputs& in, const SamplingInputs* s, int bucket) {
+  const int B = bucket, W = max_blocks_;
+  const StepLayout l = make_layout(B, B, B, W, s != nullptr);
+  char* h = step_host_.get();
+  auto ints = [&](size_t offset) { return reinterpret_cast<int32_t*>(h + offset); };
+  const int S = in.num_seqs, R = in.num_logits;
+  int32_t* tok = ints(l.token_ids);
+  int32_t* pos = ints(l.positions);
+  int32_t* slot = ints(l.slot_mapping);
+  int32_t* qsl = ints(l.query_start_loc);
+  int32_t* ctx = ints(l.context_lens);
+  int32_t* tables = ints(l.block_tables);
+  int32_t* rows = ints(l.logits_indices);
+  std::memcpy(tok, in.token_ids, 4 * size_t(S));
+  std::memcpy(pos, in.positions, 4 * size_t(S));
+  std::memcpy(slot, in.slot_mapping, 4 * size_t(S));
+  std::memcpy(ctx, in.context_lens, 4 * size_t(S));
+  for (int i = S; i < B; ++i) tok[i] = 0, pos[i] = 0, slot[i] = -1, ctx[i] = 0;
+  for (int i = 0; i <= B; ++i) qsl[i] = i;
+  const int w = std::min(in.max_blocks_per_seq, W);
+  std::memset(tables, 0, 4 * size_t(B) * W);
+  for (int q = 0; q < S; ++q) {
+    std::memcpy(tables + size_t(q) * W, in.block_tables + size_t(q) * in.max_blocks_per_seq,
+                4 * size_t(w));
+  }
+  std::memcpy(rows, in.logits_indices, 4 * size_t(R));
+  for (int i = R; i < B; ++i) rows[i] = 0;
+  if (s) {
+    auto* temp = reinterpret_cast<float*>(h + l.temperature);
+    auto* top_k = ints(l.top_k);
+    auto* top_p = reinterpret_cast<float*>(h + l.top_p);
+    auto* seeds = reinterpret_cast<uint64_t*>(h + l.seeds);
+    auto* counters = reinterpret_cast<int64_t*>(h + l.counters);
+    std::memcpy(temp, s->temperature, 4 * size_t(R));
+    std::memcpy(top_k, s->top_k, 4 * size_t(R));
+    std::memcpy(top_p, s->top_p, 4 * size_t(R));
+    std::memcpy(seeds, s->seeds, 8 * size_t(R));
+    std::memcpy(counters, s->counters, 8 * size_t(R));
+    for (int i = R; i < B; ++i) {
+      temp[i] = 0.f, top_k[i] = 0, top_p[i] = 1.f, seeds[i] = 0, counters[i] = 0;  // greedy
+    }
+  }
+  // NOTE: the grid of a graph is fixed, so decode attention is sized for the longest possible
+  // context (n_positions); blocks past a sequence's real context exit at once.
+  return make_step(l, true, P_, 1);
+}
+
+// ---- enqueue --------------------------------------------------------------------------------
+
+template <typename T>
+void Engine<T>::enqueue_upload(const Step& st) {
+  CUDA_CHECK(cudaMemcpyAsync(step_dev_, step_host_.get(), st.layout.bytes,
+                             cudaMemcpyHostToDevice, stream_));
+}
+
+template <typename T>
+void Engine<T>::enqueue_attention(const Step& st, const T* k, const T* v) {
+  const int S = st.layout.S, W = st.layout.width;
+  if (st.decode && decode_attention_supported(D_, sizeof(T))) {
+    launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, S, W, H_, D_,
+                               block_size, st.max_context_len, st.partition_size, decode_ws_,
+                               stream_);
+  } else {
+    launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc,
+                                st.block_tables, S, W, H_, D_, block_size, st.max_query_len,
+                                stream_);
+  }
+}
+
+template <typename T>
+void Engine<T>::enqueue_layers(const Step& st) {
+  const int n = st.layout.T;
+  launch_embedding<T>(residual_, st.skinny ? nullptr : ln_out_, st.token_ids, st.positions, wte_,
+                      wpe_, layers_[0].ln_1_w, layers_[0].ln_1_b, n, C_, eps_, stream_);
+  for (int l = 0; l < L_; ++l) {
+    const Layer& w = layers_[l];
+    T* k = k_cache(l);
+    T* v = v_cache(l);
+    if (st.skinny) {
+      SkinnyParams<T> p;
+      p.x = residual_, p.ln_weight = w.ln_1_w, p.ln_bias = w.ln_1_b, p.eps = eps_;
+      p.weight = w.qkv_w, p.bias = w.qkv_b, p.out = qkv_;
+      p.k_cache = k, p.v_cache = v, p.slot_mapping = st.slot_mapping;
+      p.rows = n, p.N = 3 * C_, p.K = C_;
+      launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
+                            pdl_);
+    } else {
+      gemm_.matmul(qkv_, ln_out_, w.qkv_w, w.qkv_b, n, 3 * C_, C_, dtype, false, Epilogue::kBias,
+                   stream_);
+      launch_write_kv<T>(k, v, qkv_, st.slot_mapping, n, C_, stream_);
+    }
+    enqueue_attention(st, k, v);
+    if (st.skinny) {
+      SkinnyParams<T> p;
+      p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
+      p.rows = n, p.N = C_, p.K = C_;
+      launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
+                            stream_, pdl_);
+      SkinnyParams<T> f;
+      f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_bias = w.ln_2_b, f.eps = eps_;
+      f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
+      f.rows = n, f.N = I_, f.K = C_;
+      launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
+                            pdl_);
+      SkinnyParams<T> g;
+      g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
+      g.rows = n, g.N = C_, g.K = I_;
+      launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
+                            stream_, pdl_);
+    } else {
+      gemm_.matmul(tmp_, attn_, w.proj_w, w.proj_b, n, C_, C_, dtype, false, Epilogue::kBias,
+                   stream_);
+      launch_add_layernorm<T>(residual_, tmp_, ln_out_, w.ln_2_w, w.ln_2_b, nullptr, n, C_, eps_,
+                              stream_);
+      gemm_.matmul(mlp_, ln_out_, w.fc_w, w.fc_b, n, I_, C_, dtype, false, Epilogue::kBiasGelu,
+                   stream_);
+      gemm_.matmul(tmp_, mlp_, w.fc_proj_w, w.fc_proj_b, n, C_, I_, dtype, false,
+                   Epilogue::kBias, stream_);
+      const bool last = l + 1 == L_;
+      // Residual add, fused with the next layer's ln_1 (the final LayerNorm runs on the logits
+      // rows only, in enqueue_logits).
+      launch_add_layernorm<T>(residual_, tmp_, last ? nullptr : ln_out_,
+                              last ? nullptr : layers_[l + 1].ln_1_w,
+                              last ? nullptr : layers_[l + 1].ln_1_b, nullptr, n, C_, eps_,
+                              stream_);
+    }
+  }
+}
+
+template <typename T>
+void Engine<T>::enqueue_logits(const Step& st, int r0, int rows) {
+  const int32_t* idx = st.logits_indices + r0;
+  if (rows <= kSkinnyMaxRows && skinny_gemm_supported(rows, C_)) {
+    SkinnyParams<T> p;
+    p.x = residual_, p.x_rows = idx, p.ln_weight = ln_f_w_, p.ln_bias = ln_f_b_, p.eps = eps_;
+    p.weight = wte_, p.out = logits_;
+    p.rows = rows, p.N = V_, p.K = C_;
+    launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kLogits, num_sms_, stream_,
+                          pdl_);
+  } else {
+    launch_add_layernorm<T>(residual_, nullptr, final_x_, ln_f_w_, ln_f_b_, idx, rows, C_, eps_,
+                            stream_);
+    if constexpr (std::is_same_v<T, float>) {
+      gemm_.matmul(logits_, final_x_, wte_, nullptr, rows, V_, C_, dtype, true, Epilogue::kNone,
+                   stream_);
+    } else {
+      // NOTE: cuBLASLt has only a slow (sm_75) kernel for half inputs with float32 output; the
+      // half-output GEMM runs at full speed, and widening its result costs one pass over it.
+      // The logits then carry the dtype's rounding, as a half-precision model's logits do.
+      gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, V_, C_, dtype, false,
+                   Epilogue::kNone, stream_);
+      launch_to_float<T>(logits_, logits_t_, int64_t(rows) * V_, stream_);
+    }
+  }
+}
+
+template <typename T>
+void Engine<T>::enqueue_sample(const Step& st, int r0, int rows) {
+  DeviceSampling p = st.sampling;
+  p.temperature += r0, p.top_k += r0, p.top_p += r0, p.seeds += r0, p.counters += r0;
+  launch_sample(next_tokens_ + r0, logits_, p, rows, V_, stream_);
+}
+
+template <typename T>
+void Engine<T>::enqueue_decode_step(const Step& st, bool sample) {
+  enqueue_upload(st);
+  enqueue_layers(st);
+  enqueue_logits(st, 0, st.layout.R);
+  if (sample) {
+    enqueue_sample(st, 0, st.layout.R);
+    CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(st.layout.R),
+                               cudaMemcpyDeviceToHost, stream_));
+  }
+}
+
+template <typename T>
+void Engine<T>::run_decode_graph(const Step& st, bool sample) {
+  const auto key = std::make_pair(st.layout.T, sample);
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) {
+    // First step of this bucket: run it eagerly (warms plans and attributes), then capture.
+    enqueue_decode_step(st, sample);
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    cudaGraph_t graph = nullptr;
+    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      enqueue_decode_step(st, sample);
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
+    CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    CUDA_CHECK(err);
+    graphs_.emplace(key, exec);
+    num_graphs = int(graphs_.size());
+    return;  // this step's results are already there
+  }
+  CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+template <typename T>
+void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits,
+                    int32_t* next_tokens) {
+  CUDA_CHECK(cudaSetDevice(device));
+  check_inputs(in);
+  const int R = in.num_logits;
+  if (in.num_tokens == 0) return;
+  const int bucket = (use_graphs && is_decode(in)) ? bucket_for(in.num_seqs) : -1;
+  if (bucket > 0 && R <= bucket && bucket <= logits_rows_) {
+    const Step st = pack_graph(in, s, bucket);
+    run_decode_graph(st, s != nullptr);
+    if (s) {
+      std::memcpy(next_tokens, tokens_host_.get(), 4 * size_t(R));
+    } else {
+      CUDA_CHECK(cudaMemcpyAsync(logits, logits_, 4 * size_t(R) * V_, cudaMemcpyDeviceToHost,
+                                 stream_));
+      CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+    return;
+  }
+  const Step st = pack_eager(in, s);
+  enqueue_upload(st);
+  enqueue_layers(st);
+  for (int r0 = 0; r0 < R; r0 += logits_rows_) {
+    const int rows = std::min(logits_rows_, R - r0);
+    enqueue_logits(st, r0, rows);
+    if (s) {
+      enqueue_sample(st, r0, rows);
+    } else {
+      CUDA_CHECK(cudaMemcpyAsync(logits + size_t(r0) * V_, logits_, 4 * size_t(rows) * V_,
+                                 cudaMemcpyDeviceToHost, stream_));
+    }
+  }
+  if (s) {
+    CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(R),
+                               cudaMemcpyDeviceToHost, stream_));
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (s) std::memcpy(next_tokens, tokens_host_.get(), 4 * size_t(R));
+}
+
+template <typename T>
+void Engine<T>::forward(const StepInputs& in, float* logits) {
+  run(in, nullptr, logits, nullptr);
+}
+
+template <typename T>
+void Engine<T>::forward_and_sample(const StepInputs& in, const SamplingInputs& s,
+                                   int32_t* next_tokens) {
+  run(in, &s, nullptr, next_tokens);
+}
+
+template <typename T>
+void Engine<T>::copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) {
+  CUDA_CHECK(cudaSetDevice(device));
+  for (int i = 0; i < num_copies; ++i) {
+    if (src[i] < 0 || src[i] >= num_blocks || dst[i] < 0 || dst[i] >= num_blocks) {
+      throw std::invalid_argument("copy_blocks: block id out of range [0, " +
+                                  std::to_string(num_blocks) + ")");
+    }
+  }
+  const int chunk = int(step_bytes_ / 8);
+  for (int i0 = 0; i0 < num_copies; i0 += chunk) {
+    const int n = std::min(chunk, num_copies - i0);
+    int32_t* h = reinterpret_cast<int32_t*>(step_host_.get());
+    std::memcpy(h, src + i0, 4 * size_t(n));
+    std::memcpy(h + n, dst + i0, 4 * size_t(n));
+    CUDA_CHECK(cudaMemcpyAsync(step_dev_, h, 8 * size_t(n), cudaMemcpyHostToDevice, stream_));
+    const int32_t* d = reinterpret_cast<const int32_t*>(step_dev_);
+    launch_copy_blocks(kv_pool_.get(), int64_t(cache_bytes_),
+                       int64_t(block_size) * C_ * int64_t(sizeof(T)), 2 * L_, d, d + n, n,
+                       stream_);
+    CUDA_CHECK(cudaStreamSynchronize(stream_));  // the pinned buffer is reused
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// CudaModel
+// ---------------------------------------------------------------------------------------------
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+CudaModel::CudaModel(const ModelConfig& config, const HostWeights& weights,
+                     const std::string& dtype_name_arg, int num_blocks_arg, int block_size_arg,
+                     double gpu_memory_fraction, int device_index, int max_num_seqs,
+                     int max_num_batched_tokens) {
+  const DType dt = parse_dtype(dtype_name_arg);
+  if (block_size_arg < 1) throw std::invalid_argument("block_size must be >= 1");
+  if (num_blocks_arg == 0 || num_blocks_arg < -1) {
+    throw std::invalid_argument("num_blocks must be >= 1, or -1 to size the pool from memory");
+  }
+  if (!(gpu_memory_fraction > 0.0 && gpu_memory_fraction <= 1.0)) {
+    throw std::invalid_argument("gpu_memory_fraction must be in (0, 1]");
+  }
+  if (max_num_seqs < 1) throw std::invalid_argument("max_num_seqs must be >= 1");
+  if (max_num_batched_tokens < 1) {
+    throw std::invalid_argument("max_num_batched_tokens must be >= 1");
+  }
+  if (config.n_head < 1 || config.n_embd % config.n_head != 0) {
+    throw std::invalid_argument("n_embd must be a multiple of n_head");
+  }
+  const int count = device_count();
+  if (count == 0) throw std::runtime_error("no CUDA GPU is available (no device or no driver)");
+  if (device_index < 0 || device_index >= count) {
+    throw std::invalid_argument("device_index " + std::to_string(device_index) + " but " +
+                                std::to_string(count) + " CUDA device(s) are visible");
+  }
+  CUDA_CHECK(cudaSetDevice(device_index));
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    impl_ = std::make_unique<Engine<T>>(config, weights, dt, num_blocks_arg, block_size_arg,
+                                        gpu_memory_fraction, device_index, max_num_seqs,
+                                        max_num_batched_tokens);
+  });
+}
+
+CudaModel::~CudaModel() = default;
+
+void CudaModel::forward(const StepInputs& in, float* logits) { impl_->forward(in, logits); }
+void CudaModel::forward_and_sample(const StepInputs& in, const SamplingInputs& sampling,
+                                   int32_t* next_tokens) {
+  impl_->forward_and_sample(in, sampling, next_tokens);
+}
+void CudaModel::copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) {
+  impl_->copy_blocks(src, dst, num_copies);
+}
+const ModelConfig& CudaModel::config() const { return impl_->cfg; }
+int CudaModel::num_blocks() const { return impl_->num_blocks; }
+int CudaModel::block_size() const { return impl_->block_size; }
+int64_t CudaModel::kv_bytes_per_block() const { return impl_->kv_bytes_per_block; }
+std::string CudaModel::device_name() const { return impl_->device_name; }
+std::string CudaModel::dtype() const { return dtype_name(impl_->dtype); }
+bool CudaModel::use_cuda_graphs() const { return impl_->use_graphs; }
+void CudaModel::set_use_cuda_graphs(bool on) { impl_->use_graphs = on; }
+int CudaModel::num_cuda_graphs() const { return impl_->num_graphs; }
+
+}  // namespace pagedgpt2::cuda

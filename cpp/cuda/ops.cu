@@ -1,0 +1,367 @@
+// The test ops (see ops.h): float32 host arrays -> device arrays in T -> one kernel launcher ->
+// float32 host arrays. Synchronous, on the legacy default stream; allocation per call is fine
+// here (tests only), unlike in the model.
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "cuda/activation.cuh"
+#include "cuda/attention_decode.cuh"
+#include "cuda/attention_prefill.cuh"
+#include "cuda/copy_blocks.cuh"
+#include "cuda/cuda_common.cuh"
+#include "cuda/gemm.cuh"
+#include "cuda/layernorm.cuh"
+#include "cuda/ops.h"
+#include "cuda/sampling.cuh"
+#include "cuda/sampling_host.h"
+#include "cuda/skinny_gemm.cuh"
+#include "cuda/write_kv.cuh"
+
+namespace pagedgpt2::cuda::ops {
+namespace {
+
+constexpr cudaStream_t kStream = 0;
+
+template <typename T>
+class DevArray {
+ public:
+  explicit DevArray(size_t n) : n_(n) {
+    CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(n, 1) * sizeof(T)));
+  }
+  ~DevArray() { cudaFree(ptr_); }
+  DevArray(const DevArray&) = delete;
+  DevArray& operator=(const DevArray&) = delete;
+  T* get() const { return ptr_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t n_;
+};
+
+template <typename To, typename From>
+__global__ void cast_kernel(To* dst, const From* src, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    dst[i] = from_float<To>(to_float(src[i]));
+  }
+}
+
+template <typename To, typename From>
+void cast(To* dst, const From* src, size_t n) {
+  if (n == 0) return;
+  const int blocks = int(std::min<size_t>((n + 255) / 256, 4096));
+  cast_kernel<To, From><<<blocks, 256, 0, kStream>>>(dst, src, int64_t(n));
+  CUDA_CHECK_LAUNCH();
+}
+
+// Host float32 -> device T.
+template <typename T>
+std::unique_ptr<DevArray<T>> upload(const float* host, size_t n) {
+  auto out = std::make_unique<DevArray<T>>(n);
+  if (!host || n == 0) return out;
+  DevArray<float> staging(n);
+  CUDA_CHECK(cudaMemcpy(staging.get(), host, n * sizeof(float), cudaMemcpyHostToDevice));
+  cast<T, float>(out->get(), staging.get(), n);
+  return out;
+}
+
+template <typename T>
+std::unique_ptr<DevArray<T>> upload_raw(const T* host, size_t n) {
+  auto out = std::make_unique<DevArray<T>>(n);
+  if (n) CUDA_CHECK(cudaMemcpy(out->get(), host, n * sizeof(T), cudaMemcpyHostToDevice));
+  return out;
+}
+
+// Device T -> host float32.
+template <typename T>
+void download(float* host, const T* dev, size_t n) {
+  if (n == 0) return;
+  DevArray<float> staging(n);
+  cast<float, T>(staging.get(), dev, n);
+  CUDA_CHECK(cudaMemcpy(host, staging.get(), n * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+// Fills a fresh output with NaN (0xff bytes) so an element a kernel forgets to write shows up.
+template <typename T>
+void poison(DevArray<T>& a) {
+  CUDA_CHECK(cudaMemset(a.get(), 0xff, std::max<size_t>(a.size(), 1) * sizeof(T)));
+}
+
+int num_sms() {
+  int device = 0, sms = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+}  // namespace
+
+void layernorm(float* out, const float* in, const float* weight, const float* bias,
+               int num_tokens, int channels, float eps, DType dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const size_t n = size_t(num_tokens) * channels;
+    // The model's residual stream is float32: round the input to T first, as tests expect T in.
+    auto x_t = upload<T>(in, n);
+    DevArray<float> x(n);
+    cast<float, T>(x.get(), x_t->get(), n);
+    auto w = upload<float>(weight, channels), b = upload<float>(bias, channels);
+    DevArray<T> y(n);
+    poison(y);
+    launch_add_layernorm<T>(x.get(), nullptr, y.get(), w->get(), b->get(), nullptr, num_tokens,
+                            channels, eps, kStream);
+    download(out, y.get(), n);
+  });
+}
+
+void matmul(float* out, const float* in, const float* weight, const float* bias, int num_tokens,
+            int out_features, int in_features, bool gelu, DType dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto x = upload<T>(in, size_t(num_tokens) * in_features);
+    auto w = upload<T>(weight, size_t(out_features) * in_features);
+    auto b = upload<T>(bias, bias ? out_features : 0);
+    DevArray<T> y(size_t(num_tokens) * out_features);
+    poison(y);
+    Gemm gemm;
+    const Epilogue e = gelu ? Epilogue::kBiasGelu : bias ? Epilogue::kBias : Epilogue::kNone;
+    gemm.matmul(y.get(), x->get(), w->get(), bias ? b->get() : nullptr, num_tokens, out_features,
+                in_features, dtype, false, e, kStream);
+    download(out, y.get(), y.size());
+  });
+}
+
+void skinny_matmul(float* out, const float* in, const float* weight, const float* bias,
+                   const float* ln_weight, const float* ln_bias, float eps,
+                   const float* residual, bool gelu, int num_tokens, int out_features,
+                   int in_features, DType dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const size_t nx = size_t(num_tokens) * in_features, ny = size_t(num_tokens) * out_features;
+    const bool ln = ln_weight != nullptr;
+    auto x_f = upload<float>(ln ? in : nullptr, ln ? nx : 0);
+    auto x_t = upload<T>(ln ? nullptr : in, ln ? 0 : nx);
+    auto w = upload<T>(weight, size_t(out_features) * in_features);
+    auto b = upload<T>(bias, bias ? out_features : 0);
+    auto lw = upload<float>(ln_weight, ln ? in_features : 0);
+    auto lb = upload<float>(ln_bias, ln ? in_features : 0);
+    SkinnyParams<T> p;
+    p.x = ln ? static_cast<const void*>(x_f->get()) : static_cast<const void*>(x_t->get());
+    p.ln_weight = lw->get(), p.ln_bias = lb->get(), p.eps = eps;
+    p.weight = w->get(), p.bias = bias ? b->get() : nullptr;
+    p.rows = num_tokens, p.N = out_features, p.K = in_features;
+    SkinnyOutput kind = !bias ? SkinnyOutput::kLogits
+                        : residual ? SkinnyOutput::kBiasResidual
+                        : gelu ? SkinnyOutput::kBiasGelu
+                               : SkinnyOutput::kBias;
+    const SkinnyInput input = ln ? SkinnyInput::kLayerNorm : SkinnyInput::kActivation;
+    if (kind == SkinnyOutput::kLogits || kind == SkinnyOutput::kBiasResidual) {
+      auto y = upload<float>(residual, ny);
+      if (!residual) poison(*y);  // logits: fully overwritten
+      p.out = y->get();
+      launch_skinny_gemm<T>(p, input, kind, num_sms(), kStream);
+      CUDA_CHECK(cudaMemcpy(out, y->get(), ny * sizeof(float), cudaMemcpyDeviceToHost));
+    } else {
+      DevArray<T> y(ny);
+      poison(y);
+      p.out = y.get();
+      launch_skinny_gemm<T>(p, input, kind, num_sms(), kStream);
+      download(out, y.get(), ny);
+    }
+  });
+}
+
+void gelu(float* x, int64_t n, DType dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto y = upload<T>(x, size_t(n));
+    launch_bias_act<T>(y->get(), nullptr, 1, int(n), true, kStream);
+    download(x, y->get(), size_t(n));
+  });
+}
+
+void write_kv(float* k_cache, float* v_cache, const float* qkv, const int32_t* slot_mapping,
+              int num_tokens, int num_heads, int head_size, int64_t cache_elems, DType dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int C = num_heads * head_size;
+    auto k = upload<T>(k_cache, size_t(cache_elems)), v = upload<T>(v_cache, size_t(cache_elems));
+    auto q = upload<T>(qkv, size_t(num_tokens) * 3 * C);
+    auto slots = upload_raw<int32_t>(slot_mapping, num_tokens);
+    launch_write_kv<T>(k->get(), v->get(), q->get(), slots->get(), num_tokens, C, kStream);
+    download(k_cache, k->get(), size_t(cache_elems));
+    download(v_cache, v->get(), size_t(cache_elems));
+  });
+}
+
+void paged_attention(float* out, const float* qkv, const float* k_cache, const float* v_cache,
+                     const int32_t* positions, const int32_t* query_start_loc,
+                     const int32_t* block_tables, int num_seqs, int max_blocks, int num_heads,
+                     int head_size, int block_size, int64_t cache_elems, DType dtype,
+                     AttentionKernel kernel, int partition_size) {
+  const int T_ = query_start_loc[num_seqs];
+  bool decode = T_ == num_seqs;
+  int max_query = 0;
+  std::vector<int32_t> context_lens(num_seqs);
+  for (int s = 0; s < num_seqs; ++s) {
+    const int q = query_start_loc[s + 1] - query_start_loc[s];
+    decode = decode && q == 1;
+    max_query = std::max(max_query, q);
+    context_lens[s] = q > 0 ? positions[query_start_loc[s + 1] - 1] + 1 : 0;
+  }
+  if (kernel == AttentionKernel::kDecode && !decode) {
+    throw std::invalid_argument("paged_attention: kernel='decode' needs one query per sequence");
+  }
+  const bool use_decode =
+      kernel == AttentionKernel::kDecode ||
+      (kernel == AttentionKernel::kAuto && decode &&
+       decode_attention_supported(head_size, int(dtype_size(dtype))));
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int C = num_heads * head_size;
+    auto q = upload<T>(qkv, size_t(T_) * 3 * C);
+    auto k = upload<T>(k_cache, size_t(cache_elems)), v = upload<T>(v_cache, size_t(cache_elems));
+    auto pos = upload_raw<int32_t>(positions, T_);
+    auto qsl = upload_raw<int32_t>(query_start_loc, num_seqs + 1);
+    auto tables = upload_raw<int32_t>(block_tables, size_t(num_seqs) * max_blocks);
+    DevArray<T> y(size_t(T_) * C);
+    poison(y);
+    if (use_decode) {
+      auto ctx = upload_raw<int32_t>(context_lens.data(), num_seqs);
+      const int max_ctx = std::max(1, *std::max_element(context_lens.begin(), context_lens.end()));
+      const int size = partition_size > 0 ? partition_size
+                                          : decode_partition_size(num_seqs, num_heads, max_ctx,
+                                                                  num_sms());
+      const int parts = decode_num_partitions(max_ctx, size);
+      const int64_t rows = int64_t(num_seqs) * num_heads * parts;
+      DevArray<float> partial_out(size_t(rows) * head_size), partial_max(rows), partial_sum(rows);
+      DevArray<unsigned> counters(size_t(num_seqs) * num_heads);
+      CUDA_CHECK(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)));
+      DecodeWorkspace ws{partial_out.get(), partial_max.get(), partial_sum.get(), counters.get(),
+                         rows, int64_t(num_seqs) * num_heads};
+      launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
+                                 num_seqs, max_blocks, num_heads, head_size, block_size, max_ctx,
+                                 size, ws, kStream);
+      CUDA_CHECK(cudaDeviceSynchronize());
+    } else {
+      launch_prefill_attention<T>(y.get(), q->get(), k->get(), v->get(), pos->get(), qsl->get(),
+                                  tables->get(), num_seqs, max_blocks, num_heads, head_size,
+                                  block_size, max_query, kStream);
+    }
+    download(out, y.get(), y.size());
+  });
+}
+
+void sample(int32_t* next_tokens, const float* logits, const SamplingInputs& params,
+            int num_rows, int vocab_size) {
+  auto x = upload_raw<float>(logits, size_t(num_rows) * vocab_size);
+  auto temperature = upload_raw<float>(params.temperature, num_rows);
+  auto top_k = upload_raw<int32_t>(params.top_k, num_rows);
+  auto top_p = upload_raw<float>(params.top_p, num_rows);
+  auto seeds = upload_raw<uint64_t>(params.seeds, num_rows);
+  auto counters = upload_raw<int64_t>(params.counters, num_rows);
+  DevArray<int32_t> out(num_rows);
+  poison(out);  // -1
+  DeviceSampling p{temperature->get(), top_k->get(), top_p->get(), seeds->get(), counters->get()};
+  launch_sample(out.get(), x->get(), p, num_rows, vocab_size, kStream);
+  CUDA_CHECK(cudaMemcpy(next_tokens, out.get(), size_t(num_rows) * 4, cudaMemcpyDeviceToHost));
+}
+
+void copy_blocks(float* cache, int num_blocks, int64_t block_elems, const int32_t* src,
+                 const int32_t* dst, int num_copies, DType dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const size_t n = size_t(num_blocks) * block_elems;
+    auto c = upload<T>(cache, n);
+    auto s = upload_raw<int32_t>(src, num_copies), d = upload_raw<int32_t>(dst, num_copies);
+    launch_copy_blocks(c->get(), int64_t(n * sizeof(T)), block_elems * int64_t(sizeof(T)), 1,
+                       s->get(), d->get(), num_copies, kStream);
+    download(cache, c->get(), n);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// Median milliseconds of enqueue() over iters launches, after one warm-up.
+template <class F>
+double median_ms(int iters, F&& enqueue) {
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  enqueue();
+  std::vector<float> times(iters);
+  for (int i = 0; i < iters; ++i) {
+    CUDA_CHECK(cudaEventRecord(start, kStream));
+    enqueue();
+    CUDA_CHECK(cudaEventRecord(stop, kStream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    CUDA_CHECK(cudaEventElapsedTime(&times[i], start, stop));
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return times[iters / 2];
+}
+
+std::vector<float> random_floats(size_t n, uint64_t seed) {
+  std::vector<float> x(n);
+  for (size_t i = 0; i < n; ++i) x[i] = float(uniform_from_counter(seed, int64_t(i)) * 2.0 - 1.0);
+  return x;
+}
+
+}  // namespace
+
+double time_decode_attention(int num_seqs, int context_len, int num_heads, int head_size,
+                             int block_size, DType dtype, int iters) {
+  const int C = num_heads * head_size;
+  const int blocks_per_seq = (context_len + block_size - 1) / block_size;
+  const int num_blocks = num_seqs * blocks_per_seq;
+  std::vector<int32_t> ids(num_blocks);
+  for (int i = 0; i < num_blocks; ++i) ids[i] = i;
+  for (int i = num_blocks - 1; i > 0; --i) {  // shuffled: a sequence's blocks are scattered
+    std::swap(ids[i], ids[int(uniform_from_counter(7, i) * (i + 1))]);
+  }
+  std::vector<int32_t> context_lens(num_seqs, context_len);
+  double ms = 0;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const size_t cache_elems = size_t(num_blocks) * block_size * C;
+    auto q = upload<T>(random_floats(size_t(num_seqs) * 3 * C, 1).data(), size_t(num_seqs) * 3 * C);
+    auto k = upload<T>(random_floats(cache_elems, 2).data(), cache_elems);
+    auto v = upload<T>(random_floats(cache_elems, 3).data(), cache_elems);
+    auto tables = upload_raw<int32_t>(ids.data(), ids.size());
+    auto ctx = upload_raw<int32_t>(context_lens.data(), num_seqs);
+    DevArray<T> y(size_t(num_seqs) * C);
+    const int size = decode_partition_size(num_seqs, num_heads, context_len, num_sms());
+    const int64_t rows = int64_t(num_seqs) * num_heads * decode_num_partitions(context_len, size);
+    DevArray<float> partial_out(size_t(rows) * head_size), partial_max(rows), partial_sum(rows);
+    DevArray<unsigned> counters(size_t(num_seqs) * num_heads);
+    CUDA_CHECK(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)));
+    DecodeWorkspace ws{partial_out.get(), partial_max.get(), partial_sum.get(), counters.get(), rows,
+                       int64_t(num_seqs) * num_heads};
+    ms = median_ms(iters, [&] {
+      launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
+                                 num_seqs, blocks_per_seq, num_heads, head_size, block_size,
+                                 context_len, size, ws, kStream);
+    });
+  });
+  return ms;
+}
+
+double copy_bandwidth_gbs(int64_t bytes, int iters) {
+  DevArray<char> a(bytes), b(bytes);
+  CUDA_CHECK(cudaMemset(a.get(), 1, bytes));
+  const double ms = median_ms(iters, [&] {
+    CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, kStream));
+  });
+  return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
+}
+
+}  // namespace pagedgpt2::cuda::ops

@@ -1,0 +1,86 @@
+// Every CUDA kernel as a host function over float32 host arrays, for the kernel tests
+// (tests/gpu/test_kernels.py) through pagedgpt2._cuda.ops. Each op casts its float32 inputs to
+// `dtype` on the device, runs the kernel on device 0's current device, and returns float32. Same
+// argument order as the CPU reference ops (cpp/cpu/ops.h). Plain C++: the bindings include it.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/dtype.h"
+#include "engine/model.h"
+
+namespace pagedgpt2::cuda::ops {
+
+void layernorm(float* out,           // [T, C]
+               const float* in,      // [T, C]
+               const float* weight,  // [C]
+               const float* bias,    // [C]
+               int num_tokens, int channels, float eps, DType dtype);
+
+// cuBLASLt: out = in @ weight^T (+ bias), then tanh-GELU when gelu (bias required then).
+void matmul(float* out,           // [T, N]
+            const float* in,      // [T, K]
+            const float* weight,  // [N, K]
+            const float* bias,    // [N] or nullptr
+            int num_tokens, int out_features, int in_features, bool gelu, DType dtype);
+
+// The skinny GEMV (T <= 8): out = [gelu](LN?(in) @ weight^T + bias) [+ residual].
+//   ln_weight/ln_bias given: `in` is float32 and normalized in the kernel (else cast to dtype);
+//   bias nullptr: float32 logits, no bias; residual given: out = residual + in @ W^T + bias.
+void skinny_matmul(float* out,              // [T, N]
+                   const float* in,         // [T, K]
+                   const float* weight,     // [N, K]
+                   const float* bias,       // [N] or nullptr
+                   const float* ln_weight,  // [K] or nullptr
+                   const float* ln_bias,    // [K] or nullptr
+                   float eps,
+                   const float* residual,   // [T, N] or nullptr
+                   bool gelu, int num_tokens, int out_features, int in_features, DType dtype);
+
+void gelu(float* x, int64_t n, DType dtype);
+
+// k_cache, v_cache are read (cast to dtype), written, and returned (cast back).
+void write_kv(float* k_cache,               // [num_blocks, block_size, H, D]
+              float* v_cache,               // [num_blocks, block_size, H, D]
+              const float* qkv,             // [T, 3 * H * D]
+              const int32_t* slot_mapping,  // [T]
+              int num_tokens, int num_heads, int head_size, int64_t cache_elems, DType dtype);
+
+enum class AttentionKernel { kAuto, kDecode, kPrefill };
+
+// kAuto: the decode kernel when every sequence has one query token (and the head size has a
+// decode template), else prefill. partition_size 0: as the model picks it.
+void paged_attention(float* out,                      // [T, H * D]
+                     const float* qkv,                // [T, 3 * H * D]
+                     const float* k_cache,            // [num_blocks, block_size, H, D]
+                     const float* v_cache,            // [num_blocks, block_size, H, D]
+                     const int32_t* positions,        // [T]
+                     const int32_t* query_start_loc,  // [S + 1]
+                     const int32_t* block_tables,     // [S, max_blocks_per_seq]
+                     int num_seqs, int max_blocks_per_seq, int num_heads, int head_size,
+                     int block_size, int64_t cache_elems, DType dtype, AttentionKernel kernel,
+                     int partition_size);
+
+void sample(int32_t* next_tokens,   // [R]
+            const float* logits,    // [R, V]
+            const SamplingInputs& params, int num_rows, int vocab_size);
+
+// cache (one K or V cache, all blocks) is copied in, blocks dst[i] <- src[i], copied back.
+void copy_blocks(float* cache,       // [num_blocks, block_size, H, D]
+                 int num_blocks, int64_t block_elems,
+                 const int32_t* src,  // [n]
+                 const int32_t* dst,  // [n]
+                 int num_copies, DType dtype);
+
+// ---------------------------------------------------------------------------------------------
+// Timing, for tools/bench_kernels.py: device-resident random data, CUDA events, median of iters.
+// ---------------------------------------------------------------------------------------------
+
+// Milliseconds per launch of the decode-attention kernel over num_seqs sequences of context_len
+// tokens each, with shuffled block tables.
+double time_decode_attention(int num_seqs, int context_len, int num_heads, int head_size,
+                             int block_size, DType dtype, int iters);
+// Device-to-device copy bandwidth in GB/s (bytes read + bytes written), buffers of `bytes`.
+double copy_bandwidth_gbs(int64_t bytes, int iters);
+
+}  // namespace pagedgpt2::cuda::ops

@@ -1,0 +1,31 @@
+// Sampling on the GPU, one token per logits row, same semantics as cpu::sample
+// (cpp/cpu/sampling.cpp): temperature 0 -> argmax (lowest id on ties); else logits / temperature,
+// keep the top_k highest (0 = all), keep the shortest most-probable prefix reaching top_p, draw
+// by inverse CDF over the kept tokens in descending order (ties: lower id) with
+// u = uniform_from_counter(seed, counter). Only the token ids leave the GPU.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/sampling_host.h"  // uniform_from_counter
+
+namespace pagedgpt2::cuda {
+
+// Per-row sampling parameters in device memory.
+struct DeviceSampling {
+  const float* temperature = nullptr;  // [R]
+  const int32_t* top_k = nullptr;      // [R]
+  const float* top_p = nullptr;        // [R]
+  const uint64_t* seeds = nullptr;     // [R]
+  const int64_t* counters = nullptr;   // [R]
+};
+
+// logits is scratch: scaled by the temperature in place.
+void launch_sample(int32_t* next_tokens,  // [R]
+                   float* logits,         // [R, V]
+                   const DeviceSampling& params, int num_rows, int vocab_size,
+                   cudaStream_t stream);
+
+}  // namespace pagedgpt2::cuda

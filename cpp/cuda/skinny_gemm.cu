@@ -1,0 +1,320 @@
+// Skinny GEMM kernels (see skinny_gemm.cuh for what is fused).
+//
+// Block = 8 warps. Each output column n (a row of W) is owned by `warps_per_row` warps that split
+// K; a warp reads W[n, :] in 16-byte vectors (lane-contiguous, so a warp-load is 512 coalesced
+// bytes) and multiplies it with the M staged rows of x held in shared memory as float32.
+// NOTE: warps_per_row is picked per launch so that there are >= 2 blocks per SM: N=768 layers
+// (proj, fc_proj) split K over 4 warps, N >= 2304 use one warp per output.
+// NOTE: the first batch of weight loads is issued before x is staged, so the DRAM latency of W
+// overlaps the LayerNorm prologue.
+#include "cuda/cuda_common.cuh"
+#include "cuda/skinny_gemm.cuh"
+
+namespace pagedgpt2::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // 16-byte weight vectors in flight per lane
+constexpr size_t kMaxSmem = 100 * 1024;
+
+int padded_rows(int rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
+
+size_t smem_bytes(int m_tile, int K) { return (size_t(m_tile) * K + kWarps * m_tile) * 4; }
+
+template <typename T, int M, SkinnyInput IN>
+__device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int K = p.K;
+  if constexpr (IN == SkinnyInput::kLayerNorm) {
+    // Warp m normalizes row m.
+    if (warp < M) {
+      const int m = warp;
+      float* dst = xs + m * K;
+      constexpr int kMaxVecs = 13;  // float4s per lane kept in registers: K <= 1664 (gpt2-xl)
+      if (m < p.rows && K % 4 == 0 && K <= 32 * 4 * kMaxVecs) {
+        // NOTE: the whole row is loaded at once into registers: one memory latency instead of
+        // three dependent passes over the row.
+        const int64_t row = p.x_rows ? p.x_rows[m] : m;
+        const float4* x4 = reinterpret_cast<const float4*>(static_cast<const float*>(p.x) + row * K);
+        const float4* w4 = reinterpret_cast<const float4*>(p.ln_weight);
+        const float4* b4 = reinterpret_cast<const float4*>(p.ln_bias);
+        const int n4 = K / 4;
+        float4 v[kMaxVecs];
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < kMaxVecs; ++i) {
+          const int j = lane + 32 * i;
+          if (j < n4) {
+            v[i] = x4[j];
+            sum += (v[i].x + v[i].y) + (v[i].z + v[i].w);
+          }
+        }
+        const float mean = warp_sum(sum) / K;
+        float var = 0.f;
+#pragma unroll
+        for (int i = 0; i < kMaxVecs; ++i) {
+          if (lane + 32 * i < n4) {
+            const float a = v[i].x - mean, b = v[i].y - mean, c = v[i].z - mean, d = v[i].w - mean;
+            var += (a * a + b * b) + (c * c + d * d);
+          }
+        }
+        const float rstd = 1.f / sqrtf(warp_sum(var) / K + p.eps);
+#pragma unroll
+        for (int i = 0; i < kMaxVecs; ++i) {
+          const int j = lane + 32 * i;
+          if (j < n4) {
+            const float4 w = w4[j], b = b4[j];
+            float4 y;
+            // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
+            y.x = to_float(from_float<T>((v[i].x - mean) * rstd * w.x + b.x));
+            y.y = to_float(from_float<T>((v[i].y - mean) * rstd * w.y + b.y));
+            y.z = to_float(from_float<T>((v[i].z - mean) * rstd * w.z + b.z));
+            y.w = to_float(from_float<T>((v[i].w - mean) * rstd * w.w + b.w));
+            reinterpret_cast<float4*>(dst)[j] = y;
+          }
+        }
+      } else if (m < p.rows) {
+        const int64_t row = p.x_rows ? p.x_rows[m] : m;
+        const float* x = static_cast<const float*>(p.x) + row * K;
+        float sum = 0.f;
+        for (int k = lane; k < K; k += 32) sum += x[k];
+        const float mean = warp_sum(sum) / K;
+        float var = 0.f;
+        for (int k = lane; k < K; k += 32) {
+          const float d = x[k] - mean;
+          var += d * d;
+        }
+        const float rstd = 1.f / sqrtf(warp_sum(var) / K + p.eps);
+        for (int k = lane; k < K; k += 32) {
+          // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
+          const float y = (x[k] - mean) * rstd * p.ln_weight[k] + p.ln_bias[k];
+          dst[k] = to_float(from_float<T>(y));
+        }
+      } else {
+        for (int k = lane; k < K; k += 32) dst[k] = 0.f;
+      }
+    }
+  } else {
+    constexpr int V = kVec16<T>;
+    const int vecs_per_row = K / V;
+    for (int i = threadIdx.x; i < M * vecs_per_row; i += kThreads) {
+      const int m = i / vecs_per_row, k = (i % vecs_per_row) * V;
+      float v[V];
+      if (m < p.rows) {
+        const int64_t row = p.x_rows ? p.x_rows[m] : m;
+        load_floats<T, V>(static_cast<const T*>(p.x) + row * K + k, v);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) xs[m * K + k + e] = v[e];
+    }
+  }
+}
+
+template <typename T, SkinnyOutput OUT>
+__device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n, float y) {
+  const int64_t o = int64_t(m) * p.N + n;
+  if constexpr (OUT == SkinnyOutput::kLogits) {
+    static_cast<float*>(p.out)[o] = y;
+    return;
+  } else {
+    y += to_float(p.bias[n]);
+    if constexpr (OUT == SkinnyOutput::kBiasResidual) {
+      static_cast<float*>(p.out)[o] += y;
+    } else if constexpr (OUT == SkinnyOutput::kBiasGelu) {
+      static_cast<T*>(p.out)[o] = from_float<T>(gelu_tanh(y));
+    } else {
+      const T v = from_float<T>(y);
+      static_cast<T*>(p.out)[o] = v;
+      if constexpr (OUT == SkinnyOutput::kBiasQkv) {
+        const int C = p.N / 3;
+        const int64_t slot = p.slot_mapping[m];
+        if (n >= C && slot >= 0) {
+          T* cache = n < 2 * C ? p.k_cache : p.v_cache;
+          cache[slot * C + (n < 2 * C ? n - C : n - 2 * C)] = v;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
+__global__ void __launch_bounds__(kThreads)
+    skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row) {
+  extern __shared__ float smem[];
+  float* xs = smem;                  // [M, K]
+  float* partial = smem + M * p.K;   // [kWarps, M]
+  constexpr int V = kVec16<T>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n = blockIdx.x * (kWarps / warps_per_row) + warp / warps_per_row;
+  const int kslice = warp % warps_per_row;
+  const int num_vecs = p.K / V;
+  const int stride = warps_per_row * 32;
+  const bool active = n < p.N;
+  const T* w_row = p.weight + int64_t(active ? n : 0) * p.K;
+
+  pdl_launch_dependents();
+  Vec<T, V> w[kUnroll];
+  int c = kslice * 32 + lane;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int idx = c + u * stride;
+    if (active && idx < num_vecs) w[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
+  }
+  pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
+  stage_x<T, M, IN>(xs, p);
+  __syncthreads();
+
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  if (active) {
+    for (; c < num_vecs; c += kUnroll * stride) {
+      Vec<T, V> next[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int idx = c + (kUnroll + u) * stride;
+        if (idx < num_vecs) next[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int idx = c + u * stride;
+        if (idx < num_vecs) {
+          float wf[V];
+#pragma unroll
+          for (int e = 0; e < V; ++e) wf[e] = to_float(w[u].v[e]);
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + idx * V);
+#pragma unroll
+            for (int q = 0; q < V / 4; ++q) {
+              const float4 x4 = xv[q];
+              acc[m] += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
+                        wf[4 * q + 3] * x4.w;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+
+  if (warps_per_row > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) partial[warp * M + m] = acc[m];
+    }
+    __syncthreads();
+    if (kslice == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float s = 0.f;
+        for (int j = 0; j < warps_per_row; ++j) s += partial[(warp + j) * M + m];
+        acc[m] = s;
+      }
+    }
+  }
+  if (kslice != 0 || !active) return;
+  float y = 0.f;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    if (lane == m) y = acc[m];
+  }
+  if (lane < M && lane < p.rows) epilogue<T, OUT>(p, lane, n, y);
+}
+
+template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
+void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, bool pdl) {
+  int warps_per_row = 1;
+  while (warps_per_row < kWarps &&
+         ceil_div(p.N, kWarps / warps_per_row) < 2 * num_sms &&
+         p.K / kVec16<T> >= 64 * warps_per_row) {
+    warps_per_row *= 2;
+  }
+  const int blocks = ceil_div(p.N, kWarps / warps_per_row);
+  const size_t smem = smem_bytes(M, p.K);
+  auto kernel = skinny_gemm_kernel<T, M, IN, OUT>;
+  allow_dynamic_smem(kernel, kMaxSmem + kWarps * kSkinnyMaxRows * 4);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, warps_per_row));
+}
+
+template <typename T, int M>
+void launch_rows(const SkinnyParams<T>& p, SkinnyInput in, SkinnyOutput out, int num_sms,
+                 cudaStream_t stream, bool pdl) {
+  using I = SkinnyInput;
+  using O = SkinnyOutput;
+  if (in == I::kLayerNorm) {
+    switch (out) {
+      case O::kBias:
+        return launch_tile<T, M, I::kLayerNorm, O::kBias>(p, num_sms, stream, pdl);
+      case O::kBiasGelu:
+        return launch_tile<T, M, I::kLayerNorm, O::kBiasGelu>(p, num_sms, stream, pdl);
+      case O::kBiasQkv:
+        return launch_tile<T, M, I::kLayerNorm, O::kBiasQkv>(p, num_sms, stream, pdl);
+      case O::kLogits:
+        return launch_tile<T, M, I::kLayerNorm, O::kLogits>(p, num_sms, stream, pdl);
+      default: break;
+    }
+  } else {
+    switch (out) {
+      case O::kBias:
+        return launch_tile<T, M, I::kActivation, O::kBias>(p, num_sms, stream, pdl);
+      case O::kBiasGelu:
+        return launch_tile<T, M, I::kActivation, O::kBiasGelu>(p, num_sms, stream, pdl);
+      case O::kBiasResidual:
+        return launch_tile<T, M, I::kActivation, O::kBiasResidual>(p, num_sms, stream, pdl);
+      case O::kLogits:
+        return launch_tile<T, M, I::kActivation, O::kLogits>(p, num_sms, stream, pdl);
+      default: break;
+    }
+  }
+  throw std::invalid_argument("skinny GEMM: unsupported prologue/epilogue pair");
+}
+
+}  // namespace
+
+bool skinny_gemm_supported(int rows, int K) {
+  return rows >= 1 && rows <= kSkinnyMaxRows && K % 8 == 0 &&
+         smem_bytes(padded_rows(rows), K) <= kMaxSmem + kWarps * kSkinnyMaxRows * 4;
+}
+
+template <typename T>
+void launch_skinny_gemm(const SkinnyParams<T>& p, SkinnyInput input, SkinnyOutput output,
+                        int num_sms, cudaStream_t stream, bool pdl) {
+  if (p.rows <= 0) return;
+  if (!skinny_gemm_supported(p.rows, p.K)) {
+    throw std::invalid_argument("skinny GEMM: unsupported shape rows=" + std::to_string(p.rows) +
+                                ", K=" + std::to_string(p.K));
+  }
+  switch (padded_rows(p.rows)) {
+    case 1: return launch_rows<T, 1>(p, input, output, num_sms, stream, pdl);
+    case 2: return launch_rows<T, 2>(p, input, output, num_sms, stream, pdl);
+    case 4: return launch_rows<T, 4>(p, input, output, num_sms, stream, pdl);
+    default: return launch_rows<T, 8>(p, input, output, num_sms, stream, pdl);
+  }
+}
+
+template void launch_skinny_gemm<float>(const SkinnyParams<float>&, SkinnyInput, SkinnyOutput, int,
+                                        cudaStream_t, bool);
+template void launch_skinny_gemm<__half>(const SkinnyParams<__half>&, SkinnyInput, SkinnyOutput,
+                                         int, cudaStream_t, bool);
+template void launch_skinny_gemm<__nv_bfloat16>(const SkinnyParams<__nv_bfloat16>&, SkinnyInput,
+                                                SkinnyOutput, int, cudaStream_t, bool);
+
+}  // namespace pagedgpt2::cuda

@@ -1,0 +1,64 @@
+// The skinny GEMM: out = x @ W^T for a handful of rows (decode at small batch), where the cost is
+// streaming W once and the fixed cost of each launch. Instead of cuBLAS it is a weight-streaming
+// GEMV with the work around the product fused in:
+//   prologue: LayerNorm of the fp32 residual rows (optionally gathered by x_rows), or a plain
+//             activation in T;
+//   epilogue: + bias, + bias then GELU, residual += (+ bias), + bias with the K/V columns also
+//             written to their paged-cache slots (QKV + write_kv), or float32 logits.
+// NOTE: with programmatic dependent launch (pdl) the weight prefetch of a GEMV overlaps the tail
+// of the kernel before it; the weights never depend on earlier kernels.
+// So a decode layer is 5 launches: ln_1+QKV+write_kv, attention, proj+residual,
+// ln_2+fc+GELU, fc_proj+residual.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/dtype.h"
+
+namespace pagedgpt2::cuda {
+
+constexpr int kSkinnyMaxRows = 8;
+
+enum class SkinnyInput {
+  kActivation,  // x: T [rows, K]
+  kLayerNorm,   // x: float [*, K] (the residual stream), normalized with ln_weight/ln_bias
+};
+
+enum class SkinnyOutput {
+  kBias,          // out: T [rows, N] = y + bias
+  kBiasGelu,      // out: T [rows, N] = gelu(y + bias)
+  kBiasResidual,  // out: float [rows, N] += y + bias
+  kBiasQkv,       // out: T [rows, 3C] = y + bias; columns [C, 3C) also to k/v cache slots
+  kLogits,        // out: float [rows, N] = y (no bias)
+};
+
+template <typename T>
+struct SkinnyParams {
+  const void* x = nullptr;            // see SkinnyInput
+  const int32_t* x_rows = nullptr;    // [rows]: product row m reads x row x_rows[m]; nullptr = m
+  const float* ln_weight = nullptr;   // [K] (kLayerNorm)
+  const float* ln_bias = nullptr;     // [K] (kLayerNorm)
+  float eps = 1e-5f;
+  const T* weight = nullptr;          // [N, K]
+  const T* bias = nullptr;            // [N] (unused by kLogits)
+  void* out = nullptr;                // see SkinnyOutput
+  T* k_cache = nullptr;               // kBiasQkv: [num_blocks, block_size, H, D]
+  T* v_cache = nullptr;               // kBiasQkv: [num_blocks, block_size, H, D]
+  const int32_t* slot_mapping = nullptr;  // kBiasQkv: [rows], -1 = padding (not written)
+  int rows = 0, N = 0, K = 0;
+};
+
+// Whether the skinny kernel takes a product of `rows` rows over K inputs: rows <= 8, K a
+// multiple of 8 (16-byte weight loads) and x fitting shared memory.
+bool skinny_gemm_supported(int rows, int K);
+
+// pdl: launch with programmatic stream serialization (sm_90): the kernel streams its first
+// weights while the previous kernel finishes, then waits for it before reading x. Only valid
+// when the previous kernel in the stream is an ordinary kernel or another skinny GEMM.
+template <typename T>
+void launch_skinny_gemm(const SkinnyParams<T>& p, SkinnyInput input, SkinnyOutput output,
+                        int num_sms, cudaStream_t stream, bool pdl = false);
+
+}  // namespace pagedgpt2::cuda

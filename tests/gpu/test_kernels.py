@@ -1,0 +1,327 @@
+"""Every CUDA kernel against the CPU reference ops (pagedgpt2._core.ops) on fresh random data.
+
+Inputs are rounded to the kernel's dtype first, so the CPU reference (float32) and the GPU see the
+same numbers; what is left is the kernel's arithmetic and the rounding of its output:
+  float32   tight  (accumulation order only)
+  float16   ~1e-2 relative / absolute (10-bit mantissa outputs)
+  bfloat16  ~5e-2 relative / absolute (7-bit mantissa outputs)
+The GPU ops fill their outputs with NaN first (see cpp/cuda/ops.cu), so an element a kernel
+forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.cuda
+
+_cuda = pytest.importorskip("pagedgpt2._cuda")
+from pagedgpt2 import _core  # noqa: E402
+
+cpu = _core.ops
+gpu = _cuda.ops
+
+DTYPES = ["float32", "float16", "bfloat16"]
+BLOCK_SIZES = [1, 8, 16, 32]
+DECODE_HEAD_SIZES = [64, 32, 80, 128]  # all have a decode template
+GENERIC_HEAD_SIZES = [20, 40]          # no decode template: the prefill kernel serves them
+
+TOL = {
+    "float32": dict(rtol=1e-5, atol=1e-5),
+    "float16": dict(rtol=1e-2, atol=1e-2),
+    "bfloat16": dict(rtol=5e-2, atol=5e-2),
+}
+ATTN_TOL = {
+    "float32": dict(rtol=1e-5, atol=1e-5),
+    "float16": dict(rtol=5e-3, atol=5e-3),
+    "bfloat16": dict(rtol=3e-2, atol=3e-2),
+}
+
+
+def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x (float32) rounded to dtype and back, round-to-nearest-even like the device casts."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return rounded(rng.standard_normal(shape).astype(np.float32) * scale, dtype)
+
+
+@pytest.fixture
+def rng(request):
+    # A different stream per test (and per parametrization), reproducible from its id.
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged batches
+# ---------------------------------------------------------------------------------------------
+
+
+def paged_batch(rng, context_lens, query_lens, num_heads, head_size, block_size, dtype):
+    """Random caches, shuffled non-contiguous block tables, and queries at the end of each
+    sequence's context (query_lens[s] new tokens at positions [ctx - q, ctx))."""
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + 5  # free blocks left in the pool
+    ids = rng.permutation(num_blocks).astype(np.int32)
+    max_blocks = max(blocks_per_seq) + 1  # a wider table than needed, like the runner's
+    tables = np.full((len(context_lens), max_blocks), 0, dtype=np.int32)
+    at = 0
+    for s, n in enumerate(blocks_per_seq):
+        tables[s, :n] = ids[at:at + n]
+        at += n
+    C = num_heads * head_size
+    k_cache = randn(rng, (num_blocks, block_size, num_heads, head_size), dtype)
+    v_cache = randn(rng, (num_blocks, block_size, num_heads, head_size), dtype)
+    positions = np.concatenate([np.arange(c - q, c) for c, q in zip(context_lens, query_lens)])
+    qsl = np.zeros(len(context_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=qsl[1:])
+    qkv = randn(rng, (int(qsl[-1]), 3 * C), dtype)
+    return qkv, k_cache, v_cache, positions.astype(np.int32), qsl, tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise and row ops
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 768), (33, 100), (1, 1600)])
+def test_layernorm(rng, dtype, shape):
+    x = randn(rng, shape, dtype, 3.0) + 1.5
+    w = rng.standard_normal(shape[1]).astype(np.float32)
+    b = rng.standard_normal(shape[1]).astype(np.float32)
+    want = cpu.layernorm(x, w, b, 1e-5)
+    got = gpu.layernorm(x, w, b, 1e-5, dtype=dtype)
+    np.testing.assert_allclose(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu(rng, dtype):
+    x = randn(rng, (1000,), dtype, 3.0)
+    np.testing.assert_allclose(gpu.gelu(x, dtype=dtype), cpu.gelu(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 2304, 768), (37, 200, 64), (130, 768, 3072)])
+@pytest.mark.parametrize("epilogue", ["none", "bias", "bias_gelu"])
+def test_matmul(rng, dtype, shape, epilogue):
+    T, N, K = shape
+    x = randn(rng, (T, K), dtype)
+    w = randn(rng, (N, K), dtype, 1.0 / np.sqrt(K))
+    b = randn(rng, (N,), dtype) if epilogue != "none" else None
+    want = cpu.matmul(x, w, b)
+    if epilogue == "bias_gelu":
+        want = cpu.gelu(want)
+    got = gpu.matmul(x, w, b, gelu=epilogue == "bias_gelu", dtype=dtype)
+    tol = dict(TOL[dtype])
+    if dtype == "float32":
+        tol = dict(rtol=1e-4, atol=1e-4)  # K up to 3072: summation order
+    np.testing.assert_allclose(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("variant", ["bias", "gelu", "residual", "logits", "ln_bias", "ln_logits"])
+def test_skinny_matmul(rng, dtype, rows, variant):
+    K, N = (768, 2304) if variant != "residual" else (3072, 768)
+    ln = variant.startswith("ln_")
+    x = rng.standard_normal((rows, K)).astype(np.float32) * 2 + 0.5
+    if not ln:
+        x = rounded(x, dtype)
+    w = randn(rng, (N, K), dtype, 1.0 / np.sqrt(K))
+    b = randn(rng, (N,), dtype) if variant in ("bias", "gelu", "residual", "ln_bias") else None
+    ln_w = rng.standard_normal(K).astype(np.float32) if ln else None
+    ln_b = rng.standard_normal(K).astype(np.float32) if ln else None
+    residual = rng.standard_normal((rows, N)).astype(np.float32) if variant == "residual" else None
+
+    xin = rounded(cpu.layernorm(x, ln_w, ln_b, 1e-5), dtype) if ln else x
+    want = cpu.matmul(xin, w, b)
+    if variant == "gelu":
+        want = cpu.gelu(want)
+    if residual is not None:
+        want = want + residual
+    got = gpu.skinny_matmul(x, w, b, ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, residual=residual,
+                            gelu=variant == "gelu", dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else TOL[dtype]
+    if ln and dtype != "float32":
+        # LayerNorm outputs sitting on a rounding boundary may round the other way on the GPU.
+        tol = dict(rtol=2 * tol["rtol"], atol=2 * tol["atol"])
+    np.testing.assert_allclose(got, want, **tol)
+
+
+def test_skinny_matches_cublas(rng):
+    """The two GEMM paths agree (fp16), so the skinny/wide switch at 8 rows is invisible."""
+    x = randn(rng, (6, 768), "float16")
+    w = randn(rng, (2304, 768), "float16", 0.04)
+    b = randn(rng, (2304,), "float16")
+    np.testing.assert_allclose(gpu.skinny_matmul(x, w, b, dtype="float16"),
+                               gpu.matmul(x, w, b, dtype="float16"), rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("num_heads,head_size", [(12, 64), (3, 20)])
+def test_write_kv(rng, dtype, block_size, num_heads, head_size):
+    num_blocks, T = 16, 11
+    C = num_heads * head_size
+    k = randn(rng, (num_blocks, block_size, num_heads, head_size), dtype)
+    v = randn(rng, (num_blocks, block_size, num_heads, head_size), dtype)
+    qkv = randn(rng, (T, 3 * C), dtype)
+    slots = rng.choice(num_blocks * block_size, size=T, replace=False).astype(np.int32)
+    slots[[2, 7]] = -1  # padding rows
+    want_k, want_v = cpu.write_kv(k, v, qkv, slots, num_heads)
+    got_k, got_v = gpu.write_kv(k, v, qkv, slots, num_heads, dtype=dtype)
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_copy_blocks(rng, dtype, block_size):
+    cache = randn(rng, (10, block_size, 4, 16), dtype)
+    src = np.array([3, 0, 7], dtype=np.int32)
+    dst = np.array([5, 9, 1], dtype=np.int32)
+    want = cache.copy()
+    want[dst] = cache[src]
+    np.testing.assert_array_equal(gpu.copy_blocks(cache, src, dst, dtype=dtype), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_contexts(block_size):
+    # Lengths around block boundaries and not divisible by the block size, one long.
+    return [1, block_size + 1, 3 * block_size - 1, 37, 200, 1000]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_size", DECODE_HEAD_SIZES)
+@pytest.mark.parametrize("partition_size", [0, 32])  # 32: many partitions, the merge path
+def test_decode_attention(rng, dtype, block_size, head_size, partition_size):
+    num_heads = max(1, 256 // head_size)
+    ctx = decode_contexts(block_size)
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads,
+                                                    head_size, block_size, dtype)
+    want = cpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads)
+    got = gpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads, dtype=dtype,
+                              kernel="decode", partition_size=partition_size)
+    np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_one_big_head(rng, dtype):
+    """batch 1 x 1 head x 1024 tokens: the split path at its widest (auto partitioning)."""
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, [1024], [1], 1, 256, 16, dtype)
+    want = cpu.paged_attention(qkv, k, v, positions, qsl, tables, 1)
+    got = gpu.paged_attention(qkv, k, v, positions, qsl, tables, 1, dtype=dtype, kernel="decode")
+    np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_size", [64, 32] + GENERIC_HEAD_SIZES)
+def test_prefill_attention(rng, dtype, block_size, head_size):
+    num_heads = 3
+    # (context after the step, new tokens): fresh prompts, a chunk after a cached prefix,
+    # single-token rows mixed in (a chunked-prefill batch).
+    ctx = [5, 70, 33 + 40, 1, 129, 200]
+    q = [5, 70, 40, 1, 1, 64]
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, q, num_heads, head_size,
+                                                    block_size, dtype)
+    want = cpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads)
+    got = gpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads, dtype=dtype,
+                              kernel="prefill")
+    np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
+
+
+@pytest.mark.parametrize("head_size", GENERIC_HEAD_SIZES)
+def test_decode_shape_with_generic_head_size(rng, head_size):
+    """kernel='auto' on a decode batch whose head size has no decode template -> prefill."""
+    ctx = [3, 50, 17]
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, [1, 1, 1], 2, head_size, 8,
+                                                    "float32")
+    want = cpu.paged_attention(qkv, k, v, positions, qsl, tables, 2)
+    got = gpu.paged_attention(qkv, k, v, positions, qsl, tables, 2)
+    np.testing.assert_allclose(got, want, **ATTN_TOL["float32"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def sampling_params(rng, R, temperatures, top_ks, top_ps):
+    """(temperature, top_k, top_p, seeds, counters), positional as both `sample` ops take them."""
+    return (
+        np.array([temperatures[i % len(temperatures)] for i in range(R)], np.float32),
+        np.array([top_ks[i % len(top_ks)] for i in range(R)], np.int32),
+        np.array([top_ps[(i // 2) % len(top_ps)] for i in range(R)], np.float32),
+        rng.integers(0, 2**63, size=R, dtype=np.uint64),
+        rng.integers(0, 1000, size=R).astype(np.int64),
+    )
+
+
+def test_uniform_from_counter_matches_cpu():
+    for seed, counter in [(0, 0), (1, 1), (2**64 - 1, 5), (123456789, 2**40)]:
+        assert gpu.uniform_from_counter(seed, counter) == cpu.uniform_from_counter(seed, counter)
+
+
+@pytest.mark.parametrize("vocab", [50257, 1000])
+def test_greedy_exact(rng, vocab):
+    logits = rng.standard_normal((9, vocab)).astype(np.float32)
+    logits[3, [10, 20, 30]] = 100.0  # a tie: the lowest id wins
+    logits[5, :] = 0.0               # all tied
+    p = sampling_params(rng, 9, [0.0], [0], [1.0])
+    np.testing.assert_array_equal(gpu.sample(logits, *p), cpu.sample(logits, *p))
+
+
+@pytest.mark.parametrize("vocab", [50257, 777])
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_seeded_draws_match_cpu(rng, vocab, scale):
+    R = 48
+    logits = rng.standard_normal((R, vocab)).astype(np.float32) * scale
+    p = sampling_params(rng, R, [0.7, 1.0, 1.3, 0.0], [0, 1, 5, 50, 0, vocab - 1],
+                        [1.0, 0.9, 0.5, 0.05])
+    want = cpu.sample(logits, *p)
+    got = gpu.sample(logits, *p)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_seeded_draws_with_ties_and_crowded_bins(rng):
+    """Rounded logits (many exact ties: the id order decides), a flat row (every token in one
+    histogram bin: the radix-narrowing path), and a huge temperature (a near-flat row)."""
+    V, R = 50257, 24
+    logits = np.round(rng.standard_normal((R, V)).astype(np.float32) * 2)
+    logits[0:6, :] = 0.0
+    p = sampling_params(rng, R, [1.0, 1000.0, 0.5], [0, 3, 100, 20000], [1.0, 0.3, 0.999])
+    np.testing.assert_array_equal(gpu.sample(logits, *p), cpu.sample(logits, *p))
+
+
+def test_draw_distribution(rng):
+    """Across counters, draws follow the softmax (a check independent of the CPU code)."""
+    V, n = 8, 4000
+    logits = np.log(np.array([0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.03, 0.02], np.float32))
+    rows = np.tile(logits, (n, 1))
+    p = (np.ones(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
+         np.full(n, 7, np.uint64), np.arange(n, dtype=np.int64))
+    counts = np.bincount(gpu.sample(rows, *p), minlength=V) / n
+    np.testing.assert_allclose(counts, np.exp(logits), atol=0.03)
