@@ -1,0 +1,80 @@
+"""Continuous batching on the GPU: preemption with recompute, parallel sampling with
+copy-on-write, prefix caching, abort and a randomized soak (fp32, greedy where tokens are compared
+across different batch shapes, since cuBLAS may round differently at different shapes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pagedgpt2 import Engine, SamplingParams
+from pagedgpt2.sequence import sample_seed
+
+pytestmark = pytest.mark.cuda
+VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model_dirs):
+    return hf_model_dirs["d48"][2]
+
+
+def engine(model_dir, **kw):
+    return Engine(model_dir, device="cuda", dtype="float32", **{"num_blocks": 512, **kw})
+
+
+def prompts(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, size=n).tolist() for n in lengths]
+
+
+def greedy(n):
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def test_small_pool_preempts_and_recomputes_the_same_tokens(model_dir):
+    ps = prompts(1, [30, 5, 17, 40, 12, 25, 8, 33])
+    reference = [o.token_ids for o in engine(model_dir, block_size=4).generate(ps, greedy(20))]
+    small = engine(model_dir, block_size=4, num_blocks=16)
+    assert [o.token_ids for o in small.generate(ps, greedy(20))] == reference
+    assert small.kv_stats()["num_preemptions"] > 0 and small.kv_stats()["blocks_used"] == 0
+
+
+def test_parallel_samples_reproduce_and_match_each_alone(model_dir):
+    prompt = prompts(3, [22])[0]
+    eng = engine(model_dir, block_size=8)
+    params = SamplingParams(n=4, max_new_tokens=16, temperature=1.0, seed=42, ignore_eos=True)
+    first, again = eng.generate(prompt, params)[0], eng.generate(prompt, params)[0]
+    assert [s.token_ids for s in first.samples] == [s.token_ids for s in again.samples]
+    for j, sample in enumerate(first.samples):
+        alone = SamplingParams(max_new_tokens=16, temperature=1.0, seed=sample_seed(42, j), ignore_eos=True)
+        assert eng.generate(prompt, alone)[0].token_ids == sample.token_ids
+    assert eng.kv_stats()["blocks_used"] == 0
+
+
+def test_prefix_caching_gives_the_same_tokens_and_hits(model_dir):
+    shared = prompts(6, [48])[0]
+    ps = [shared + tail for tail in prompts(7, [5, 9, 1, 13])]
+    reference = [o.token_ids for o in engine(model_dir, block_size=8).generate(ps, greedy(12))]
+    cached = engine(model_dir, block_size=8, enable_prefix_caching=True)
+    cached.generate(ps, greedy(12))
+    assert [o.token_ids for o in cached.generate(ps, greedy(12))] == reference
+    assert cached.kv_stats()["prefix_hit_blocks"] >= 4 * 6
+
+
+def test_abort_and_soak_end_with_the_pool_free(model_dir):
+    rng = np.random.default_rng(7)
+    eng = engine(model_dir, block_size=4, num_blocks=60, max_num_seqs=8, max_num_batched_tokens=48,
+                 enable_prefix_caching=True)
+    live = []
+    for _ in range(120):
+        if rng.random() < 0.35:
+            p = rng.integers(0, VOCAB, size=int(rng.integers(1, 40))).tolist()
+            live.append(eng.add_request(p, SamplingParams(n=int(rng.integers(1, 3)), max_new_tokens=int(rng.integers(1, 30)),
+                                                          temperature=1.0, ignore_eos=True)))
+        if live and rng.random() < 0.05:
+            eng.abort(live.pop(int(rng.integers(len(live)))))
+        eng.step()
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.kv_stats()["blocks_used"] == 0
