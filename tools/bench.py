@@ -131,22 +131,23 @@ def main() -> None:
     print(f"{'model':<10} {'batch':>5} {'engine':<20} {'tok/s':>10} {'ms/step':>8} {'vs HF':>7}")
     for name in args.model:
         model_dir = make_model_dir(name, root)
-        engines = {mode: None for mode in args.kv_cache}
+        prompts = {b: rng.integers(0, 50257, size=(b, args.prompt_len)).tolist() for b in args.batch_sizes}
+        hf = {}
         for batch in args.batch_sizes:
-            prompts = rng.integers(0, 50257, size=(batch, args.prompt_len)).tolist()
-            hf = None
             if not args.no_hf and batch <= args.hf_max_batch:
-                hf = bench_hf(root / f"hf-{name}", args.device, dtype, batch, prompts, args.new_tokens, args.repeats)
-                rows.append(dict(model=name, batch=batch, engine="hf-eager", tok_s=hf[0], ms_step=hf[1]))
-                print(f"{name:<10} {batch:>5} {'hf-eager':<20} {hf[0]:>10.0f} {hf[1]:>8.2f} {1.0:>7.2f}")
-            for mode in args.kv_cache:
-                if engines[mode] is None:  # one engine per mode, sized for the largest batch
-                    engines[mode] = make_engine(model_dir, args.device, dtype, mode, max(args.batch_sizes))
-                ours = bench_engine(engines[mode], batch, prompts, args.new_tokens, args.repeats)
-                ratio = ours[0] / hf[0] if hf else float("nan")
+                hf[batch] = bench_hf(root / f"hf-{name}", args.device, dtype, batch, prompts[batch],
+                                     args.new_tokens, args.repeats)
+                rows.append(dict(model=name, batch=batch, engine="hf-eager", tok_s=hf[batch][0], ms_step=hf[batch][1]))
+                print(f"{name:<10} {batch:>5} {'hf-eager':<20} {hf[batch][0]:>10.0f} {hf[batch][1]:>8.2f} {1.0:>7.2f}", flush=True)
+        for mode in args.kv_cache:  # one engine per mode, sized for the largest batch, one at a time
+            eng = make_engine(model_dir, args.device, dtype, mode, max(args.batch_sizes))
+            for batch in args.batch_sizes:
+                ours = bench_engine(eng, batch, prompts[batch], args.new_tokens, args.repeats)
+                ratio = ours[0] / hf[batch][0] if batch in hf else float("nan")
                 rows.append(dict(model=name, batch=batch, engine=f"pagedgpt2-{mode}", tok_s=ours[0],
                                  ms_step=ours[1], vs_hf=ratio))
-                print(f"{name:<10} {batch:>5} {'pagedgpt2-' + mode:<20} {ours[0]:>10.0f} {ours[1]:>8.2f} {ratio:>7.2f}")
+                print(f"{name:<10} {batch:>5} {'pagedgpt2-' + mode:<20} {ours[0]:>10.0f} {ours[1]:>8.2f} {ratio:>7.2f}", flush=True)
+            del eng
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card_name(args.device), dtype=dtype, rows=rows), indent=1))
 

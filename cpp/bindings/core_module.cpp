@@ -19,6 +19,9 @@ namespace nb = nanobind;
 using namespace nb::literals;
 using namespace pagedgpt2;
 using bindings::check_len;
+using bindings::copy_of;
+using bindings::FloatTensor;
+using bindings::owned_array;
 using bindings::FloatArray;
 using bindings::I64Array;
 using bindings::IntArray;
@@ -26,25 +29,6 @@ using bindings::IntMatrix;
 using bindings::U64Array;
 
 namespace {
-
-using FloatTensor = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
-
-template <class T>
-nb::ndarray<nb::numpy, T> owned_array(std::vector<size_t> shape) {
-  size_t n = 1;
-  for (size_t d : shape) n *= d;
-  T* data = new T[n > 0 ? n : 1];
-  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
-  return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
-}
-
-template <class T>
-nb::ndarray<nb::numpy, T> copy_of(const FloatTensor& a) {
-  std::vector<size_t> shape(a.shape_ptr(), a.shape_ptr() + a.ndim());
-  auto out = owned_array<T>(shape);
-  std::memcpy(out.data(), a.data(), a.size() * sizeof(T));
-  return out;
-}
 
 // Grows each sequence by its new tokens and lays out the arrays one step needs.
 // Returns (slot_mapping [T], block_tables [S, max_blocks], context_lens [S], copies [n, 2]).
@@ -165,7 +149,7 @@ void bind_ops(nb::module_& m) {
   nb::module_ ops = m.def_submodule("ops", "CPU reference ops (float32 numpy in and out).");
   ops.def("layernorm", [](FloatTensor in, FloatTensor w, FloatTensor b, float eps) {
     const int C = int(in.shape(in.ndim() - 1)), T = int(in.size() / C);
-    auto out = copy_of<float>(in);
+    auto out = copy_of(in);
     cpu::layernorm(out.data(), in.data(), w.data(), b.data(), T, C, eps);
     return out;
   });
@@ -177,13 +161,13 @@ void bind_ops(nb::module_& m) {
     return out;
   }, "input"_a, "weight"_a, "bias"_a.none());
   ops.def("gelu", [](FloatTensor x) {
-    auto out = copy_of<float>(x);
+    auto out = copy_of(x);
     cpu::gelu(out.data(), int64_t(x.size()));
     return out;
   });
   ops.def("write_kv", [](FloatTensor k_cache, FloatTensor v_cache, FloatTensor qkv,
                          IntArray slot_mapping, int num_heads) {
-    auto k = copy_of<float>(k_cache), v = copy_of<float>(v_cache);
+    auto k = copy_of(k_cache), v = copy_of(v_cache);
     const int T = int(qkv.shape(0)), D = int(qkv.shape(1)) / 3 / num_heads;
     cpu::write_kv(k.data(), v.data(), qkv.data(), slot_mapping.data(), T, num_heads, D);
     return nb::make_tuple(k, v);
@@ -202,7 +186,7 @@ void bind_ops(nb::module_& m) {
   ops.def("sample", [](FloatTensor logits, FloatArray temperature, IntArray top_k,
                        FloatArray top_p, U64Array seeds, I64Array counters) {
     const int R = int(logits.shape(0)), V = int(logits.shape(1));
-    auto scratch = copy_of<float>(logits);
+    auto scratch = copy_of(logits);
     auto out = owned_array<int32_t>({size_t(R)});
     SamplingInputs s{temperature.data(), top_k.data(), top_p.data(), seeds.data(), counters.data()};
     cpu::sample(out.data(), scratch.data(), s, R, V);

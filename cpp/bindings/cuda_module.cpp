@@ -21,6 +21,9 @@ namespace nb = nanobind;
 using namespace nb::literals;
 using namespace pagedgpt2;
 using bindings::check_len;
+using bindings::copy_of;
+using bindings::FloatTensor;
+using bindings::owned_array;
 using bindings::FloatArray;
 using bindings::I64Array;
 using bindings::IntArray;
@@ -28,24 +31,6 @@ using bindings::IntMatrix;
 using bindings::U64Array;
 
 namespace {
-
-using FloatTensor = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
-
-template <class T>
-nb::ndarray<nb::numpy, T> owned_array(std::vector<size_t> shape) {
-  size_t n = 1;
-  for (size_t d : shape) n *= d;
-  T* data = new T[n > 0 ? n : 1];
-  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
-  return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
-}
-
-nb::ndarray<nb::numpy, float> copy_of(const FloatTensor& a) {
-  std::vector<size_t> shape(a.shape_ptr(), a.shape_ptr() + a.ndim());
-  auto out = owned_array<float>(shape);
-  std::memcpy(out.data(), a.data(), a.size() * sizeof(float));
-  return out;
-}
 
 cuda::DType dt(const std::string& name) { return cuda::parse_dtype(name); }
 

@@ -7,7 +7,9 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 
+#include <cstring>
 #include <map>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -23,6 +25,26 @@ using IntMatrix = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::devi
 using FloatArray = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using U64Array = nb::ndarray<const uint64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using I64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+using FloatTensor = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+
+// A numpy array of the given shape that owns fresh (uninitialized) memory.
+template <class T>
+nb::ndarray<nb::numpy, T> owned_array(std::vector<size_t> shape) {
+  size_t n = 1;
+  for (size_t d : shape) n *= d;
+  T* data = new T[n > 0 ? n : 1];
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
+}
+
+// A float32 numpy copy of a.
+inline nb::ndarray<nb::numpy, float> copy_of(const FloatTensor& a) {
+  std::vector<size_t> shape(a.shape_ptr(), a.shape_ptr() + a.ndim());
+  auto out = owned_array<float>(shape);
+  std::memcpy(out.data(), a.data(), a.size() * sizeof(float));
+  return out;
+}
 
 inline void check_len(const char* name, size_t got, size_t want) {
   if (got != want) {

@@ -134,6 +134,7 @@ __global__ void __launch_bounds__(kThreads)
         rescale = exp2f(m_old - m_new);             // 0 when m_old = -inf
       }
       const float p_sum = warp_sum(p);
+      __syncwarp();  // NOTE: orders this row's reads before its overwrite (racecheck's model)
       if (lane < tile) ps[r * (tile + 1) + lane] = p;
       if (lane == 0) {
         row_sum[r] = row_sum[r] * rescale + p_sum;

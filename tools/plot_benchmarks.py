@@ -1,0 +1,93 @@
+"""Plots for docs/benchmarks.md from the JSON the benchmarks write (docs/results/*.json).
+
+    python tools/plot_benchmarks.py   # needs matplotlib (a docs tool, not a dependency)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+RESULTS = DOCS / "results"
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def tokens_vs_batch() -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("h200_bench_gpt2.json", "-"), ("h200_bench_gpt2xl.json", "--")):
+        data = load(name)
+        for engine in ("hf-eager", "pagedgpt2-paged", "pagedgpt2-contiguous"):
+            rows = [r for r in data["rows"] if r["engine"] == engine]
+            if rows:
+                ax.plot([r["batch"] for r in rows], [r["tok_s"] for r in rows], style, marker="o",
+                        label=f"{rows[0]['model']} {engine}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (sequences)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{data['card']}, fp16, 128-token prompts, 128 new tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(DOCS / "tokens_vs_batch.png", dpi=110)
+
+
+def step_vs_context() -> None:
+    data = load("h200_bench_kernels.json")
+    steps = data["steps"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ctx = [s["context"] for s in steps]
+    ax.plot(ctx, [s["paged_ms"] for s in steps], marker="o", label="paged (block 16)")
+    ax.plot(ctx, [s["contiguous_ms"] for s in steps], marker="s", label="contiguous")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode step (ms), batch 64")
+    ax.set_title(f"gpt2 decode step vs context, {data['card']}, fp16")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(DOCS / "step_vs_context.png", dpi=110)
+
+
+def serving() -> None:
+    data = load("h200_bench_serving.json")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    modes = ["paged", "contiguous"]
+    a.bar(modes, [data[m]["tok_s"] for m in modes], color=["tab:blue", "tab:gray"])
+    a.set_ylabel("output tokens/s")
+    a.set_title(f"{data['requests']} requests, {data['kv_gib']} GiB of KV")
+    for m in modes:
+        b.plot([16 * i for i in range(len(data[m]["running_trace"]))], data[m]["running_trace"], label=m)
+    b.set_xlabel("step")
+    b.set_ylabel("running sequences")
+    b.set_title("concurrency over the run")
+    b.legend()
+    fig.suptitle(f"gpt2 fp16 serving workload, {data['card']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(DOCS / "serving.png", dpi=110)
+
+
+def sharing() -> None:
+    data = load("h200_bench_serving.json")
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    labels = ["n=4 samples", "shared 512-token prefix"]
+    ax.bar(labels, [data["n4"]["max_saved_blocks"], data["prefix"]["max_saved_blocks"]], color="tab:green")
+    ax.set_ylabel("blocks saved by sharing (peak)")
+    ax.set_title("KV blocks shared instead of copied", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(DOCS / "sharing.png", dpi=110)
+
+
+if __name__ == "__main__":
+    tokens_vs_batch()
+    step_vs_context()
+    serving()
+    sharing()
