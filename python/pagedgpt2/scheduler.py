@@ -53,7 +53,7 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens
         self._reserved = 0  # blocks promised to sequences already in this step's batch
-        self._preempted_now: set[int] = set()
+        self._preempted_now = set()
         decodes = self._all_running_decode()
         batch += decodes
         budget -= len(decodes)
@@ -113,8 +113,7 @@ class Scheduler:
     def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
         if n < seq.num_uncached:
             return ScheduledSeq(seq, n, 0)  # a chunk of the prompt: nothing to sample yet
-        forks = seq.params.n if not seq.output_ids and seq.sample_index == 0 else 1
-        return ScheduledSeq(seq, n, forks)
+        return ScheduledSeq(seq, n, 1 + self._forks_of(seq))
 
     @staticmethod
     def _forks_of(seq: Sequence) -> int:
