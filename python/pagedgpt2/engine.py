@@ -23,7 +23,7 @@ import numpy as np
 from pagedgpt2 import _core
 from pagedgpt2.kv_cache import KV_CACHE_MODES, KVCache
 from pagedgpt2.model_runner import ModelRunner
-from pagedgpt2.sampling import SamplingParams, _is_int
+from pagedgpt2.sampling import SamplingParams, is_int
 from pagedgpt2.scheduler import Scheduler
 from pagedgpt2.sequence import Sequence
 from pagedgpt2.tokenizer import get_tokenizer
@@ -127,13 +127,13 @@ class Engine:
         _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
         if dtype is not None:
             _check_choice("dtype", dtype, DTYPES)
-        if not _is_int(block_size) or block_size < 1:
+        if not is_int(block_size) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-        if num_blocks is not None and (not _is_int(num_blocks) or num_blocks < 1):
+        if num_blocks is not None and (not is_int(num_blocks) or num_blocks < 1):
             raise ValueError(f"num_blocks must be an integer >= 1 or None, got {num_blocks!r}")
-        if not _is_int(max_num_seqs) or max_num_seqs < 1:
+        if not is_int(max_num_seqs) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
-        if max_num_batched_tokens is not None and (not _is_int(max_num_batched_tokens)
+        if max_num_batched_tokens is not None and (not is_int(max_num_batched_tokens)
                                                    or max_num_batched_tokens < 1):
             raise ValueError(f"max_num_batched_tokens must be an integer >= 1 or None, "
                              f"got {max_num_batched_tokens!r}")
@@ -201,7 +201,7 @@ class Engine:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
-            bad = [t for t in prompt if not _is_int(t) and not isinstance(t, np.integer)]
+            bad = [t for t in prompt if not is_int(t)]
             if bad:
                 raise TypeError(f"prompt {index}: token ids must be integers, got {bad[0]!r}")
             ids = [int(t) for t in prompt]
@@ -315,7 +315,7 @@ class Engine:
         prompt, in order. Every prompt is checked before any runs.
         """
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and all(_is_int(t) or isinstance(t, np.integer) for t in prompts)):
+                                        and all(is_int(t) for t in prompts)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("generate() needs at least one prompt")
@@ -327,8 +327,11 @@ class Engine:
         try:
             for request in requests:
                 self._start(request)
-            while any(r.request_id in self._requests for r in requests):
-                self.step()
+            unfinished = {r.request_id for r in requests}
+            while unfinished:
+                for out in self.step():
+                    if out.finished and out.request_id not in self._requests:
+                        unfinished.discard(out.request_id)
         finally:
             for request in requests:
                 self.abort(request.request_id)

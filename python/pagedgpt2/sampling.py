@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 EOT_TOKEN_ID = 50256  # <|endoftext|>
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) or type(x).__name__ in ("int32", "int64")
+def is_int(x) -> bool:
+    """A Python or numpy integer; not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass
@@ -32,21 +34,21 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not _is_int(self.n) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) \
                 or self.temperature < 0 or math.isinf(self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) \
                 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
-        if isinstance(self.stop_token_ids, int) or not all(_is_int(t) for t in self.stop_token_ids):
+        if isinstance(self.stop_token_ids, int) or not all(is_int(t) for t in self.stop_token_ids):
             raise TypeError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         self.max_new_tokens = int(self.max_new_tokens)
