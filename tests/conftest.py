@@ -31,6 +31,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def hf_logits(model, ids: list[int]):
+    """HF's float32 logits [T, V] (numpy) of one sequence."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """HF's greedy continuation of ids, exactly max_new_tokens long (no stop token)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
 def make_hf_model(shape: str, seed: int = 0, initializer_range: float = 0.15):
     """A GPT2LMHeadModel with fresh random weights (std large enough that logits are peaked,
     so greedy decoding has clear winners), fp32, eval mode."""

@@ -2,7 +2,7 @@
 token-weighted loss, for our Engine and for Hugging Face transformers alike).
 
 Usage: python tools/eval_perplexity.py MODEL_DIR VAL_BIN [--hf HF_DIR] [--context 256]
-                                      [--device cpu|cuda]
+                                      [--device cpu|cuda] [--top1 float16 bfloat16 ...]
 
 The tokens (uint16, as written by tools/shakespeare_data.py) are cut into consecutive,
 non-overlapping windows of ``context`` tokens (the last one may be shorter; a 1-token tail is
@@ -10,7 +10,9 @@ dropped). In each window the tokens at positions 1..n-1 are predicted from the o
 so every window starts with a fresh context. Loss = total negative log-likelihood / number of
 predicted tokens (nats), perplexity = exp(loss). MODEL_DIR is scored by our Engine in float32;
 with --hf, HF_DIR is scored by transformers' GPT2LMHeadModel in float32 too, and the two
-perplexities are compared to 4 significant digits.
+perplexities are compared to 4 significant digits. --top1 DTYPE... (with --hf) also reports
+teacher-forced top-1 agreement: the fraction of predicted positions where our Engine in DTYPE
+picks the same next token as HF in float32.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +54,62 @@ def nll_from_logits(logits: np.ndarray, ids: np.ndarray) -> float:
 
 def engine_loss(model_dir: str | Path, tokens: np.ndarray, context: int, device: str = "cpu") -> tuple[float, int]:
     """(mean loss, tokens predicted) of our Engine, float32, on every window."""
-    from pagedgpt2 import Engine
-
-    eng = Engine(model_dir, device=device, dtype="float32")
-    _check_context(context, eng.config["n_positions"], model_dir)
     total, count = 0.0, 0
-    for s, e in windows(tokens.size, context):
-        ids = tokens[s:e].astype(np.int64)
-        total += nll_from_logits(eng.logits(ids.tolist()), ids)
+    spans = windows(tokens.size, context)
+    for (s, e), logits in zip(spans, engine_windows_logits(model_dir, tokens, context, device)):
+        total += nll_from_logits(logits, tokens[s:e].astype(np.int64))
         count += e - s - 1
     return total / count, count
+
+
+def engine_windows_logits(model_dir: str | Path, tokens: np.ndarray, context: int, device: str = "cpu",
+                          dtype: str = "float32") -> Iterator[np.ndarray]:
+    """Our Engine's float32 logits [n, V] of each window, in window order."""
+    from pagedgpt2 import Engine
+
+    eng = Engine(model_dir, device=device, dtype=dtype)
+    _check_context(context, eng.config["n_positions"], model_dir)
+    for s, e in windows(tokens.size, context):
+        yield eng.logits(tokens[s:e].astype(np.int64).tolist())
+
+
+def hf_windows_argmax(model, tokens: np.ndarray, context: int, device: str = "cpu") -> list[np.ndarray]:
+    """HF's top-1 next token [n] at every position of each window (model's own dtype)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s, e in windows(tokens.size, context):
+            ids = torch.from_numpy(tokens[s:e].astype(np.int64)).to(device)[None]
+            out.append(model(ids).logits[0].argmax(-1).cpu().numpy())
+    return out
+
+
+def top1_agreement(model_dir: str | Path, hf_top1: list[np.ndarray], tokens: np.ndarray, context: int,
+                   device: str, dtype: str) -> tuple[float, int]:
+    """(fraction agreeing, positions compared): our Engine in dtype against HF's top-1 tokens at
+    every predicting position (teacher forcing: both read the true tokens)."""
+    same = count = 0
+    for ref, logits in zip(hf_top1, engine_windows_logits(model_dir, tokens, context, device, dtype)):
+        same += int((logits[:-1].argmax(-1) == ref[:-1]).sum())
+        count += len(ref) - 1
+    return same / count, count
+
+
+def hf_top1_agreement(model, hf_top1: list[np.ndarray], tokens: np.ndarray, context: int, device: str,
+                      dtype: str) -> float:
+    """Fraction of predicting positions where HF itself, cast to dtype, keeps its float32 top-1
+    token: the yardstick for the engine's agreement in that dtype."""
+    import copy
+
+    import torch
+
+    low = copy.deepcopy(model).to(getattr(torch, dtype))
+    same = count = 0
+    for ref, got in zip(hf_top1, hf_windows_argmax(low, tokens, context, device)):
+        same += int((got[:-1] == ref[:-1]).sum())
+        count += len(ref) - 1
+    return same / count
 
 
 def hf_loss_sum(model, tokens: np.ndarray, context: int, device: str = "cpu",
@@ -86,12 +135,17 @@ def hf_loss_sum(model, tokens: np.ndarray, context: int, device: str = "cpu",
     return total, count
 
 
-def hf_loss(hf_dir: str | Path, tokens: np.ndarray, context: int, device: str = "cpu") -> tuple[float, int]:
-    """(mean loss, tokens predicted) of an HF GPT-2 checkpoint directory, float32."""
+def load_hf(hf_dir: str | Path, context: int, device: str = "cpu"):
+    """An HF GPT-2 checkpoint directory as a float32 GPT2LMHeadModel in eval mode."""
     from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel.from_pretrained(hf_dir).float().to(device).eval()
     _check_context(context, model.config.n_positions, hf_dir)
+    return model
+
+
+def hf_loss(model, tokens: np.ndarray, context: int, device: str = "cpu") -> tuple[float, int]:
+    """(mean loss, tokens predicted) of a loaded HF GPT-2 model."""
     total, count = hf_loss_sum(model, tokens, context, device)
     return total / count, count
 
@@ -117,18 +171,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", help="also score this HF checkpoint directory with transformers")
     ap.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="window length in tokens")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--top1", nargs="+", default=[], choices=("float32", "float16", "bfloat16"),
+                    help="with --hf: top-1 agreement of the Engine in these dtypes with HF float32")
     args = ap.parse_args(argv)
+    if args.top1 and not args.hf:
+        ap.error("--top1 needs --hf")
     try:
         tokens = load_tokens(args.val_bin)
         ours, count = engine_loss(args.model_dir, tokens, args.context, args.device)
         print(f"engine: loss {ours:.6f}  perplexity {math.exp(ours):.6g}  ({count:,} tokens predicted, "
               f"{len(windows(tokens.size, args.context))} windows of {args.context})")
         if args.hf:
-            ref, _ = hf_loss(args.hf, tokens, args.context, args.device)
+            model = load_hf(args.hf, args.context, args.device)
+            ref, _ = hf_loss(model, tokens, args.context, args.device)
             same = agree(math.exp(ours), math.exp(ref))
             print(f"hf:     loss {ref:.6f}  perplexity {math.exp(ref):.6g}")
             print(f"relative difference in perplexity {abs(math.exp(ours - ref) - 1):.2e}; "
                   f"agree to 4 significant digits: {'yes' if same else 'NO'}")
+            hf_top1 = hf_windows_argmax(model, tokens, args.context, args.device) if args.top1 else []
+            for dtype in args.top1:
+                frac, n = top1_agreement(args.model_dir, hf_top1, tokens, args.context, args.device, dtype)
+                yardstick = "" if dtype == "float32" else (
+                    f" (hf {dtype} itself: {100 * hf_top1_agreement(model, hf_top1, tokens, args.context, args.device, dtype):.2f}%)")
+                print(f"top-1 agreement, engine {dtype} on {args.device} vs hf float32: {100 * frac:.2f}% "
+                      f"of {n:,} positions{yardstick}")
             return 0 if same else 2
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA engine, run the GPU tests, the sanitizers and the benchmarks,
-# and print a short table. Stages to run are arguments (default: all):
+# and print a short table. Stages to run are arguments (default: all but train and bundled):
 #   bash tools/gpu_check.sh build tests sanitize kernels bench bench_xl serving
+# `train` trains the bundled model from the token files of tools/shakespeare_data.py in
+# $TRAIN_DATA (default .devbuild/shkdata: carry it, the device has no network) and converts it
+# to float16 into $OUT/bundled; `bundled` scores the bundled model (or that new one) against HF
+# float32 on the held-out works: perplexity, and fp32/fp16/bf16 teacher-forced top-1 agreement.
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +13,8 @@ OUT=${OUT:-/tmp/pagedgpt2-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 stages=${*:-build tests sanitize kernels bench bench_xl serving}
+data=${TRAIN_DATA:-.devbuild/shkdata}                   # token files of tools/shakespeare_data.py
+bundled=${BUNDLED:-python/pagedgpt2/assets/shakespeare-gpt2}
 has() { [[ " $stages " == *" $1 "* ]]; }
 banner() { echo; echo "== $* ($(date +%T))"; }
 
@@ -24,6 +30,23 @@ if has build; then
   grep -E "pagedgpt2:" "$OUT/build.log" | head -3
   echo "built in $((SECONDS - t0)) s"
   python3 -c "import pagedgpt2._cuda as c; print('CUDA devices:', c.device_count())" || exit 1
+fi
+
+if has train; then
+  banner "train the bundled model"
+  run=/tmp/train-run
+  timeout ${TRAIN_S:-420} python3 tools/train_small_gpt2.py "$data" $run --device cuda --force ${TRAIN_ARGS:-} \
+    2>&1 | tee "$OUT/train.log" | grep -E "model:|val loss|trained|final|budget" || exit 1
+  cp $run/report.json "$OUT/train_report.json"
+  python3 tools/convert_hf.py $run/hf "$OUT/bundled" --dtype float16 --force --quiet > /dev/null || exit 1
+  bundled="$OUT/bundled"
+fi
+
+if has bundled; then
+  banner "bundled model: engine vs HF float32 on the held-out works"
+  python3 -c "from pagedgpt2.convert import export_hf_checkpoint as e; e('$bundled', '/tmp/bundled-hf', force=True)"
+  python3 tools/eval_perplexity.py "$bundled" "$data/val.bin" --hf /tmp/bundled-hf --device cuda \
+    --top1 float32 float16 bfloat16 2>&1 | grep -v -i -E "warn|loading" | tee -a "$OUT/bench.txt"
 fi
 
 if has tests; then

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -86,7 +87,25 @@ def sharing() -> None:
     fig.savefig(DOCS / "sharing.png", dpi=110)
 
 
+def bundled_training() -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name in ("bundled_model_train.json", "bundled_model_train_6000_steps.json"):
+        data = load(name)
+        hist = data["val_history"]
+        ax.plot([h["step"] for h in hist], [math.exp(h["val_loss"]) for h in hist], marker=".",
+                label=f"{data['steps']} steps ({data['epochs']:.0f} epochs)")
+    ax.set_xlabel("training step (32 x 256 tokens)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_ylim(top=200)
+    ax.set_title(f"bundled 4-layer GPT-2, {data['device_name']}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(DOCS / "bundled_training.png", dpi=110)
+
+
 if __name__ == "__main__":
+    bundled_training()
     tokens_vs_batch()
     step_vs_context()
     serving()

@@ -262,7 +262,8 @@ class Engine final : public CudaModel::Impl {
   void enqueue_upload(const Step& st);
   void enqueue_layers(const Step& st);
   void enqueue_attention(const Step& st, const T* k, const T* v);
-  void enqueue_logits(const Step& st, int r0, int rows);
+  // LM head on rows [r0, r0 + rows) into logits_; exact: float32 output for every dtype.
+  void enqueue_logits(const Step& st, int r0, int rows, bool exact);
   void enqueue_sample(const Step& st, int r0, int rows);
   void enqueue_decode_step(const Step& st, bool sample);
 
@@ -724,7 +725,7 @@ void Engine<T>::enqueue_layers(const Step& st) {
 }
 
 template <typename T>
-void Engine<T>::enqueue_logits(const Step& st, int r0, int rows) {
+void Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
   const int32_t* idx = st.logits_indices + r0;
   if (rows <= kSkinnyMaxRows && skinny_gemm_supported(rows, C_)) {
     SkinnyParams<T> p;
@@ -733,20 +734,21 @@ void Engine<T>::enqueue_logits(const Step& st, int r0, int rows) {
     p.rows = rows, p.N = V_, p.K = C_;
     launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kLogits, num_sms_, stream_,
                           pdl_);
+    return;
+  }
+  launch_add_layernorm<T>(residual_, nullptr, final_x_, ln_f_w_, ln_f_b_, idx, rows, C_, eps_,
+                          stream_);
+  if (std::is_same_v<T, float> || exact) {
+    gemm_.matmul(logits_, final_x_, wte_, nullptr, rows, V_, C_, dtype, true, Epilogue::kNone,
+                 stream_);
   } else {
-    launch_add_layernorm<T>(residual_, nullptr, final_x_, ln_f_w_, ln_f_b_, idx, rows, C_, eps_,
-                            stream_);
-    if constexpr (std::is_same_v<T, float>) {
-      gemm_.matmul(logits_, final_x_, wte_, nullptr, rows, V_, C_, dtype, true, Epilogue::kNone,
-                   stream_);
-    } else {
-      // NOTE: cuBLASLt has only a slow (sm_75) kernel for half inputs with float32 output; the
-      // half-output GEMM runs at full speed, and widening its result costs one pass over it.
-      // The logits then carry the dtype's rounding, as a half-precision model's logits do.
-      gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, V_, C_, dtype, false,
-                   Epilogue::kNone, stream_);
-      launch_to_float<T>(logits_, logits_t_, int64_t(rows) * V_, stream_);
-    }
+    // NOTE: cuBLASLt has only a slow (sm_75) kernel for half inputs with float32 output; for
+    // sampling, the half-output GEMM runs at full speed and widening its result costs one pass.
+    // Those logits carry the dtype's rounding (bf16: 2^-8 relative), as a half-precision
+    // model's logits do. Logits returned to the user (exact) take the float32-output GEMM.
+    gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, V_, C_, dtype, false,
+                 Epilogue::kNone, stream_);
+    launch_to_float<T>(logits_, logits_t_, int64_t(rows) * V_, stream_);
   }
 }
 
@@ -761,7 +763,7 @@ template <typename T>
 void Engine<T>::enqueue_decode_step(const Step& st, bool sample) {
   enqueue_upload(st);
   enqueue_layers(st);
-  enqueue_logits(st, 0, st.layout.R);
+  enqueue_logits(st, 0, st.layout.R, !sample);
   if (sample) {
     enqueue_sample(st, 0, st.layout.R);
     CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(st.layout.R),
@@ -824,7 +826,7 @@ void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits
   enqueue_layers(st);
   for (int r0 = 0; r0 < R; r0 += logits_rows_) {
     const int rows = std::min(logits_rows_, R - r0);
-    enqueue_logits(st, r0, rows);
+    enqueue_logits(st, r0, rows, s == nullptr);
     if (s) {
       enqueue_sample(st, r0, rows);
     } else {

@@ -1,4 +1,5 @@
-"""The `pagedgpt2` command line: `pagedgpt2 generate --model DIR "prompt"` streams the answer."""
+"""The `pagedgpt2` command line: `pagedgpt2 generate [--model DIR] "prompt"` streams the answer
+(without --model, from the bundled Shakespeare model)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one prompt, printing tokens as they come")
     gen.add_argument("prompt")
-    gen.add_argument("--model", required=True,
-                     help="a converted model directory, a Hugging Face GPT-2 directory, or a hub name (e.g. gpt2)")
+    gen.add_argument("--model", default=None,
+                     help="a converted model directory, a Hugging Face GPT-2 directory, or a hub name "
+                          "(e.g. gpt2); default: the bundled 7M-parameter Shakespeare model")
     gen.add_argument("--device", default="auto", choices=DEVICES)
     gen.add_argument("--dtype", default=None, choices=DTYPES)
     gen.add_argument("--kv-cache", default="paged", choices=KV_CACHE_MODES)
@@ -30,8 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_path(model: str) -> Path:
-    """A local directory as is; otherwise a hub name, downloaded when the hub is reachable."""
+def _model_path(model: str | None) -> Path | None:
+    """A local directory as is; otherwise a hub name, downloaded when the hub is reachable;
+    None (the bundled model) as is."""
+    if model is None:
+        return None
     path = Path(model)
     if path.exists():
         return path

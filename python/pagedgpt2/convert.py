@@ -33,7 +33,7 @@ from .weights import (
     SafetensorsFiles, check_tensor_set, expected_shapes, validate_config,
 )
 
-__all__ = ["convert_checkpoint", "convert_state_dict", "load_hf_checkpoint", "main"]
+__all__ = ["convert_checkpoint", "convert_state_dict", "export_hf_checkpoint", "load_hf_checkpoint", "main"]
 
 ProgressFn = Callable[[int, int, int], None]  # (tensors done, tensors total, bytes done)
 
@@ -365,6 +365,43 @@ def convert_checkpoint(
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         _write_dir(tmp, config, tensors)
+        _swap_in(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+# ---------------------------------------------------------------- engine -> HF
+
+
+def hf_config_of(config: dict) -> dict:
+    """The HF GPT2Config dict of an engine config (the inverse of engine_config)."""
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config["vocab_size"], "n_positions": config["n_positions"],
+        "n_embd": config["n_embd"], "n_layer": config["n_layer"], "n_head": config["n_head"],
+        "n_inner": config["n_inner"], "layer_norm_epsilon": config["layer_norm_epsilon"],
+        "activation_function": "gelu_new", "tie_word_embeddings": True,
+        "bos_token_id": 50256, "eos_token_id": 50256, "dtype": config.get("dtype", "float32"),
+    }
+
+
+def export_hf_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write the engine model directory ``src`` as an HF GPT-2 checkpoint directory ``dst``
+    (config.json + model.safetensors in the stored dtype) that GPT2LMHeadModel.from_pretrained
+    loads: the same weights, for checking the engine against transformers."""
+    from .weights import load_model_dir
+
+    src, dst = Path(src), Path(dst)
+    _prepare_dst(dst, force)
+    config, tensors = load_model_dir(src)
+    dtype = config.get("dtype", "float32")
+    hf_tensors = {f"transformer.{hf}": np.ascontiguousarray(tensors[eng].T if transpose else tensors[eng],
+                                                             dtype=dtype)
+                  for hf, (eng, transpose) in _name_map(config["n_layer"]).items()}
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_dir(tmp, hf_config_of(config), hf_tensors)
         _swap_in(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Engine: the public API. Loads a model, owns the backend and the KV cache, runs requests.
 
-    eng = Engine("models/gpt2", device="cpu")
+    eng = Engine("models/gpt2", device="cpu")   # Engine() loads the bundled Shakespeare model
     outs = eng.generate(["Alan Turing", [15496, 995]], SamplingParams(max_new_tokens=32))
 
 Requests join and leave at any step: add_request() / step() / abort() are the loop that
@@ -27,7 +27,7 @@ from pagedgpt2.sampling import SamplingParams, is_int
 from pagedgpt2.scheduler import Scheduler
 from pagedgpt2.sequence import Sequence
 from pagedgpt2.tokenizer import get_tokenizer
-from pagedgpt2.weights import load_model_dir
+from pagedgpt2.weights import BUNDLED_MODEL, load_model_dir
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -118,7 +118,7 @@ def _resolve_device(device: str) -> str:
 
 
 class Engine:
-    def __init__(self, model: str | os.PathLike, device: str = "auto", dtype: str | None = None,
+    def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", dtype: str | None = None,
                  kv_cache: str = "paged", block_size: int = 16, num_blocks: int | None = None, *,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = False, gpu_memory_fraction: float = 0.9,
@@ -144,7 +144,8 @@ class Engine:
         self.dtype = dtype or ("float16" if self.device == "cuda" else "float32")
         if self.device == "cpu" and self.dtype != "float32":
             raise ValueError(f"the CPU backend computes in float32; dtype {self.dtype!r} needs device='cuda'")
-        self.config, tensors = load_model_dir(Path(model))
+        self.model_path = Path(model) if model is not None else BUNDLED_MODEL
+        self.config, tensors = load_model_dir(self.model_path)
         n_positions = self.config["n_positions"]
         # NOTE: long prompts are chunked, so the token budget may be below the context length.
         self.max_num_batched_tokens = max_num_batched_tokens or max(2048, n_positions)

@@ -33,6 +33,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ENGINE_DTYPES = ("float32", "float16")
+# The default model: a 7.3M-parameter GPT-2 trained on Shakespeare and Milton (docs/bundled_model.md).
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "shakespeare-gpt2"
 _INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 
 # safetensors dtype name -> (bytes per element, numpy dtype or None if numpy lacks it)

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import hf_greedy, hf_logits
 
 from pagedgpt2 import Engine, SamplingParams
 
 SHAPES = ["d16", "d48", "d64"]
-
-
-def hf_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
