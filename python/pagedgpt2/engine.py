@@ -265,28 +265,34 @@ class Engine:
         if not batch:
             return []
         outputs = []
+        finished = []
         for item, tokens in zip(batch, self.runner.sample(batch)):
-            for j, token in enumerate(tokens[1:], start=1):  # the prompt forks into n samples
-                outputs.append(self._fork(item.seq, j, token))
-            if tokens:
-                outputs.append(self._advance(item.seq, tokens[0]))
-        for request_id in {o.request_id for o in outputs if o.finished}:
+            if not tokens:
+                continue
+            if len(tokens) > 1:  # the prompt forks into n samples
+                for j, token in enumerate(tokens[1:], start=1):
+                    outputs.append(self._fork(item.seq, j, token, finished))
+            outputs.append(self._advance(item.seq, tokens[0], finished))
+        for request_id in set(finished):
             if self._requests[request_id].is_finished:
                 del self._requests[request_id]
         return outputs
 
-    def _advance(self, seq: Sequence, token: int) -> StepOutput:
+    def _advance(self, seq: Sequence, token: int, finished: list[int]) -> StepOutput:
+        """Appends seq's new token; a finished seq leaves the scheduler and its request id
+        goes into finished."""
         seq.append(token)
-        if seq.is_finished:
+        if seq.finish_reason is not None:
             self.scheduler.finish(seq)
+            finished.append(seq.request_id)
         return StepOutput(seq.request_id, seq.sample_index, [token], seq.finish_reason)
 
-    def _fork(self, parent: Sequence, sample_index: int, token: int) -> StepOutput:
+    def _fork(self, parent: Sequence, sample_index: int, token: int, finished: list[int]) -> StepOutput:
         child = parent.fork(next(self._seq_ids), sample_index)
         self.kv.manager.fork(parent.seq_id, child.seq_id)
         self._requests[parent.request_id].samples.append(child)
         self.scheduler.add_running(child, after=parent)
-        return self._advance(child, token)
+        return self._advance(child, token, finished)
 
     def abort(self, request_id: int) -> None:
         """Stops a request and frees every block it holds. Unknown or finished ids are ignored."""

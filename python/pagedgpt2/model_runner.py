@@ -9,6 +9,8 @@ cpp/allocator/block_manager.h); copy-on-write copies run before the forward.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from pagedgpt2.kv_cache import KVCache
@@ -22,9 +24,15 @@ class ModelRunner:
         self.kv = kv
         self._sampling_key: tuple = ()
         self._sampling: dict = {}
+        # The last all-decode batch (the scheduler hands out the same ScheduledSeq objects while
+        # its running set is unchanged) and what it sampled: the next step feeds those tokens.
+        self._last_decode: list[ScheduledSeq] = []
+        self._last_tokens = np.zeros(0, dtype=np.int32)
+        self._last_counters = np.zeros(0, dtype=np.int64)
 
-    def _prepare(self, batch: list[tuple[Sequence, int]]) -> dict:
-        """batch: [(sequence, number of new tokens)]."""
+    def _prepare(self, batch: list[tuple[Sequence, int]], token_ids: np.ndarray | None = None) -> dict:
+        """batch: [(sequence, number of new tokens)]; token_ids: the new tokens when the caller
+        already has them (a repeated decode step)."""
         seqs = [seq for seq, _ in batch]
         num_new = np.fromiter((n for _, n in batch), dtype=np.int32, count=len(batch))
         seq_ids = np.fromiter((seq.seq_id for seq in seqs), dtype=np.int64, count=len(batch))
@@ -34,7 +42,9 @@ class ModelRunner:
         query_start_loc = np.zeros(len(batch) + 1, dtype=np.int32)
         np.cumsum(num_new, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
-        if num_tokens == len(batch):  # decode only: one token each
+        if token_ids is not None:
+            positions = starts
+        elif num_tokens == len(batch):  # decode only: one token each
             token_ids = np.fromiter((seq.uncached_ids(1)[0] for seq in seqs), dtype=np.int32, count=num_tokens)
             positions = starts
         else:
@@ -67,8 +77,27 @@ class ModelRunner:
                 seeds=np.fromiter((sample_seed(seq.seed, j) for seq, j in rows), dtype=np.uint64, count=n))
         return self._sampling
 
+    def _repeats_last_decode(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether batch is, item for item, the all-decode batch that ran last."""
+        last = self._last_decode
+        return len(batch) == len(last) > 0 and all(map(operator.is_, batch, last))
+
+    def _sample_repeated_decode(self, batch: list[ScheduledSeq]) -> list[list[int]]:
+        """The steady decode step: the tokens sampled last step go in as they are, and the
+        sampling arrays carry over with every counter one higher."""
+        arrays = self._prepare([(item.seq, 1) for item in batch], token_ids=self._last_tokens)
+        self._last_counters = self._last_counters + 1
+        tokens = self.backend.forward_and_sample(
+            **arrays, logits_indices=np.arange(len(batch), dtype=np.int32), **self._sampling,
+            counters=self._last_counters)
+        self._last_tokens = tokens
+        return [[t] for t in tokens.tolist()]
+
     def sample(self, batch: list[ScheduledSeq]) -> list[list[int]]:
         """Runs the batch; returns, per scheduled sequence, its num_samples new tokens."""
+        if self._repeats_last_decode(batch):
+            return self._sample_repeated_decode(batch)
+        self._last_decode = []
         arrays = self._prepare([(item.seq, item.num_new_tokens) for item in batch])
         last_rows = arrays["query_start_loc"][1:] - 1
         counts = np.fromiter((item.num_samples for item in batch), dtype=np.int64, count=len(batch))
@@ -77,10 +106,12 @@ class ModelRunner:
             self.backend.forward(**arrays, logits_indices=logits_indices)
             return [[] for _ in batch]
         rows = [(item.seq, j) for item in batch for j in range(item.num_samples)]
-        tokens = self.backend.forward_and_sample(
-            **arrays, logits_indices=logits_indices, **self._sampling_arrays(rows),
-            counters=np.fromiter((len(seq.output_ids) for seq, _ in rows), dtype=np.int64, count=len(rows)),
-        ).tolist()
+        counters = np.fromiter((len(seq.output_ids) for seq, _ in rows), dtype=np.int64, count=len(rows))
+        sampled = self.backend.forward_and_sample(
+            **arrays, logits_indices=logits_indices, **self._sampling_arrays(rows), counters=counters)
+        if len(rows) == len(batch) == arrays["token_ids"].size:  # all decode: may repeat next step
+            self._last_decode, self._last_tokens, self._last_counters = batch, sampled, counters
+        tokens = sampled.tolist()
         out, start = [], 0
         for item in batch:
             out.append(tokens[start:start + item.num_samples])

@@ -39,6 +39,12 @@ class Scheduler:
         self._reserved = 0
         self._pending_forks = 0  # samples running prompts will fork into once prefilled
         self._preempted_now: set[int] = set()
+        # The all-decode batch, kept while `running` is unchanged: the same ScheduledSeq objects
+        # step after step tell the model runner it may reuse its arrays.
+        self._running_version = 0  # bumped by every change to `running`
+        self._decode_version = -1
+        self._decode_items: list[ScheduledSeq] = []
+        self._decode_seq_ids = np.zeros(0, dtype=np.int64)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -55,7 +61,7 @@ class Scheduler:
         self._reserved = 0  # blocks promised to sequences already in this step's batch
         self._preempted_now = set()
         decodes = self._all_running_decode()
-        batch += decodes
+        batch += decodes  # a copy: the cached items stay as they are
         budget -= len(decodes)
         for seq in [] if decodes else list(self.running):
             if budget == 0:
@@ -85,14 +91,20 @@ class Scheduler:
         running = self.running
         if not running or len(running) > self.max_num_batched_tokens:
             return []
-        if not all(seq.output_ids and seq.num_uncached == 1 for seq in running):
-            return []
-        seq_ids = np.fromiter((seq.seq_id for seq in running), dtype=np.int64, count=len(running))
-        need = self.kv.manager.blocks_needed_to_append_each(seq_ids, 1)
+        if self._decode_version != self._running_version:
+            # NOTE: once every running sequence decodes, each step keeps it so (one token fed,
+            # one sampled) until `running` changes, so this scan runs once per change.
+            if not all(seq.output_ids and seq.num_uncached == 1 for seq in running):
+                return []
+            self._decode_seq_ids = np.fromiter((seq.seq_id for seq in running), dtype=np.int64,
+                                               count=len(running))
+            self._decode_items = [ScheduledSeq(seq, 1, 1) for seq in running]
+            self._decode_version = self._running_version
+        need = self.kv.manager.blocks_needed_to_append_each(self._decode_seq_ids, 1)
         if need > self._free_blocks():
             return []
         self._reserved += need
-        return [ScheduledSeq(seq, 1, 1) for seq in running]
+        return self._decode_items
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         return self.kv.manager.blocks_needed_to_append(seq.seq_id, n)
@@ -137,10 +149,12 @@ class Scheduler:
 
     def _enter_running(self, seq: Sequence) -> None:
         self.running.append(seq)
+        self._running_version += 1
         self._pending_forks += self._forks_of(seq)
 
     def _leave_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._running_version += 1
         self._pending_forks -= self._forks_of(seq)
 
     def preempt(self, seq: Sequence) -> None:
@@ -168,6 +182,7 @@ class Scheduler:
     def add_running(self, seq: Sequence, after: Sequence) -> None:
         """A forked sample joins the running set beside its parent (which has sampled now)."""
         self.running.insert(self.running.index(after) + 1, seq)
+        self._running_version += 1
         self._pending_forks -= 1
 
     def finish(self, seq: Sequence) -> None:

@@ -203,3 +203,36 @@ def test_parallel_samples_count_against_max_num_seqs(model_dir):
         peak = max(peak, len(eng.scheduler.running))
     assert 4 <= peak <= 6
     assert eng.kv_stats()["blocks_used"] == 0 and eng.scheduler._pending_forks == 0
+
+
+def test_repeated_decode_steps_reuse_arrays_and_change_nothing(model_dir, monkeypatch):
+    """The steady decode step (same running set as last step: last step's sampled tokens fed
+    straight back, sampling arrays carried over) gives the tokens of the general path, with
+    seeded sampling, forks, a late joiner and an abort in the run."""
+    from pagedgpt2.model_runner import ModelRunner
+
+    def run(fast: bool):
+        eng = Engine(model_dir, device="cpu", block_size=4)
+        taken = []
+        repeats, original = ModelRunner._repeats_last_decode, ModelRunner._sample_repeated_decode
+        monkeypatch.setattr(ModelRunner, "_repeats_last_decode", lambda self, batch: fast and repeats(self, batch))
+        monkeypatch.setattr(ModelRunner, "_sample_repeated_decode",
+                            lambda self, batch: taken.append(len(batch)) or original(self, batch))
+        params = mixed_params(5, max_new=24) + [SamplingParams(n=3, max_new_tokens=18, temperature=1.0, seed=7,
+                                                               ignore_eos=True)]
+        rids = [eng.add_request(p, sp) for p, sp in zip(make_prompts(21, [5, 9, 13, 3, 17, 8]), params)]
+        got = {}
+        for step in range(60):
+            if step == 6:
+                rids.append(eng.add_request(make_prompts(22, [6])[0], mixed_params(1)[0]))
+            if step == 9:
+                eng.abort(rids[2])
+            for out in eng.step():
+                got.setdefault((out.request_id, out.sample_index), []).extend(out.new_token_ids)
+        assert not eng.has_unfinished_requests() and eng.kv_stats()["blocks_used"] == 0
+        return got, taken
+
+    fast, taken = run(True)
+    slow, none = run(False)
+    assert fast == slow
+    assert len(taken) > 10 and not none  # the steady path ran, and only when allowed
