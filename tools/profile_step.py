@@ -1,5 +1,5 @@
 """Where a decode step's time goes: per-kernel GPU time from the PyTorch profiler (CUPTI sees our
-kernels too), and host time of the Python loop around them.
+kernels too), and wall time per step split into the backend call and the Python around it.
 
     python tools/profile_step.py --batch 1 64 256 --context 256
 """
@@ -15,6 +15,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import make_model_dir  # noqa: E402
+
+
+class TimedBackend:
+    """A backend that adds up the wall time of its forward_and_sample calls."""
+
+    def __init__(self, backend):
+        self.backend, self.seconds = backend, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def forward_and_sample(self, **arrays):
+        t = time.perf_counter()
+        out = self.backend.forward_and_sample(**arrays)
+        self.seconds += time.perf_counter() - t
+        return out
 
 
 def main() -> None:
@@ -45,18 +61,22 @@ def main() -> None:
             eng.step()  # prefill
         for _ in range(5):
             eng.step()  # warm: graph capture
+        timed = eng.runner.backend = TimedBackend(eng.backend)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             eng.step()
         host_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        backend_ms = timed.seconds / args.steps * 1e3
+        eng.runner.backend = eng.backend
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 eng.step()
         torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
         gpu_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / args.steps / 1e3
-        print(f"\n== batch {batch}, context {args.context}: {host_ms:.3f} ms/step wall, "
-              f"{gpu_total:.3f} ms/step of GPU kernels, graphs={eng.backend.num_cuda_graphs}")
+        print(f"\n== batch {batch}, context {args.context}: {host_ms:.3f} ms/step wall, of which "
+              f"{backend_ms:.3f} ms in the backend call (C++ and the GPU) and {host_ms - backend_ms:.3f} ms "
+              f"of Python; {gpu_total:.3f} ms/step of GPU kernels, graphs={eng.backend.num_cuda_graphs}")
         rows = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:14]
         for e in rows:
             t = getattr(e, "self_device_time_total", 0) / args.steps

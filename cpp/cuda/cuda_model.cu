@@ -280,6 +280,8 @@ class Engine final : public CudaModel::Impl {
   int max_tokens_;   // max_num_batched_tokens
   int max_seqs_;     // sequences per step (>= max_num_seqs)
   int logits_rows_;  // rows of logits computed at once (LM head chunk)
+  // Row length of the half-precision LM-head output: V rounded up to 16 bytes (see gemm.cuh).
+  int padded_vocab() const { return (V_ + 7) / 8 * 8; }
   std::vector<int> buckets_;
 
   DeviceBuffer weights_;
@@ -298,7 +300,7 @@ class Engine final : public CudaModel::Impl {
   T* mlp_ = nullptr;               // [max_tokens, I]
   T* final_x_ = nullptr;           // [logits_rows, C]
   float* logits_ = nullptr;        // [logits_rows, V]
-  T* logits_t_ = nullptr;          // [logits_rows, V] half-precision LM-head output (T != float)
+  T* logits_t_ = nullptr;          // [logits_rows, Vp] half-precision LM-head output (T != float)
   int32_t* next_tokens_ = nullptr; // [max_tokens]
   char* step_dev_ = nullptr;       // packed step inputs (device twin of step_host_)
   DecodeWorkspace decode_ws_;
@@ -454,7 +456,7 @@ void Engine<T>::allocate_activations() {
     mlp_ = cv.take<T>(Tn * size_t(I_) * sizeof(T));
     final_x_ = cv.take<T>(size_t(logits_rows_) * C * sizeof(T));
     logits_ = cv.take<float>(size_t(logits_rows_) * V_ * sizeof(float));
-    if (!std::is_same_v<T, float>) logits_t_ = cv.take<T>(size_t(logits_rows_) * V_ * sizeof(T));
+    if (!std::is_same_v<T, float>) logits_t_ = cv.take<T>(size_t(logits_rows_) * padded_vocab() * sizeof(T));
     next_tokens_ = cv.take<int32_t>(Tn * sizeof(int32_t));
     step_dev_ = cv.take<char>(step_bytes_);
     decode_ws_.partial_out = cv.take<float>(size_t(partial_rows) * D_ * sizeof(float));
@@ -747,8 +749,8 @@ void Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
     // Those logits carry the dtype's rounding (bf16: 2^-8 relative), as a half-precision
     // model's logits do. Logits returned to the user (exact) take the float32-output GEMM.
     gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, V_, C_, dtype, false,
-                 Epilogue::kNone, stream_);
-    launch_to_float<T>(logits_, logits_t_, int64_t(rows) * V_, stream_);
+                 Epilogue::kNone, stream_, padded_vocab());
+    launch_to_float<T>(logits_, logits_t_, rows, V_, padded_vocab(), stream_);
   }
 }
 
