@@ -280,7 +280,7 @@ class Engine final : public CudaModel::Impl {
   int max_tokens_;   // max_num_batched_tokens
   int max_seqs_;     // sequences per step (>= max_num_seqs)
   int logits_rows_;  // rows of logits computed at once (LM head chunk)
-  // Row length of the half-precision LM-head output: V rounded up to 16 bytes (see gemm.cuh).
+  // V rounded up to a multiple of 8: wte's rows on the GPU and the half-precision LM head's N.
   int padded_vocab() const { return (V_ + 7) / 8 * 8; }
   std::vector<int> buckets_;
 
@@ -300,7 +300,7 @@ class Engine final : public CudaModel::Impl {
   T* mlp_ = nullptr;               // [max_tokens, I]
   T* final_x_ = nullptr;           // [logits_rows, C]
   float* logits_ = nullptr;        // [logits_rows, V]
-  T* logits_t_ = nullptr;          // [logits_rows, Vp] half-precision LM-head output (T != float)
+  T* logits_t_ = nullptr;  // [logits_rows, padded_vocab] half-precision LM head (T != float)
   int32_t* next_tokens_ = nullptr; // [max_tokens]
   char* step_dev_ = nullptr;       // packed step inputs (device twin of step_host_)
   DecodeWorkspace decode_ws_;
@@ -364,10 +364,13 @@ void Engine<T>::upload_weights(const HostWeights& weights) {
     std::vector<int64_t> shape;
     bool fp32;  // kept in float32 (LayerNorm parameters)
     const void** dst;
+    size_t zero_tail = 0;  // zeroed elements allocated after the tensor
   };
   std::vector<Spec> specs;
   const int64_t C = C_, I = I_;
-  specs.push_back({"wte", {V_, C}, false, reinterpret_cast<const void**>(&wte_)});
+  // wte gets padded_vocab() rows, the extra ones zero: the LM head GEMM's N (see enqueue_logits).
+  specs.push_back({"wte", {V_, C}, false, reinterpret_cast<const void**>(&wte_),
+                   size_t(padded_vocab() - V_) * C});
   specs.push_back({"wpe", {P_, C}, false, reinterpret_cast<const void**>(&wpe_)});
   specs.push_back({"ln_f.weight", {C}, true, reinterpret_cast<const void**>(&ln_f_w_)});
   specs.push_back({"ln_f.bias", {C}, true, reinterpret_cast<const void**>(&ln_f_b_)});
@@ -403,7 +406,7 @@ void Engine<T>::upload_weights(const HostWeights& weights) {
     }
     size_t n = 1;
     for (int64_t d : s.shape) n *= size_t(d);
-    total += align_up(n * (s.fp32 ? sizeof(float) : sizeof(T)));
+    total += align_up((n + s.zero_tail) * (s.fp32 ? sizeof(float) : sizeof(T)));
     largest = std::max(largest, n);
   }
   weights_.reset(total, "the weights");
@@ -414,10 +417,12 @@ void Engine<T>::upload_weights(const HostWeights& weights) {
     size_t n = 1;
     for (int64_t d : s.shape) n *= size_t(d);
     char* dst = weights_.get() + offset;
+    const size_t elem = s.fp32 || std::is_same_v<T, float> ? sizeof(float) : sizeof(T);
+    CUDA_CHECK(cudaMemsetAsync(dst + n * elem, 0, s.zero_tail * elem, stream_));
     // NOTE: every copy and conversion is ordered on stream_, so reusing `staging` is safe.
     if (s.fp32 || std::is_same_v<T, float>) {
       CUDA_CHECK(cudaMemcpyAsync(dst, h.data, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
-      offset += align_up(n * sizeof(float));
+      offset += align_up((n + s.zero_tail) * sizeof(float));
     } else {
       CUDA_CHECK(cudaMemcpyAsync(staging.get(), h.data, n * sizeof(float), cudaMemcpyHostToDevice,
                                  stream_));
@@ -426,7 +431,7 @@ void Engine<T>::upload_weights(const HostWeights& weights) {
                                                      reinterpret_cast<const float*>(staging.get()),
                                                      int64_t(n));
       CUDA_CHECK_LAUNCH();
-      offset += align_up(n * sizeof(T));
+      offset += align_up((n + s.zero_tail) * sizeof(T));
     }
     *s.dst = dst;
   }
@@ -456,7 +461,9 @@ void Engine<T>::allocate_activations() {
     mlp_ = cv.take<T>(Tn * size_t(I_) * sizeof(T));
     final_x_ = cv.take<T>(size_t(logits_rows_) * C * sizeof(T));
     logits_ = cv.take<float>(size_t(logits_rows_) * V_ * sizeof(float));
-    if (!std::is_same_v<T, float>) logits_t_ = cv.take<T>(size_t(logits_rows_) * padded_vocab() * sizeof(T));
+    if (!std::is_same_v<T, float>) {
+      logits_t_ = cv.take<T>(size_t(logits_rows_) * padded_vocab() * sizeof(T));
+    }
     next_tokens_ = cv.take<int32_t>(Tn * sizeof(int32_t));
     step_dev_ = cv.take<char>(step_bytes_);
     decode_ws_.partial_out = cv.take<float>(size_t(partial_rows) * D_ * sizeof(float));
@@ -744,12 +751,13 @@ void Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
     gemm_.matmul(logits_, final_x_, wte_, nullptr, rows, V_, C_, dtype, true, Epilogue::kNone,
                  stream_);
   } else {
-    // NOTE: cuBLASLt has only a slow (sm_75) kernel for half inputs with float32 output; for
-    // sampling, the half-output GEMM runs at full speed and widening its result costs one pass.
-    // Those logits carry the dtype's rounding (bf16: 2^-8 relative), as a half-precision
-    // model's logits do. Logits returned to the user (exact) take the float32-output GEMM.
-    gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, V_, C_, dtype, false,
-                 Epilogue::kNone, stream_, padded_vocab());
+    // NOTE: with N = V = 50,257 (odd) cuBLASLt offers only an sm_75 kernel (~200 us at 256
+    // rows on an H200). For sampling, the GEMM runs over wte's zero-padded rows, N a multiple
+    // of 8, in half precision, and widening the first V columns costs one pass. Those logits
+    // carry the dtype's rounding (bf16: 2^-8 relative), as a half-precision model's logits do;
+    // logits returned to the user (exact) take the float32-output GEMM.
+    gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, padded_vocab(), C_, dtype, false,
+                 Epilogue::kNone, stream_);
     launch_to_float<T>(logits_, logits_t_, rows, V_, padded_vocab(), stream_);
   }
 }

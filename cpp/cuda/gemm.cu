@@ -54,7 +54,7 @@ void Gemm::destroy(Plan& p) {
 }
 
 bool Gemm::try_make_plan(Plan& p, int T, int N, int K, DType dtype, bool out_fp32,
-                         cublasLtEpilogue_t epilogue, int ldc) {
+                         cublasLtEpilogue_t epilogue) {
   const cudaDataType_t ab = cuda_type(dtype);
   const cudaDataType_t cd = out_fp32 ? CUDA_R_32F : ab;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -73,14 +73,14 @@ bool Gemm::try_make_plan(Plan& p, int T, int N, int K, DType dtype, bool out_fp3
   }
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, K, N, K));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, K, T, K));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, cd, N, T, ldc));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, cd, N, T, N));
 
   cublasLtMatmulPreference_t pref;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)));
   // NOTE: every pointer we pass is at least 16-byte aligned (tensors are carved at 256-byte
-  // boundaries, rows are K or ldc elements); promising 16 rather than the default 256 keeps the
+  // boundaries, rows are K or N elements); promising 16 rather than the default 256 keeps the
   // heuristic honest for sub-buffers.
   const uint32_t align = 16;
   for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
@@ -105,19 +105,18 @@ bool Gemm::try_make_plan(Plan& p, int T, int N, int K, DType dtype, bool out_fp3
   return true;
 }
 
-Gemm::Plan& Gemm::plan(int T, int N, int K, DType dtype, bool out_fp32, Epilogue epilogue,
-                       int ldc) {
-  const Key key{T, N, K, int(dtype), int(epilogue), out_fp32, ldc};
+Gemm::Plan& Gemm::plan(int T, int N, int K, DType dtype, bool out_fp32, Epilogue epilogue) {
+  const Key key{T, N, K, int(dtype), int(epilogue), out_fp32};
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   Plan p;
   const cublasLtEpilogue_t fused = epilogue == Epilogue::kBias       ? CUBLASLT_EPILOGUE_BIAS
                                    : epilogue == Epilogue::kBiasGelu ? CUBLASLT_EPILOGUE_GELU_BIAS
                                                                      : CUBLASLT_EPILOGUE_DEFAULT;
-  if (try_make_plan(p, T, N, K, dtype, out_fp32, fused, ldc)) {
+  if (try_make_plan(p, T, N, K, dtype, out_fp32, fused)) {
     p.fused = true;
   } else if (epilogue != Epilogue::kNone &&
-             try_make_plan(p, T, N, K, dtype, out_fp32, CUBLASLT_EPILOGUE_DEFAULT, ldc)) {
+             try_make_plan(p, T, N, K, dtype, out_fp32, CUBLASLT_EPILOGUE_DEFAULT)) {
     p.fused = false;
   } else {
     throw std::runtime_error("cuBLASLt has no algorithm for a " + std::string(dtype_name(dtype)) +
@@ -172,18 +171,12 @@ void Gemm::autotune(Plan& p, void* out, const void* in, const void* weight, cuda
 }
 
 void Gemm::matmul(void* out, const void* in, const void* weight, const void* bias, int T, int N,
-                  int K, DType dtype, bool out_fp32, Epilogue epilogue, cudaStream_t stream,
-                  int ldc) {
+                  int K, DType dtype, bool out_fp32, Epilogue epilogue, cudaStream_t stream) {
   if (T <= 0) return;
-  if (ldc == 0) ldc = N;
-  if (ldc < N) throw std::invalid_argument("Gemm::matmul: ldc < N");
-  if (!out_fp32 && epilogue != Epilogue::kNone && ldc != N) {
-    throw std::invalid_argument("Gemm::matmul: a bias epilogue needs packed rows (ldc == N)");
-  }
   if (!bias && epilogue != Epilogue::kNone) {
     throw std::invalid_argument("Gemm::matmul: a bias epilogue needs a bias");
   }
-  Plan& p = plan(T, N, K, dtype, out_fp32, epilogue, ldc);
+  Plan& p = plan(T, N, K, dtype, out_fp32, epilogue);
   if (p.fused && epilogue != Epilogue::kNone) {
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                                 sizeof(bias)));

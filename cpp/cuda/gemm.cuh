@@ -26,10 +26,8 @@ class Gemm {
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
 
-  // out[T, N] = epilogue(in[T, K] @ weight[N, K]^T + bias[N]), rows of out ldc apart (0: N).
+  // out[T, N] = epilogue(in[T, K] @ weight[N, K]^T + bias[N]).
   // in, weight, bias are `dtype`; out is `dtype`, or float32 when out_fp32 (the LM head).
-  // NOTE: cuBLASLt's fast Hopper kernels need 16-byte aligned rows; with N = 50,257 (GPT-2's
-  // vocabulary) only an sm_75 kernel remains, 5-8x slower, so the LM head pads ldc.
   // NOTE: the bias and GELU run in cuBLASLt's epilogue (its GELU is the tanh approximation GPT-2
   // uses); when the heuristic finds no algorithm with that epilogue, a plain GEMM runs and
   // launch_bias_act finishes the job. Graph-capturable: no allocation after the first call of a
@@ -38,8 +36,7 @@ class Gemm {
   // timed on the first eager call and the fastest kept: its first pick is sometimes several times
   // slower (an sm_75 kernel for the fp16 x fp16 -> fp32 LM head, seen on an H200).
   void matmul(void* out, const void* in, const void* weight, const void* bias, int T, int N,
-              int K, DType dtype, bool out_fp32, Epilogue epilogue, cudaStream_t stream,
-              int ldc = 0);
+              int K, DType dtype, bool out_fp32, Epilogue epilogue, cudaStream_t stream);
 
  private:
   struct Plan {
@@ -49,12 +46,11 @@ class Gemm {
     std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's best few, until timed
     bool fused = false;  // the epilogue runs inside cuBLASLt
   };
-  // T, N, K, dtype, epilogue, out_fp32, ldc
-  using Key = std::tuple<int, int, int, int, int, bool, int>;
+  using Key = std::tuple<int, int, int, int, int, bool>;  // T, N, K, dtype, epilogue, out_fp32
 
-  Plan& plan(int T, int N, int K, DType dtype, bool out_fp32, Epilogue epilogue, int ldc);
+  Plan& plan(int T, int N, int K, DType dtype, bool out_fp32, Epilogue epilogue);
   bool try_make_plan(Plan& p, int T, int N, int K, DType dtype, bool out_fp32,
-                     cublasLtEpilogue_t epilogue, int ldc);
+                     cublasLtEpilogue_t epilogue);
   static void destroy(Plan& p);
   void run(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
            const void* weight, cudaStream_t stream);
