@@ -89,9 +89,16 @@ def top1_agreement(model_dir: str | Path, hf_top1: list[np.ndarray], tokens: np.
                    device: str, dtype: str) -> tuple[float, int]:
     """(fraction agreeing, positions compared): our Engine in dtype against HF's top-1 tokens at
     every predicting position (teacher forcing: both read the true tokens)."""
+    logits = engine_windows_logits(model_dir, tokens, context, device, dtype)
+    return _agreement(hf_top1, (window.argmax(-1) for window in logits))
+
+
+def _agreement(refs: list[np.ndarray], preds) -> tuple[float, int]:
+    """(fraction, count) of predicting positions (all but each window's last) where the top-1
+    tokens of preds equal those of refs, window by window."""
     same = count = 0
-    for ref, logits in zip(hf_top1, engine_windows_logits(model_dir, tokens, context, device, dtype)):
-        same += int((logits[:-1].argmax(-1) == ref[:-1]).sum())
+    for ref, got in zip(refs, preds):
+        same += int((got[:-1] == ref[:-1]).sum())
         count += len(ref) - 1
     return same / count, count
 
@@ -105,11 +112,7 @@ def hf_top1_agreement(model, hf_top1: list[np.ndarray], tokens: np.ndarray, cont
     import torch
 
     low = copy.deepcopy(model).to(getattr(torch, dtype))
-    same = count = 0
-    for ref, got in zip(hf_top1, hf_windows_argmax(low, tokens, context, device)):
-        same += int((got[:-1] == ref[:-1]).sum())
-        count += len(ref) - 1
-    return same / count
+    return _agreement(hf_top1, hf_windows_argmax(low, tokens, context, device))[0]
 
 
 def hf_loss_sum(model, tokens: np.ndarray, context: int, device: str = "cpu",

@@ -256,9 +256,10 @@ def test_prepare_train_convert_and_perplexity_agree(tmp_path):
     hf_model = ep.load_hf(out / "hf", 64)
     ref, n_ref = ep.hf_loss(hf_model, val_ids, 64)
     assert n_ours == n_ref == sum(e - s - 1 for s, e in ep.windows(val_ids.size, 64))
-    frac, n_top1 = ep.top1_agreement(engine_dir, ep.hf_windows_argmax(hf_model, val_ids, 64), val_ids, 64,
-                                     "cpu", "float32")
+    hf_top1 = ep.hf_windows_argmax(hf_model, val_ids, 64)
+    frac, n_top1 = ep.top1_agreement(engine_dir, hf_top1, val_ids, 64, "cpu", "float32")
     assert n_top1 == n_ours and frac > 0.99
+    assert ep.hf_top1_agreement(hf_model, hf_top1, val_ids, 64, "cpu", "float32") == 1.0
     assert ep.agree(math.exp(ours), math.exp(ref))
     assert ep.agree(math.exp(ref), math.exp(report["final_val_loss"]))
 
