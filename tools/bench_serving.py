@@ -42,7 +42,7 @@ def run_engine(eng, requests, sample_every: int = 16, params_fn=None) -> dict:
     running, waste, saved = [], [], []
     t0 = time.perf_counter()
     while eng.has_unfinished_requests():
-        num_tokens += len(eng.step())
+        num_tokens += sum(len(out.new_token_ids) for out in eng.step())  # a step may carry several
         steps += 1
         if steps % sample_every == 0:
             s = eng.kv_stats()

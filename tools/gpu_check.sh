@@ -67,7 +67,7 @@ fi
 
 if has kernels; then
   banner "kernel benchmarks"
-  timeout ${KERNELS_S:-120} python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.txt" | tail -30
+  timeout ${KERNELS_S:-120} python3 tools/bench_kernels.py ${KERNELS_ARGS:-} --json "$OUT/bench_kernels.json" 2>&1 | tee -a "$OUT/bench.txt" | tail -30
 fi
 
 if has bench; then

@@ -18,7 +18,7 @@ from bench import make_model_dir  # noqa: E402
 
 
 class TimedBackend:
-    """A backend that adds up the wall time of its forward_and_sample calls."""
+    """A backend that adds up the wall time of its forward_and_sample and decode_steps calls."""
 
     def __init__(self, backend):
         self.backend, self.seconds = backend, 0.0
@@ -26,11 +26,25 @@ class TimedBackend:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def forward_and_sample(self, **arrays):
+    def _timed(self, fn, arrays):
         t = time.perf_counter()
-        out = self.backend.forward_and_sample(**arrays)
+        out = fn(**arrays)
         self.seconds += time.perf_counter() - t
         return out
+
+    def forward_and_sample(self, **arrays):
+        return self._timed(self.backend.forward_and_sample, arrays)
+
+    def decode_steps(self, **arrays):
+        return self._timed(self.backend.decode_steps, arrays)
+
+
+def run_steps(eng, num_steps: int) -> int:
+    """Steps eng until num_steps decode steps ran (a step() may run several); returns how many."""
+    done = 0
+    while done < num_steps:
+        done += len(eng.step()[0].new_token_ids)
+    return done
 
 
 def main() -> None:
@@ -41,6 +55,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps per backend call")
     p.add_argument("--workdir", default="/tmp/bench")
     args = p.parse_args()
 
@@ -53,34 +68,31 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for batch in args.batch:
         eng = Engine(model_dir, device="cuda", dtype=args.dtype, max_num_seqs=batch,
-                     num_blocks=batch * 1024 // 16)
+                     num_blocks=batch * 1024 // 16, decode_steps=args.decode_steps)
         eng.backend.use_cuda_graphs = not args.no_graphs
         for prompt in rng.integers(0, 50257, size=(batch, args.context)).tolist():
             eng.add_request(prompt, SamplingParams(max_new_tokens=1024 - args.context, temperature=0.0, ignore_eos=True))
         while eng.kv_stats()["num_waiting"] or any(s.num_uncached > 1 for s in eng.scheduler.running):
             eng.step()  # prefill
-        for _ in range(5):
-            eng.step()  # warm: graph capture
+        run_steps(eng, 5)  # warm: graph capture
         timed = eng.runner.backend = TimedBackend(eng.backend)
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            eng.step()
-        host_ms = (time.perf_counter() - t0) / args.steps * 1e3
-        backend_ms = timed.seconds / args.steps * 1e3
+        steps = run_steps(eng, args.steps)
+        host_ms = (time.perf_counter() - t0) / steps * 1e3
+        backend_ms = timed.seconds / steps * 1e3
         eng.runner.backend = eng.backend
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for _ in range(args.steps):
-                eng.step()
+            steps = run_steps(eng, args.steps)
         torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
-        gpu_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / args.steps / 1e3
+        gpu_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps / 1e3
         print(f"\n== batch {batch}, context {args.context}: {host_ms:.3f} ms/step wall, of which "
               f"{backend_ms:.3f} ms in the backend call (C++ and the GPU) and {host_ms - backend_ms:.3f} ms "
               f"of Python; {gpu_total:.3f} ms/step of GPU kernels, graphs={eng.backend.num_cuda_graphs}")
         rows = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:14]
         for e in rows:
-            t = getattr(e, "self_device_time_total", 0) / args.steps
-            print(f"  {t:9.1f} us  x{e.count // args.steps:<4} {e.key[:90]}")
+            t = getattr(e, "self_device_time_total", 0) / steps
+            print(f"  {t:9.1f} us  x{e.count // steps:<4} {e.key[:90]}")
         del eng
 
 

@@ -197,13 +197,13 @@ void bind_ops(nb::module_& m) {
   ops.def(
       "time_decode_attention",
       [](int num_seqs, int context_len, int num_heads, int head_size, int block_size,
-         std::string dtype, int iters) {
+         std::string dtype, int iters, int partition_size) {
         nb::gil_scoped_release release;
         return cuda::ops::time_decode_attention(num_seqs, context_len, num_heads, head_size,
-                                                block_size, dt(dtype), iters);
+                                                block_size, dt(dtype), iters, partition_size);
       },
       "num_seqs"_a, "context_len"_a, "num_heads"_a, "head_size"_a, "block_size"_a,
-      "dtype"_a = "float16", "iters"_a = 50,
+      "dtype"_a = "float16", "iters"_a = 50, "partition_size"_a = 0,
       "Median ms per launch of the decode-attention kernel (random data, shuffled blocks).");
   ops.def(
       "copy_bandwidth_gbs",

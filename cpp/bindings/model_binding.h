@@ -54,26 +54,53 @@ inline void check_len(const char* name, size_t got, size_t want) {
 }
 
 // Builds StepInputs over the arrays (which must outlive the call) and checks their shapes.
-inline StepInputs make_step_inputs(IntArray token_ids, IntArray positions, IntArray slot_mapping,
-                                   IntArray query_start_loc, IntArray context_lens,
-                                   IntMatrix block_tables, IntArray logits_indices) {
+// slot_mapping: num_slots entries at slots.
+inline StepInputs make_step_inputs(IntArray token_ids, IntArray positions, const int32_t* slots,
+                                   size_t num_slots, IntArray query_start_loc,
+                                   IntArray context_lens, IntMatrix block_tables,
+                                   IntArray logits_indices) {
   StepInputs in;
   in.num_tokens = static_cast<int>(token_ids.shape(0));
   in.num_seqs = static_cast<int>(context_lens.shape(0));
   in.max_blocks_per_seq = static_cast<int>(block_tables.shape(1));
   in.num_logits = static_cast<int>(logits_indices.shape(0));
   check_len("positions", positions.shape(0), in.num_tokens);
-  check_len("slot_mapping", slot_mapping.shape(0), in.num_tokens);
+  check_len("slot_mapping", num_slots, in.num_tokens);
   check_len("query_start_loc", query_start_loc.shape(0), in.num_seqs + 1);
   check_len("block_tables rows", block_tables.shape(0), in.num_seqs);
   in.token_ids = token_ids.data();
   in.positions = positions.data();
-  in.slot_mapping = slot_mapping.data();
+  in.slot_mapping = slots;
   in.query_start_loc = query_start_loc.data();
   in.context_lens = context_lens.data();
   in.block_tables = block_tables.data();
   in.logits_indices = logits_indices.data();
   return in;
+}
+
+inline StepInputs make_step_inputs(IntArray token_ids, IntArray positions, IntArray slot_mapping,
+                                   IntArray query_start_loc, IntArray context_lens,
+                                   IntMatrix block_tables, IntArray logits_indices) {
+  return make_step_inputs(token_ids, positions, slot_mapping.data(), slot_mapping.shape(0),
+                          query_start_loc, context_lens, block_tables, logits_indices);
+}
+
+// SamplingInputs over per-row arrays of num_rows entries each (checked).
+inline SamplingInputs make_sampling_inputs(int num_rows, FloatArray temperature, IntArray top_k,
+                                           FloatArray top_p, U64Array seeds,
+                                           I64Array counters) {
+  check_len("temperature", temperature.shape(0), num_rows);
+  check_len("top_k", top_k.shape(0), num_rows);
+  check_len("top_p", top_p.shape(0), num_rows);
+  check_len("seeds", seeds.shape(0), num_rows);
+  check_len("counters", counters.shape(0), num_rows);
+  SamplingInputs s;
+  s.temperature = temperature.data();
+  s.top_k = top_k.data();
+  s.top_p = top_p.data();
+  s.seeds = seeds.data();
+  s.counters = counters.data();
+  return s;
 }
 
 // dict[str, numpy float32 C-contiguous array] -> HostWeights (views: keep the dict alive).
@@ -132,17 +159,8 @@ void bind_model_methods(nb::class_<M>& cls) {
          U64Array seeds, I64Array counters) {
         StepInputs in = make_step_inputs(token_ids, positions, slot_mapping, query_start_loc,
                                          context_lens, block_tables, logits_indices);
-        check_len("temperature", temperature.shape(0), in.num_logits);
-        check_len("top_k", top_k.shape(0), in.num_logits);
-        check_len("top_p", top_p.shape(0), in.num_logits);
-        check_len("seeds", seeds.shape(0), in.num_logits);
-        check_len("counters", counters.shape(0), in.num_logits);
-        SamplingInputs s;
-        s.temperature = temperature.data();
-        s.top_k = top_k.data();
-        s.top_p = top_p.data();
-        s.seeds = seeds.data();
-        s.counters = counters.data();
+        const SamplingInputs s =
+            make_sampling_inputs(in.num_logits, temperature, top_k, top_p, seeds, counters);
         int32_t* next = new int32_t[static_cast<size_t>(in.num_logits)];
         nb::capsule owner(next, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
         {
@@ -155,6 +173,55 @@ void bind_model_methods(nb::class_<M>& cls) {
       "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start_loc"_a, "context_lens"_a,
       "block_tables"_a, "logits_indices"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a,
       "counters"_a, "Forward, then one sampled token id per logits row (int32 [num_logits]).");
+  cls.def(
+      "decode_steps",
+      [](M& m, IntArray token_ids, IntArray positions, IntMatrix slot_mappings,
+         IntArray query_start_loc, IntArray context_lens, IntMatrix block_tables,
+         IntArray logits_indices, FloatArray temperature, IntArray top_k, FloatArray top_p,
+         U64Array seeds, I64Array counters) {
+        const size_t k = slot_mappings.shape(0);
+        if (k < 1) throw std::invalid_argument("decode_steps: slot_mappings has no step");
+        const int32_t* slots0 = slot_mappings.data();
+        StepInputs in = make_step_inputs(token_ids, positions, slots0, slot_mappings.shape(1),
+                                         query_start_loc, context_lens, block_tables,
+                                         logits_indices);
+        check_len("token_ids (one per sequence)", in.num_tokens, in.num_seqs);
+        check_len("logits_indices (one per sequence)", in.num_logits, in.num_seqs);
+        for (int q = 0; q < in.num_seqs; ++q) {
+          if (query_start_loc.data()[q] != q || logits_indices.data()[q] != q) {
+            throw std::invalid_argument(
+                "decode_steps: a decode batch has one token and one logits row per sequence, "
+                "in order");
+          }
+        }
+        const int n_positions = m.config().n_positions;
+        const int64_t table_tokens = int64_t(in.max_blocks_per_seq) * m.block_size();
+        for (int q = 0; q < in.num_seqs; ++q) {
+          if (positions.data()[q] + int64_t(k) > n_positions ||
+              context_lens.data()[q] - 1 + int64_t(k) > table_tokens) {
+            throw std::invalid_argument(
+                "decode_steps: sequence " + std::to_string(q) + " at position " +
+                std::to_string(positions.data()[q]) + " cannot take " + std::to_string(k) +
+                " more tokens (n_positions " + std::to_string(n_positions) +
+                ", block table of " + std::to_string(table_tokens) + " slots)");
+          }
+        }
+        const SamplingInputs s =
+            make_sampling_inputs(in.num_logits, temperature, top_k, top_p, seeds, counters);
+        const size_t S = static_cast<size_t>(in.num_seqs);
+        int32_t* next = new int32_t[k * S > 0 ? k * S : 1];
+        nb::capsule owner(next, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+        {
+          nb::gil_scoped_release release;
+          m.decode_steps(in, s, static_cast<int>(k), slots0, next);
+        }
+        return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(next, {k, S}, owner);
+      },
+      "token_ids"_a, "positions"_a, "slot_mappings"_a, "query_start_loc"_a, "context_lens"_a,
+      "block_tables"_a, "logits_indices"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a,
+      "counters"_a,
+      "k decode steps in one call (k = rows of slot_mappings [k, S]): step i feeds step i-1's "
+      "tokens at positions + i, context_lens + i, counters + i. Returns int32 [k, S].");
   cls.def(
       "copy_blocks",
       [](M& m, IntArray src, IntArray dst) {

@@ -1,13 +1,14 @@
 // Decode attention kernel (see attention_decode.cuh for the work split).
 //
-// Thread layout, for head size D and element type T: a key row of D elements is read by
-// kLanes lanes, each loading kVecsPerLane 16-byte vectors (interleaved so a lane group reads one
-// contiguous row); a warp covers 32 / kLanes keys at once and kUnroll such steps are loaded
-// before any is used, so each warp keeps kUnroll * 512 bytes in flight. Scores go to shared
-// memory (one float per token of the partition) in the log2 domain (q is pre-scaled by
-// log2(e)/sqrt(D), softmax uses exp2). V uses the same layout: lane groups take keys
-// round-robin, accumulate p * v in fp32 registers, then reduce across groups (shuffles inside a
-// warp, shared memory across warps).
+// One pass with an online softmax (flash-decoding inside a thread block). A block streams its
+// partition through shared memory in tiles of kTile tokens (K and V rows of its head), kStages
+// tiles in flight with cp.async, so DRAM keeps receiving requests while the block computes.
+// For head size D and element type T a row of D elements is read from shared memory by kLanes
+// lanes (a lane group), each taking kVecsPerLane 16-byte vectors, interleaved so a group reads
+// one contiguous row; group g scores tokens g, g + kGroups, ... of each tile. Every group keeps
+// its own running max m, sum l and output slice acc (fp32; scores in the log2 domain: q is
+// pre-scaled by log2(e) / sqrt(D)); at the end the groups merge (shuffles inside a warp, shared
+// memory across warps).
 #include <cmath>
 
 #include "cuda/attention_decode.cuh"
@@ -18,10 +19,10 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;
-constexpr int kMaxPartitionSize = 4096;  // shared-memory scores: 16 KB
-constexpr int kMinPartitionSize = 128;
-constexpr int kBlocksPerSm = 2;  // target when splitting
+constexpr int kMinPartitionSize = 64;
+constexpr int kTargetBlocksPerSm = 4;  // split until the grid has this many blocks per SM
+constexpr int kStageBytes = 8 * 1024;  // K + V of one tile, as aimed for
+constexpr int kPipeBytes = 36 * 1024;  // all stages
 
 constexpr int largest_pow2_dividing(int n, int cap) {
   int p = 1;
@@ -29,15 +30,38 @@ constexpr int largest_pow2_dividing(int n, int cap) {
   return p;
 }
 
+constexpr int clamp_int(int x, int lo, int hi) { return x < lo ? lo : x > hi ? hi : x; }
+
 template <typename T, int D>
 struct DecodeLayout {
-  static constexpr int kVec = largest_pow2_dividing(D, kVec16<T>);  // elements per load
-  static constexpr int kVecs = D / kVec;                            // loads per key row
-  static constexpr int kLanes = largest_pow2_dividing(kVecs, 32);   // lanes per key row
+  static constexpr int kVec = kVec16<T>;                            // elements per 16 bytes
+  static constexpr int kVecs = D / kVec;                            // vectors per row
+  static constexpr int kLanes = largest_pow2_dividing(kVecs, 32);   // lanes per row
   static constexpr int kVecsPerLane = kVecs / kLanes;
-  static constexpr int kKeysPerWarp = 32 / kLanes;
-  static constexpr int kGroups = kThreads / kLanes;                 // key rows in flight per step
+  static constexpr int kGroups = kThreads / kLanes;                 // rows scored at once
+  static constexpr int kRowBytes = D * int(sizeof(T));
+  // Tokens per tile: a multiple of kGroups near kStageBytes of K + V.
+  static constexpr int kTile =
+      (kStageBytes / (2 * kRowBytes)) / kGroups * kGroups > 0
+          ? (kStageBytes / (2 * kRowBytes)) / kGroups * kGroups
+          : kGroups;
+  static constexpr int kPerGroup = kTile / kGroups;                 // tokens per group per tile
+  static constexpr int kStages = clamp_int(kPipeBytes / (2 * kTile * kRowBytes), 2, 4);
 };
+
+// Running softmax state (m, l) and output slice acc of one lane group, merged with another
+// group's: both rescaled to the larger max. A group that saw no token has m = -inf, l = 0.
+template <int N>
+__device__ __forceinline__ void merge_state(float& m, float& l, float (&acc)[N], float m_o,
+                                            float l_o, const float (&acc_o)[N]) {
+  const float m_new = fmaxf(m, m_o);
+  const float a = m == -INFINITY ? 0.f : exp2f(m - m_new);
+  const float b = m_o == -INFINITY ? 0.f : exp2f(m_o - m_new);
+  l = l * a + l_o * b;
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = acc[i] * a + acc_o[i] * b;
+  m = m_new;
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
@@ -50,12 +74,13 @@ __global__ void __launch_bounds__(kThreads)
                             int max_blocks, int block_size, float q_scale, int partition_size,
                             int max_partitions, DecodeWorkspace ws) {
   using L = DecodeLayout<T, D>;
-  constexpr int kVec = L::kVec, kLanes = L::kLanes, kVpl = L::kVecsPerLane;
-  constexpr int kGroups = L::kGroups;
-  extern __shared__ float smem[];
-  float* scores = smem;                        // [partition_size]
-  float* red = smem + partition_size;          // [kWarps, D]
-  __shared__ float scratch[32];
+  constexpr int kVec = L::kVec, kVecs = L::kVecs, kLanes = L::kLanes, kVpl = L::kVecsPerLane;
+  constexpr int kGroups = L::kGroups, kTile = L::kTile, kStages = L::kStages;
+  constexpr int kAcc = kVpl * kVec;
+  __shared__ __align__(16) T k_tiles[kStages][kTile * D];
+  __shared__ __align__(16) T v_tiles[kStages][kTile * D];
+  __shared__ float red_acc[kWarps][D];
+  __shared__ float red_m[kWarps], red_l[kWarps];
   __shared__ bool is_last;
 
   pdl_launch_dependents();  // the proj GEMV may start streaming its weights
@@ -73,148 +98,150 @@ __global__ void __launch_bounds__(kThreads)
   if (part >= num_parts) return;
   const int start = part * partition_size;
   const int end = min(context_len, start + partition_size);
-  const int n = end - start;
+  const int num_tiles = (end - start + kTile - 1) / kTile;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int lane_in_group = tid % kLanes;
-  // NOTE: loops run on a warp-uniform base (the warp's first key of a step) so that every lane
-  // reaches the shuffles; the lane group's own key is base + lane / kLanes.
-  const int warp_first = start + warp * L::kKeysPerWarp;
-  const int group_in_warp = lane / kLanes;
+  const int lane_in_group = tid % kLanes, group = tid / kLanes;
   const int32_t* table = block_tables + int64_t(s) * max_blocks;
   const int64_t head_offset = int64_t(h) * D;
+  // Element offset of this lane's vector j inside a row of D.
+  auto col = [&](int j) { return (lane_in_group + j * kLanes) * kVec; };
 
-  // q, pre-scaled, in registers: vector j of this lane is elements (lane_in_group + j*kLanes)*kVec.
+  // Starts copying tile `tile` of the partition into its stage; past the partition's end the
+  // rows are zero-filled (their scores are masked). Every call commits one group, possibly
+  // empty, so that cp_async_wait counts tiles.
+  auto issue = [&](int tile) {
+    if (tile < num_tiles) {
+      T* k_dst = k_tiles[tile % kStages];
+      T* v_dst = v_tiles[tile % kStages];
+      for (int i = tid; i < kTile * kVecs; i += kThreads) {
+        const int r = i / kVecs, c = (i % kVecs) * kVec;
+        const int t = start + tile * kTile + r;
+        const bool valid = t < end;
+        const int64_t slot =
+            valid ? int64_t(__ldg(table + t / block_size)) * block_size + t % block_size : 0;
+        const int64_t src = slot * C + head_offset + c;
+        cp_async16(k_dst + r * D + c, k_cache + src, valid);
+        cp_async16(v_dst + r * D + c, v_cache + src, valid);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+
+  // q, pre-scaled, in registers (loaded while the first tiles are in flight).
   float q[kVpl][kVec];
   {
     const T* q_row = qkv + int64_t(s) * 3 * C + head_offset;
 #pragma unroll
     for (int j = 0; j < kVpl; ++j) {
-      load_floats<T, kVec>(q_row + (lane_in_group + j * kLanes) * kVec, q[j]);
+      load_floats<T, kVec>(q_row + col(j), q[j]);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) q[j][e] *= q_scale;
     }
   }
 
-  // ---- scores = q . k for every token of the partition
-  float local_max = -INFINITY;
-  for (int base = warp_first; base < end; base += kGroups * kUnroll) {
-    Vec<T, kVec> k[kUnroll][kVpl];
+  float m = -INFINITY, l = 0.f, acc[kAcc];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + group_in_warp + u * kGroups;
-      if (t < end) {
-        const int64_t slot = int64_t(table[t / block_size]) * block_size + t % block_size;
-        const T* k_row = k_cache + slot * C + head_offset;
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of `tile` have landed ...
+    __syncthreads();               // ... and everyone's; the stage of tile - 1 is free
+    issue(tile + kStages - 1);
+    const T* k_tile = k_tiles[tile % kStages];
+    const T* v_tile = v_tiles[tile % kStages];
+    const int first = start + tile * kTile;
+
+    float score[L::kPerGroup];
+    float tile_max = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < kVpl; ++j) {
-          k[u][j] = *reinterpret_cast<const Vec<T, kVec>*>(k_row +
-                                                           (lane_in_group + j * kLanes) * kVec);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + group_in_warp + u * kGroups;
+    for (int u = 0; u < L::kPerGroup; ++u) {
+      const int r = u * kGroups + group;
       float dot = 0.f;
 #pragma unroll
       for (int j = 0; j < kVpl; ++j) {
+        const Vec<T, kVec> k = *reinterpret_cast<const Vec<T, kVec>*>(k_tile + r * D + col(j));
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) dot += q[j][e] * to_float(k[u][j].v[e]);
+        for (int e = 0; e < kVec; ++e) dot += q[j][e] * to_float(k.v[e]);
       }
 #pragma unroll
       for (int o = kLanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      if (t < end) {
-        if (lane_in_group == 0) scores[t - start] = dot;
-        local_max = fmaxf(local_max, dot);
+      score[u] = first + r < end ? dot : -INFINITY;
+      tile_max = fmaxf(tile_max, score[u]);
+    }
+    if (tile_max == -INFINITY) continue;  // no token of this group in this tile
+    const float m_new = fmaxf(m, tile_max);
+    const float rescale = exp2f(m - m_new);  // 0 on the group's first token (m = -inf)
+    l *= rescale;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] *= rescale;
+#pragma unroll
+    for (int u = 0; u < L::kPerGroup; ++u) {
+      const int r = u * kGroups + group;
+      const float p = exp2f(score[u] - m_new);  // 0 for masked rows (zero-filled V)
+      l += p;
+#pragma unroll
+      for (int j = 0; j < kVpl; ++j) {
+        const Vec<T, kVec> v = *reinterpret_cast<const Vec<T, kVec>*>(v_tile + r * D + col(j));
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[j * kVec + e] += p * to_float(v.v[e]);
       }
     }
+    m = m_new;
   }
-  const float max_score = block_max<kThreads>(local_max, scratch);  // syncs: scores visible
+  cp_async_wait<0>();  // no copy may outlive the block (the trailing groups are empty)
 
-  float local_sum = 0.f;
-  for (int i = tid; i < n; i += kThreads) {
-    const float p = exp2f(scores[i] - max_score);
-    scores[i] = p;
-    local_sum += p;
-  }
-  const float sum = block_sum<kThreads>(local_sum, scratch);  // syncs: probabilities visible
-
-  // ---- acc = sum_t p_t * v_t
-  float acc[kVpl][kVec];
+  // Merge the lane groups of a warp (lanes i and i ^ o hold the same slice of D).
 #pragma unroll
-  for (int j = 0; j < kVpl; ++j) {
+  for (int o = kLanes; o < 32; o <<= 1) {
+    float acc_o[kAcc];
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[j][e] = 0.f;
-  }
-  for (int base = warp_first; base < end; base += kGroups * kUnroll) {
-    Vec<T, kVec> v[kUnroll][kVpl];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + group_in_warp + u * kGroups;
-      if (t < end) {
-        const int64_t slot = int64_t(table[t / block_size]) * block_size + t % block_size;
-        const T* v_row = v_cache + slot * C + head_offset;
-#pragma unroll
-        for (int j = 0; j < kVpl; ++j) {
-          v[u][j] = *reinterpret_cast<const Vec<T, kVec>*>(v_row +
-                                                           (lane_in_group + j * kLanes) * kVec);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + group_in_warp + u * kGroups;
-      if (t < end) {
-        const float p = scores[t - start];
-#pragma unroll
-        for (int j = 0; j < kVpl; ++j) {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[j][e] += p * to_float(v[u][j].v[e]);
-        }
-      }
-    }
-  }
-  // Reduce over the lane groups of a warp, then over warps.
-#pragma unroll
-  for (int j = 0; j < kVpl; ++j) {
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-#pragma unroll
-      for (int o = kLanes; o < 32; o <<= 1) acc[j][e] += __shfl_xor_sync(0xffffffffu, acc[j][e], o);
-    }
+    for (int i = 0; i < kAcc; ++i) acc_o[i] = __shfl_xor_sync(0xffffffffu, acc[i], o);
+    const float m_o = __shfl_xor_sync(0xffffffffu, m, o);
+    const float l_o = __shfl_xor_sync(0xffffffffu, l, o);
+    merge_state(m, l, acc, m_o, l_o, acc_o);
   }
   if (lane < kLanes) {
 #pragma unroll
     for (int j = 0; j < kVpl; ++j) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) red[warp * D + (lane + j * kLanes) * kVec + e] = acc[j][e];
+      for (int e = 0; e < kVec; ++e) red_acc[warp][col(j) + e] = acc[j * kVec + e];
     }
+    if (lane == 0) red_m[warp] = m, red_l[warp] = l;
   }
   __syncthreads();
 
+  // ... then the warps: weights exp2(m_w - max_m) (a warp with no token has m_w = -inf: 0).
+  float max_m = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) max_m = fmaxf(max_m, red_m[w]);
+  float weight[kWarps], sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    weight[w] = red_m[w] == -INFINITY ? 0.f : exp2f(red_m[w] - max_m);
+    sum += red_l[w] * weight[w];
+  }
+  auto merged = [&](int d) {
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += red_acc[w][d] * weight[w];
+    return o;
+  };
+
   if (num_parts == 1) {
     const float inv = 1.f / sum;
-    for (int d = tid; d < D; d += kThreads) {
-      float o = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) o += red[w * D + d];
-      out_row[d] = from_float<T>(o * inv);
-    }
+    for (int d = tid; d < D; d += kThreads) out_row[d] = from_float<T>(merged(d) * inv);
     return;
   }
 
   // ---- split path: publish this partition, the last one to finish merges.
   const int64_t sh = int64_t(s) * H + h;
   const int64_t row = sh * max_partitions + part;
-  for (int d = tid; d < D; d += kThreads) {
-    float o = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += red[w * D + d];
-    ws.partial_out[row * D + d] = o;
-  }
+  for (int d = tid; d < D; d += kThreads) ws.partial_out[row * D + d] = merged(d);
   if (tid == 0) {
-    ws.partial_max[row] = max_score;
+    ws.partial_max[row] = max_m;
     ws.partial_sum[row] = sum;
   }
   __threadfence();
@@ -258,13 +285,10 @@ void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
     throw std::runtime_error("decode attention: split workspace too small for this batch");
   }
   const float q_scale = float(M_LOG2E / std::sqrt(double(D)));
-  const size_t smem = (size_t(partition_size) + kWarps * D) * sizeof(float);
-  auto kernel = decode_attention_kernel<T, D>;
-  allow_dynamic_smem(kernel, (size_t(kMaxPartitionSize) + kWarps * D) * sizeof(float));
   const dim3 grid(num_heads, num_seqs, num_parts);
-  kernel<<<grid, kThreads, smem, stream>>>(out, qkv, k_cache, v_cache, context_lens,
-                                           block_tables, max_blocks, block_size, q_scale,
-                                           partition_size, num_parts, ws);
+  decode_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(
+      out, qkv, k_cache, v_cache, context_lens, block_tables, max_blocks, block_size, q_scale,
+      partition_size, num_parts, ws);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -273,22 +297,19 @@ void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
 int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms) {
   max_context_len = std::max(max_context_len, 1);
   const int64_t items = int64_t(num_seqs) * num_heads;
-  // NOTE: split only when the (sequence, head) pairs alone leave SMs idle; aim for kBlocksPerSm
-  // blocks per SM, never below kMinPartitionSize tokens per block (the merge costs one more
-  // pass). Tried on an H200: 8 blocks per SM and 32-token partitions left batch 1 unchanged
-  // (15 us at context 1024) and cost batch 64 x 1024 six points of bandwidth.
-  int parts = int(std::max<int64_t>(1, (int64_t(kBlocksPerSm) * num_sms + items - 1) / items));
-  parts = std::min(parts, std::max(1, max_context_len / kMinPartitionSize));
-  parts = std::max(parts, (max_context_len + kMaxPartitionSize - 1) / kMaxPartitionSize);
-  return parts;
+  // NOTE: split until the grid holds kTargetBlocksPerSm blocks per SM, never below
+  // kMinPartitionSize tokens per block. The one-pass kernel has no per-partition limit; a split
+  // costs one partial row per block and a merge by the last block. Measured choices: notes.md.
+  int parts =
+      int(std::max<int64_t>(1, (int64_t(kTargetBlocksPerSm) * num_sms + items - 1) / items));
+  return std::min(parts, std::max(1, max_context_len / kMinPartitionSize));
 }
 
 int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms) {
   max_context_len = std::max(max_context_len, 1);
   const int parts = decode_partition_count(num_seqs, num_heads, max_context_len, num_sms);
-  int size = (max_context_len + parts - 1) / parts;
-  size = (size + 31) / 32 * 32;
-  return std::min(size, kMaxPartitionSize);
+  const int size = (max_context_len + parts - 1) / parts;
+  return (size + kMinPartitionSize - 1) / kMinPartitionSize * kMinPartitionSize;
 }
 
 bool decode_attention_supported(int head_size, int elem_size) {

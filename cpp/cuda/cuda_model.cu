@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cuda/activation.cuh"
+#include "cuda/advance_step.cuh"
 #include "cuda/attention_decode.cuh"
 #include "cuda/attention_prefill.cuh"
 #include "cuda/copy_blocks.cuh"
@@ -45,6 +46,8 @@ namespace pagedgpt2::cuda {
 namespace {
 
 constexpr size_t kAlign = 256;
+// decode_steps replays graphs for up to this many steps per call (more: one by one).
+constexpr int kMaxDecodeSteps = 64;
 
 size_t align_up(size_t n, size_t a = kAlign) { return (n + a - 1) / a * a; }
 
@@ -197,6 +200,9 @@ struct CudaModel::Impl {
   virtual void forward(const StepInputs& in, float* logits) = 0;
   virtual void forward_and_sample(const StepInputs& in, const SamplingInputs& s,
                                   int32_t* next_tokens) = 0;
+  // False when these steps cannot replay a graph (the caller then runs them one by one).
+  virtual bool decode_steps(const StepInputs& in, const SamplingInputs& s, int num_steps,
+                            const int32_t* slot_mappings, int32_t* next_tokens) = 0;
   virtual void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) = 0;
 
   ModelConfig cfg;
@@ -223,6 +229,8 @@ class Engine final : public CudaModel::Impl {
   void forward(const StepInputs& in, float* logits) override;
   void forward_and_sample(const StepInputs& in, const SamplingInputs& s,
                           int32_t* next_tokens) override;
+  bool decode_steps(const StepInputs& in, const SamplingInputs& s, int num_steps,
+                    const int32_t* slot_mappings, int32_t* next_tokens) override;
   void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) override;
 
  private:
@@ -267,7 +275,7 @@ class Engine final : public CudaModel::Impl {
   void enqueue_sample(const Step& st, int r0, int rows);
   void enqueue_decode_step(const Step& st, bool sample);
 
-  void run_decode_graph(const Step& st, bool sample);
+  void launch_decode_graph(const Step& st, bool sample);
   void run(const StepInputs& in, const SamplingInputs* s, float* logits, int32_t* next_tokens);
 
   cudaStream_t stream_ = nullptr;
@@ -308,6 +316,11 @@ class Engine final : public CudaModel::Impl {
 
   PinnedBuffer step_host_;    // packed step inputs
   PinnedBuffer tokens_host_;  // [max_tokens] sampled ids
+  // Multi-step decode (decode_steps): slots of steps 1.. and the ids every step sampled.
+  int32_t* step_slots_ = nullptr;     // [kMaxDecodeSteps, max_seqs] device
+  int32_t* token_history_ = nullptr;  // [kMaxDecodeSteps, max_seqs] device
+  PinnedBuffer step_slots_host_;
+  PinnedBuffer token_history_host_;
 
   DeviceBuffer kv_pool_;
   size_t cache_bytes_ = 0;  // one layer's K (or V): num_blocks * block_size * C * sizeof(T)
@@ -465,6 +478,8 @@ void Engine<T>::allocate_activations() {
       logits_t_ = cv.take<T>(size_t(logits_rows_) * padded_vocab() * sizeof(T));
     }
     next_tokens_ = cv.take<int32_t>(Tn * sizeof(int32_t));
+    step_slots_ = cv.take<int32_t>(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
+    token_history_ = cv.take<int32_t>(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
     step_dev_ = cv.take<char>(step_bytes_);
     decode_ws_.partial_out = cv.take<float>(size_t(partial_rows) * D_ * sizeof(float));
     decode_ws_.partial_max = cv.take<float>(size_t(partial_rows) * sizeof(float));
@@ -481,6 +496,8 @@ void Engine<T>::allocate_activations() {
   CUDA_CHECK(cudaMemset(decode_ws_.counters, 0, size_t(counter_rows) * sizeof(unsigned)));
   step_host_.reset(step_bytes_);
   tokens_host_.reset(Tn * sizeof(int32_t));
+  step_slots_host_.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
+  token_history_host_.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
 }
 
 template <typename T>
@@ -771,7 +788,6 @@ void Engine<T>::enqueue_sample(const Step& st, int r0, int rows) {
 
 template <typename T>
 void Engine<T>::enqueue_decode_step(const Step& st, bool sample) {
-  enqueue_upload(st);
   enqueue_layers(st);
   enqueue_logits(st, 0, st.layout.R, !sample);
   if (sample) {
@@ -781,34 +797,70 @@ void Engine<T>::enqueue_decode_step(const Step& st, bool sample) {
   }
 }
 
+// Replays the graph of st's bucket over the inputs already in step_dev_ (the upload is not part
+// of the graph, so that decode_steps can advance them on the GPU), without waiting for it. The
+// first step of a bucket runs eagerly (warming plans and attributes) and is then captured.
 template <typename T>
-void Engine<T>::run_decode_graph(const Step& st, bool sample) {
+void Engine<T>::launch_decode_graph(const Step& st, bool sample) {
   const auto key = std::make_pair(st.layout.T, sample);
   auto it = graphs_.find(key);
-  if (it == graphs_.end()) {
-    // First step of this bucket: run it eagerly (warms plans and attributes), then capture.
-    enqueue_decode_step(st, sample);
-    CUDA_CHECK(cudaStreamSynchronize(stream_));
-    cudaGraph_t graph = nullptr;
-    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    try {
-      enqueue_decode_step(st, sample);
-    } catch (...) {
-      cudaStreamEndCapture(stream_, &graph);
-      if (graph) cudaGraphDestroy(graph);
-      throw;
-    }
-    CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-    cudaGraphExec_t exec = nullptr;
-    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
-    cudaGraphDestroy(graph);
-    CUDA_CHECK(err);
-    graphs_.emplace(key, exec);
-    num_graphs = int(graphs_.size());
-    return;  // this step's results are already there
+  if (it != graphs_.end()) {
+    CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+    return;
   }
-  CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  enqueue_decode_step(st, sample);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
+  cudaGraph_t graph = nullptr;
+  CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  try {
+    enqueue_decode_step(st, sample);
+  } catch (...) {
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    throw;
+  }
+  CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  CUDA_CHECK(err);
+  graphs_.emplace(key, exec);
+  num_graphs = int(graphs_.size());
+}
+
+template <typename T>
+bool Engine<T>::decode_steps(const StepInputs& in, const SamplingInputs& s, int num_steps,
+                             const int32_t* slot_mappings, int32_t* next_tokens) {
+  CUDA_CHECK(cudaSetDevice(device));
+  check_inputs(in);
+  const int S = in.num_seqs;
+  const int bucket = use_graphs && is_decode(in) ? bucket_for(S) : -1;
+  if (bucket <= 0 || bucket > logits_rows_ || num_steps > kMaxDecodeSteps) return false;
+  const Step st = pack_graph(in, &s, bucket);
+  const size_t row_bytes = 4 * size_t(S);
+  if (num_steps > 1) {
+    std::memcpy(step_slots_host_.get(), slot_mappings + S, row_bytes * (num_steps - 1));
+    CUDA_CHECK(cudaMemcpyAsync(step_slots_, step_slots_host_.get(), row_bytes * (num_steps - 1),
+                               cudaMemcpyHostToDevice, stream_));
+  }
+  enqueue_upload(st);
+  auto ints = [&](const int32_t* p) { return const_cast<int32_t*>(p); };
+  for (int i = 0; i < num_steps; ++i) {
+    if (i > 0) {
+      launch_advance_decode_step(ints(st.token_ids), ints(st.positions), ints(st.slot_mapping),
+                                 ints(st.context_lens), const_cast<int64_t*>(st.sampling.counters),
+                                 token_history_ + size_t(i - 1) * S, next_tokens_,
+                                 step_slots_ + size_t(i - 1) * S, S, stream_);
+    }
+    launch_decode_graph(st, true);
+  }
+  CUDA_CHECK(cudaMemcpyAsync(token_history_ + size_t(num_steps - 1) * S, next_tokens_, row_bytes,
+                             cudaMemcpyDeviceToDevice, stream_));
+  CUDA_CHECK(cudaMemcpyAsync(token_history_host_.get(), token_history_, row_bytes * num_steps,
+                             cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::memcpy(next_tokens, token_history_host_.get(), row_bytes * num_steps);
+  return true;
 }
 
 template <typename T>
@@ -821,7 +873,9 @@ void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits
   const int bucket = (use_graphs && is_decode(in)) ? bucket_for(in.num_seqs) : -1;
   if (bucket > 0 && R <= bucket && bucket <= logits_rows_) {
     const Step st = pack_graph(in, s, bucket);
-    run_decode_graph(st, s != nullptr);
+    enqueue_upload(st);
+    launch_decode_graph(st, s != nullptr);
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (s) {
       std::memcpy(next_tokens, tokens_host_.get(), 4 * size_t(R));
     } else {
@@ -942,6 +996,12 @@ void CudaModel::forward(const StepInputs& in, float* logits) { impl_->forward(in
 void CudaModel::forward_and_sample(const StepInputs& in, const SamplingInputs& sampling,
                                    int32_t* next_tokens) {
   impl_->forward_and_sample(in, sampling, next_tokens);
+}
+void CudaModel::decode_steps(const StepInputs& in, const SamplingInputs& sampling,
+                             int num_steps, const int32_t* slot_mappings, int32_t* next_tokens) {
+  if (!impl_->decode_steps(in, sampling, num_steps, slot_mappings, next_tokens)) {
+    Model::decode_steps(in, sampling, num_steps, slot_mappings, next_tokens);
+  }
 }
 void CudaModel::copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) {
   impl_->copy_blocks(src, dst, num_copies);

@@ -29,6 +29,9 @@ class CudaModel : public Model {
   void forward(const StepInputs& in, float* logits) override;
   void forward_and_sample(const StepInputs& in, const SamplingInputs& sampling,
                           int32_t* next_tokens) override;
+  // Replays the decode graph num_steps times, the sampled tokens fed back on the GPU; one sync.
+  void decode_steps(const StepInputs& in, const SamplingInputs& sampling, int num_steps,
+                    const int32_t* slot_mappings, int32_t* next_tokens) override;
   void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) override;
 
   const ModelConfig& config() const override;

@@ -319,7 +319,7 @@ std::vector<float> random_floats(size_t n, uint64_t seed) {
 }  // namespace
 
 double time_decode_attention(int num_seqs, int context_len, int num_heads, int head_size,
-                             int block_size, DType dtype, int iters) {
+                             int block_size, DType dtype, int iters, int partition_size) {
   const int C = num_heads * head_size;
   const int blocks_per_seq = (context_len + block_size - 1) / block_size;
   const int num_blocks = num_seqs * blocks_per_seq;
@@ -339,7 +339,9 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
     auto tables = upload_raw<int32_t>(ids.data(), ids.size());
     auto ctx = upload_raw<int32_t>(context_lens.data(), num_seqs);
     DevArray<T> y(size_t(num_seqs) * C);
-    const int size = decode_partition_size(num_seqs, num_heads, context_len, num_sms());
+    const int size = partition_size > 0
+                         ? partition_size
+                         : decode_partition_size(num_seqs, num_heads, context_len, num_sms());
     const int64_t rows = int64_t(num_seqs) * num_heads * decode_num_partitions(context_len, size);
     DevArray<float> partial_out(size_t(rows) * head_size), partial_max(rows), partial_sum(rows);
     DevArray<unsigned> counters(size_t(num_seqs) * num_heads);

@@ -77,9 +77,9 @@ void copy_blocks(float* cache,       // [num_blocks, block_size, H, D]
 // ---------------------------------------------------------------------------------------------
 
 // Milliseconds per launch of the decode-attention kernel over num_seqs sequences of context_len
-// tokens each, with shuffled block tables.
+// tokens each, with shuffled block tables; partition_size 0: as the model picks it.
 double time_decode_attention(int num_seqs, int context_len, int num_heads, int head_size,
-                             int block_size, DType dtype, int iters);
+                             int block_size, DType dtype, int iters, int partition_size = 0);
 // Device-to-device copy bandwidth in GB/s (bytes read + bytes written), buffers of `bytes`.
 double copy_bandwidth_gbs(int64_t bytes, int iters);
 

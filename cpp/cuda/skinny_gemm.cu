@@ -6,7 +6,13 @@
 // NOTE: warps_per_row is picked per launch so that there are >= 2 blocks per SM: N=768 layers
 // (proj, fc_proj) split K over 4 warps, N >= 2304 use one warp per output.
 // NOTE: the first batch of weight loads is issued before x is staged, so the DRAM latency of W
-// overlaps the LayerNorm prologue.
+// overlaps the LayerNorm prologue. The grid never exceeds what is resident at once: blocks loop
+// over row groups (x staged once per block, no second wave waiting to start its loads).
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "cuda/cuda_common.cuh"
 #include "cuda/skinny_gemm.cuh"
 
@@ -16,6 +22,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;  // 16-byte weight vectors in flight per lane
+constexpr int kMinBlocksPerSm = 3;  // register cap: 3 x 8 warps keep ~100 KB of W in flight
 constexpr size_t kMaxSmem = 100 * 1024;
 
 int padded_rows(int rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
@@ -27,68 +34,37 @@ __device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int K = p.K;
   if constexpr (IN == SkinnyInput::kLayerNorm) {
-    // Warp m normalizes row m.
+    // Warp m normalizes row m in place in shared memory: the row is copied in with all its loads
+    // in flight at once (one memory latency), then the statistics are two passes over shared
+    // memory. NOTE: holding the row in registers instead cost 40 registers per thread, which
+    // halved the blocks per SM.
     if (warp < M) {
       const int m = warp;
       float* dst = xs + m * K;
-      constexpr int kMaxVecs = 13;  // float4s per lane kept in registers: K <= 1664 (gpt2-xl)
-      if (m < p.rows && K % 4 == 0 && K <= 32 * 4 * kMaxVecs) {
-        // NOTE: the whole row is loaded at once into registers: one memory latency instead of
-        // three dependent passes over the row.
-        const int64_t row = p.x_rows ? p.x_rows[m] : m;
-        const float4* x4 = reinterpret_cast<const float4*>(static_cast<const float*>(p.x) + row * K);
-        const float4* w4 = reinterpret_cast<const float4*>(p.ln_weight);
-        const float4* b4 = reinterpret_cast<const float4*>(p.ln_bias);
-        const int n4 = K / 4;
-        float4 v[kMaxVecs];
-        float sum = 0.f;
-#pragma unroll
-        for (int i = 0; i < kMaxVecs; ++i) {
-          const int j = lane + 32 * i;
-          if (j < n4) {
-            v[i] = x4[j];
-            sum += (v[i].x + v[i].y) + (v[i].z + v[i].w);
-          }
-        }
-        const float mean = warp_sum(sum) / K;
-        float var = 0.f;
-#pragma unroll
-        for (int i = 0; i < kMaxVecs; ++i) {
-          if (lane + 32 * i < n4) {
-            const float a = v[i].x - mean, b = v[i].y - mean, c = v[i].z - mean, d = v[i].w - mean;
-            var += (a * a + b * b) + (c * c + d * d);
-          }
-        }
-        const float rstd = 1.f / sqrtf(warp_sum(var) / K + p.eps);
-#pragma unroll
-        for (int i = 0; i < kMaxVecs; ++i) {
-          const int j = lane + 32 * i;
-          if (j < n4) {
-            const float4 w = w4[j], b = b4[j];
-            float4 y;
-            // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
-            y.x = to_float(from_float<T>((v[i].x - mean) * rstd * w.x + b.x));
-            y.y = to_float(from_float<T>((v[i].y - mean) * rstd * w.y + b.y));
-            y.z = to_float(from_float<T>((v[i].z - mean) * rstd * w.z + b.z));
-            y.w = to_float(from_float<T>((v[i].w - mean) * rstd * w.w + b.w));
-            reinterpret_cast<float4*>(dst)[j] = y;
-          }
-        }
-      } else if (m < p.rows) {
+      if (m < p.rows) {
         const int64_t row = p.x_rows ? p.x_rows[m] : m;
         const float* x = static_cast<const float*>(p.x) + row * K;
+        if (K % 4 == 0) {
+          const float4* x4 = reinterpret_cast<const float4*>(x);
+          float4* d4 = reinterpret_cast<float4*>(dst);
+#pragma unroll 8
+          for (int j = lane; j < K / 4; j += 32) d4[j] = x4[j];
+        } else {
+          for (int k = lane; k < K; k += 32) dst[k] = x[k];
+        }
+        __syncwarp();
         float sum = 0.f;
-        for (int k = lane; k < K; k += 32) sum += x[k];
+        for (int k = lane; k < K; k += 32) sum += dst[k];
         const float mean = warp_sum(sum) / K;
         float var = 0.f;
         for (int k = lane; k < K; k += 32) {
-          const float d = x[k] - mean;
+          const float d = dst[k] - mean;
           var += d * d;
         }
         const float rstd = 1.f / sqrtf(warp_sum(var) / K + p.eps);
         for (int k = lane; k < K; k += 32) {
           // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
-          const float y = (x[k] - mean) * rstd * p.ln_weight[k] + p.ln_bias[k];
+          const float y = (dst[k] - mean) * rstd * p.ln_weight[k] + p.ln_bias[k];
           dst[k] = to_float(from_float<T>(y));
         }
       } else {
@@ -142,91 +118,121 @@ __device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n,
 }
 
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row) {
   extern __shared__ float smem[];
   float* xs = smem;                  // [M, K]
   float* partial = smem + M * p.K;   // [kWarps, M]
   constexpr int V = kVec16<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int n = blockIdx.x * (kWarps / warps_per_row) + warp / warps_per_row;
+  const int rows_per_block = kWarps / warps_per_row;
+  const int num_groups = (p.N + rows_per_block - 1) / rows_per_block;
   const int kslice = warp % warps_per_row;
   const int num_vecs = p.K / V;
   const int stride = warps_per_row * 32;
-  const bool active = n < p.N;
-  const T* w_row = p.weight + int64_t(active ? n : 0) * p.K;
+  auto row_of = [&](int group) { return group * rows_per_block + warp / warps_per_row; };
+  // The first kUnroll vectors this lane reads of the row it takes in `group`.
+  auto load_first = [&](int group, Vec<T, V> (&w)[kUnroll]) {
+    const int n = row_of(group);
+    if (n >= p.N) return;
+    const T* w_row = p.weight + int64_t(n) * p.K;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = kslice * 32 + lane + u * stride;
+      if (idx < num_vecs) w[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
+    }
+  };
 
   pdl_launch_dependents();
   Vec<T, V> w[kUnroll];
-  int c = kslice * 32 + lane;
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int idx = c + u * stride;
-    if (active && idx < num_vecs) w[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
-  }
+  load_first(blockIdx.x, w);
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
   stage_x<T, M, IN>(xs, p);
   __syncthreads();
 
-  float acc[M];
+  // NOTE: the grid is at most what fits on the GPU at once; a block takes row groups
+  // blockIdx.x, + gridDim.x, ... so x is staged once per block, and the next group's first
+  // weights are in flight while a row is reduced and written.
+  for (int group = blockIdx.x; group < num_groups; group += gridDim.x) {
+    const int n = row_of(group);
+    const bool active = n < p.N;
+    const T* w_row = p.weight + int64_t(active ? n : 0) * p.K;
+    float acc[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  if (active) {
-    for (; c < num_vecs; c += kUnroll * stride) {
-      Vec<T, V> next[kUnroll];
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    if (active) {
+      for (int c = kslice * 32 + lane; c < num_vecs; c += kUnroll * stride) {
+        Vec<T, V> next[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int idx = c + (kUnroll + u) * stride;
-        if (idx < num_vecs) next[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
-      }
+        for (int u = 0; u < kUnroll; ++u) {
+          const int idx = c + (kUnroll + u) * stride;
+          if (idx < num_vecs) next[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
+        }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int idx = c + u * stride;
-        if (idx < num_vecs) {
-          float wf[V];
+        for (int u = 0; u < kUnroll; ++u) {
+          const int idx = c + u * stride;
+          if (idx < num_vecs) {
+            float wf[V];
 #pragma unroll
-          for (int e = 0; e < V; ++e) wf[e] = to_float(w[u].v[e]);
+            for (int e = 0; e < V; ++e) wf[e] = to_float(w[u].v[e]);
 #pragma unroll
-          for (int m = 0; m < M; ++m) {
-            const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + idx * V);
+            for (int m = 0; m < M; ++m) {
+              const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + idx * V);
 #pragma unroll
-            for (int q = 0; q < V / 4; ++q) {
-              const float4 x4 = xv[q];
-              acc[m] += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
-                        wf[4 * q + 3] * x4.w;
+              for (int q = 0; q < V / 4; ++q) {
+                const float4 x4 = xv[q];
+                acc[m] += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
+                          wf[4 * q + 3] * x4.w;
+              }
             }
           }
         }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
     }
-  }
+    if (group + int(gridDim.x) < num_groups) load_first(group + gridDim.x, w);
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+    for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
 
-  if (warps_per_row > 1) {
-    if (lane == 0) {
+    if (warps_per_row > 1) {
+      if (lane == 0) {
 #pragma unroll
-      for (int m = 0; m < M; ++m) partial[warp * M + m] = acc[m];
-    }
-    __syncthreads();
-    if (kslice == 0) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float s = 0.f;
-        for (int j = 0; j < warps_per_row; ++j) s += partial[(warp + j) * M + m];
-        acc[m] = s;
+        for (int m = 0; m < M; ++m) partial[warp * M + m] = acc[m];
       }
-    }
-  }
-  if (kslice != 0 || !active) return;
-  float y = 0.f;
+      __syncthreads();
+      if (kslice == 0) {
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    if (lane == m) y = acc[m];
+        for (int m = 0; m < M; ++m) {
+          float s = 0.f;
+          for (int j = 0; j < warps_per_row; ++j) s += partial[(warp + j) * M + m];
+          acc[m] = s;
+        }
+      }
+      __syncthreads();  // partial is rewritten by the next group
+    }
+    if (kslice != 0 || !active) continue;
+    float y = 0.f;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (lane == m) y = acc[m];
+    }
+    if (lane < M && lane < p.rows) epilogue<T, OUT>(p, lane, n, y);
   }
-  if (lane < M && lane < p.rows) epilogue<T, OUT>(p, lane, n, y);
+}
+
+// Blocks of kernel (with smem bytes of shared memory) that fit on one SM at once.
+template <typename Kernel>
+int resident_blocks_per_sm(Kernel kernel, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, size_t>, int> cache;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), smem);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int blocks = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem));
+  return cache[key] = std::max(blocks, 1);
 }
 
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
@@ -237,10 +243,11 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
          p.K / kVec16<T> >= 64 * warps_per_row) {
     warps_per_row *= 2;
   }
-  const int blocks = ceil_div(p.N, kWarps / warps_per_row);
   const size_t smem = smem_bytes(M, p.K);
   auto kernel = skinny_gemm_kernel<T, M, IN, OUT>;
   allow_dynamic_smem(kernel, kMaxSmem + kWarps * kSkinnyMaxRows * 4);
+  const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row),
+                              resident_blocks_per_sm(kernel, smem) * num_sms);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(blocks);
   config.blockDim = dim3(kThreads);

@@ -65,6 +65,14 @@ class Model {
   // Forward, then one token per logits row. next_tokens: [R] int32, host.
   virtual void forward_and_sample(const StepInputs& in, const SamplingInputs& sampling,
                                   int32_t* next_tokens) = 0;
+  // num_steps decode steps in one call. Step 0 is `in`, a decode batch (one token per sequence,
+  // num_tokens == num_seqs == num_logits, row s = sequence s); step i > 0 feeds the tokens step
+  // i - 1 sampled, at positions + i with context_lens + i and sampling counters + i, and writes
+  // its keys/values to slot_mappings[i]. block_tables must hold the blocks of every step.
+  // slot_mappings: [num_steps, S] (row 0 = in.slot_mapping); next_tokens: [num_steps, S].
+  // This default runs the steps one by one; a backend may overlap or fuse them.
+  virtual void decode_steps(const StepInputs& in, const SamplingInputs& sampling, int num_steps,
+                            const int32_t* slot_mappings, int32_t* next_tokens);
   // Copies whole blocks of every layer's K and V cache: dst[i] <- src[i] (copy-on-write).
   virtual void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) = 0;
 
@@ -74,5 +82,25 @@ class Model {
   virtual int64_t kv_bytes_per_block() const = 0;
   virtual std::string device_name() const = 0;
 };
+
+inline void Model::decode_steps(const StepInputs& in, const SamplingInputs& sampling,
+                                int num_steps, const int32_t* slot_mappings,
+                                int32_t* next_tokens) {
+  const int S = in.num_seqs;
+  std::vector<int32_t> positions(in.positions, in.positions + S);
+  std::vector<int32_t> context_lens(in.context_lens, in.context_lens + S);
+  std::vector<int64_t> counters(sampling.counters, sampling.counters + S);
+  StepInputs step = in;
+  SamplingInputs s = sampling;
+  step.positions = positions.data();
+  step.context_lens = context_lens.data();
+  s.counters = counters.data();
+  for (int i = 0; i < num_steps; ++i) {
+    step.slot_mapping = slot_mappings + int64_t(i) * S;
+    forward_and_sample(step, s, next_tokens + int64_t(i) * S);
+    step.token_ids = next_tokens + int64_t(i) * S;
+    for (int q = 0; q < S; ++q) ++positions[q], ++context_lens[q], ++counters[q];
+  }
+}
 
 }  // namespace pagedgpt2

@@ -32,6 +32,7 @@ from pagedgpt2.weights import BUNDLED_MODEL, load_model_dir
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU; the memory is touched only when used
+MAX_DECODE_STEPS = 64  # decode steps one backend call may run (the CUDA backend's graph limit)
 
 Prompt = str | Seq[int]
 
@@ -122,7 +123,7 @@ class Engine:
                  kv_cache: str = "paged", block_size: int = 16, num_blocks: int | None = None, *,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = False, gpu_memory_fraction: float = 0.9,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, decode_steps: int = 8):
         _check_choice("device", device, DEVICES)
         _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
         if dtype is not None:
@@ -139,6 +140,9 @@ class Engine:
                              f"got {max_num_batched_tokens!r}")
         if not 0.0 < gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction!r}")
+        if not is_int(decode_steps) or not 1 <= decode_steps <= MAX_DECODE_STEPS:
+            raise ValueError(f"decode_steps must be an integer in [1, {MAX_DECODE_STEPS}], got {decode_steps!r}")
+        self.decode_steps = int(decode_steps)
 
         self.device = _resolve_device(device)
         self.dtype = dtype or ("float16" if self.device == "cuda" else "float32")
@@ -260,39 +264,46 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One forward over every scheduled sequence: the new tokens of each, and which finished.
 
-        A finished request leaves the engine in the step it finishes."""
+        When every running sequence decodes and nothing waits, one step runs up to decode_steps
+        forwards in one backend call, and a sequence may get several tokens. A finished request
+        leaves the engine in the step it finishes."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
         outputs = []
         finished = []
-        for item, tokens in zip(batch, self.runner.sample(batch)):
-            if not tokens:
-                continue
-            if len(tokens) > 1:  # the prompt forks into n samples
-                for j, token in enumerate(tokens[1:], start=1):
-                    outputs.append(self._fork(item.seq, j, token, finished))
-            outputs.append(self._advance(item.seq, tokens[0], finished))
+        num_steps = self.scheduler.decode_run_length(self.decode_steps)
+        if num_steps > 1:
+            for item, tokens in zip(batch, self.runner.sample_steps(batch, num_steps)):
+                outputs.append(self._advance(item.seq, tokens, finished))
+        else:
+            for item, tokens in zip(batch, self.runner.sample(batch)):
+                if not tokens:
+                    continue
+                if len(tokens) > 1:  # the prompt forks into n samples
+                    for j, token in enumerate(tokens[1:], start=1):
+                        outputs.append(self._fork(item.seq, j, token, finished))
+                outputs.append(self._advance(item.seq, tokens[:1], finished))
         for request_id in set(finished):
             if self._requests[request_id].is_finished:
                 del self._requests[request_id]
         return outputs
 
-    def _advance(self, seq: Sequence, token: int, finished: list[int]) -> StepOutput:
-        """Appends seq's new token; a finished seq leaves the scheduler and its request id
-        goes into finished."""
-        seq.append(token)
+    def _advance(self, seq: Sequence, tokens: list[int], finished: list[int]) -> StepOutput:
+        """Appends seq's new tokens (up to where it finishes); a finished seq leaves the
+        scheduler and its request id goes into finished."""
+        taken = seq.extend(tokens)
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
             finished.append(seq.request_id)
-        return StepOutput(seq.request_id, seq.sample_index, [token], seq.finish_reason)
+        return StepOutput(seq.request_id, seq.sample_index, tokens[:taken], seq.finish_reason)
 
     def _fork(self, parent: Sequence, sample_index: int, token: int, finished: list[int]) -> StepOutput:
         child = parent.fork(next(self._seq_ids), sample_index)
         self.kv.manager.fork(parent.seq_id, child.seq_id)
         self._requests[parent.request_id].samples.append(child)
         self.scheduler.add_running(child, after=parent)
-        return self._advance(child, token, finished)
+        return self._advance(child, [token], finished)
 
     def abort(self, request_id: int) -> None:
         """Stops a request and frees every block it holds. Unknown or finished ids are ignored."""

@@ -93,6 +93,42 @@ class ModelRunner:
         self._last_tokens = tokens
         return [[t] for t in tokens.tolist()]
 
+    def sample_steps(self, batch: list[ScheduledSeq], num_steps: int) -> list[list[int]]:
+        """Runs num_steps decode steps of an all-decode batch in one backend call (each step
+        feeds the tokens the step before sampled); returns num_steps tokens per sequence. The
+        cache slots of all the steps are taken now; a sequence that finishes early leaves the
+        rest to be freed with it."""
+        seqs = [item.seq for item in batch]
+        S, k = len(seqs), num_steps
+        if self._repeats_last_decode(batch):
+            first, counters = self._last_tokens, self._last_counters + 1
+        else:
+            first = np.fromiter((seq.output_ids[-1] for seq in seqs), dtype=np.int32, count=S)
+            counters = np.fromiter((len(seq.output_ids) for seq in seqs), dtype=np.int64, count=S)
+        seq_ids = np.fromiter((seq.seq_id for seq in seqs), dtype=np.int64, count=S)
+        starts = np.fromiter((seq.num_cached for seq in seqs), dtype=np.int32, count=S)
+        block_size = self.kv.block_size
+        max_blocks = int((starts.max() + k + block_size - 1) // block_size)
+        # NOTE: the ids of steps 1.. are unknown yet; the manager keeps token ids only for
+        # prefix caching, which the scheduler rules out for these runs.
+        placeholder = np.zeros((S, k), dtype=np.int32)
+        placeholder[:, 0] = first
+        slot_mapping, block_tables, _, copies = self.kv.manager.prepare_step(
+            seq_ids, np.full(S, k, dtype=np.int32), placeholder.reshape(-1), max_blocks)
+        if len(copies):
+            self.backend.copy_blocks(np.ascontiguousarray(copies[:, 0]), np.ascontiguousarray(copies[:, 1]))
+        rows = np.arange(S, dtype=np.int32)
+        tokens = self.backend.decode_steps(
+            token_ids=first, positions=starts, slot_mappings=np.ascontiguousarray(slot_mapping.reshape(S, k).T),
+            query_start_loc=np.arange(S + 1, dtype=np.int32), context_lens=starts + 1,
+            block_tables=block_tables, logits_indices=rows,
+            **self._sampling_arrays([(seq, 0) for seq in seqs]), counters=counters)  # [k, S]
+        for seq in seqs:
+            seq.num_cached += k
+        self._last_decode, self._last_tokens = batch, tokens[-1].copy()
+        self._last_counters = counters + (k - 1)
+        return tokens.T.tolist()
+
     def sample(self, batch: list[ScheduledSeq]) -> list[list[int]]:
         """Runs the batch; returns, per scheduled sequence, its num_samples new tokens."""
         if self._repeats_last_decode(batch):

@@ -45,6 +45,7 @@ class Scheduler:
         self._decode_version = -1
         self._decode_items: list[ScheduledSeq] = []
         self._decode_seq_ids = np.zeros(0, dtype=np.int64)
+        self._steady = False  # the last schedule() returned the cached all-decode batch alone
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -72,6 +73,7 @@ class Scheduler:
             if self._make_room(seq, n):
                 batch.append(self._scheduled(seq, n))
                 budget -= n
+        self._steady = bool(decodes)
         while self.waiting and budget > 0 and self._has_seq_room(self.waiting[0]):
             seq = self.waiting[0]
             self._match_prefix(seq)
@@ -80,6 +82,7 @@ class Scheduler:
                 self._forget_prefix(seq)
                 break
             self.waiting.popleft()
+            self._steady = False
             self._enter_running(seq)
             batch.append(self._scheduled(seq, n))
             budget -= n
@@ -105,6 +108,20 @@ class Scheduler:
             return []
         self._reserved += need
         return self._decode_items
+
+    def decode_run_length(self, max_steps: int) -> int:
+        """How many decode steps the batch schedule() just returned may run in one backend call:
+        more than 1 only for the steady all-decode batch with nothing waiting (an arrival would
+        wait for the whole run) and without prefix caching (its block hashes need the tokens
+        before the blocks fill). Never past any sequence's max_new_tokens, nor past the free
+        blocks."""
+        if max_steps <= 1 or not self._steady or self.waiting or self.kv.manager.prefix_caching:
+            return 1
+        k = min(max_steps, min(seq.num_new_tokens_left for seq in self.running))
+        while k > 1 and self.kv.manager.blocks_needed_to_append_each(self._decode_seq_ids, k) \
+                > self.kv.manager.num_free:
+            k //= 2
+        return max(k, 1)
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         return self.kv.manager.blocks_needed_to_append(seq.seq_id, n)

@@ -64,12 +64,27 @@ class Sequence:
         return ids + self.output_ids[:n - len(ids)]
 
     def append(self, token_id: int) -> None:
-        self.output_ids.append(token_id)
+        self.extend([token_id])
+
+    def extend(self, token_ids: list[int]) -> int:
+        """Appends new tokens until the sequence finishes (a stop token, kept, or
+        max_new_tokens); returns how many it took. The rest are dropped."""
         p = self.params
-        if not p.ignore_eos and token_id in p.stop_token_ids:
-            self.finish_reason = "stop"
-        elif len(self.output_ids) >= p.max_new_tokens:
+        n = min(len(token_ids), p.max_new_tokens - len(self.output_ids))
+        if not p.ignore_eos:
+            for i in range(n):
+                if token_ids[i] in p.stop_token_ids:
+                    n = i + 1
+                    self.finish_reason = "stop"
+                    break
+        self.output_ids.extend(token_ids[:n])
+        if self.finish_reason is None and len(self.output_ids) >= p.max_new_tokens:
             self.finish_reason = "length"
+        return n
+
+    @property
+    def num_new_tokens_left(self) -> int:
+        return self.params.max_new_tokens - len(self.output_ids)
 
     def fork(self, seq_id: int, sample_index: int) -> "Sequence":
         """A sibling sample: the same tokens so far, its own seed."""

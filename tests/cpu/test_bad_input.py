@@ -115,6 +115,9 @@ def test_stop_token_ids_must_be_integers():
     ({"block_size": 2.0}, "block_size must be an integer >= 1"),
     ({"num_blocks": 0}, "num_blocks must be an integer >= 1"),
     ({"device": "cpu", "dtype": "float16"}, "CPU backend computes in float32"),
+    ({"decode_steps": 0}, r"decode_steps must be an integer in \[1, 64\]"),
+    ({"decode_steps": 65}, r"decode_steps must be an integer in \[1, 64\]"),
+    ({"decode_steps": 2.0}, r"decode_steps must be an integer in \[1, 64\]"),
 ])
 def test_bad_engine_arguments(engine_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -174,3 +177,46 @@ def test_weights_disagree_with_config(engine_dir, tmp_path):
 def test_wrong_number_of_sampling_params(eng):
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         eng.generate([[1, 2]], [SamplingParams(), SamplingParams()])
+
+
+def decode_steps_arrays(num_seqs=2, num_steps=3, position=10, max_blocks=2):
+    """Arguments of Model.decode_steps for sequences at one position (block size 16)."""
+    import numpy as np
+
+    rows = np.arange(num_seqs, dtype=np.int32)
+    return dict(
+        token_ids=np.full(num_seqs, 5, dtype=np.int32), positions=np.full(num_seqs, position, dtype=np.int32),
+        slot_mappings=(np.arange(num_steps * num_seqs, dtype=np.int32).reshape(num_steps, num_seqs)),
+        query_start_loc=np.arange(num_seqs + 1, dtype=np.int32),
+        context_lens=np.full(num_seqs, position + 1, dtype=np.int32),
+        block_tables=np.arange(num_seqs * max_blocks, dtype=np.int32).reshape(num_seqs, max_blocks),
+        logits_indices=rows, temperature=np.zeros(num_seqs, dtype=np.float32),
+        top_k=np.zeros(num_seqs, dtype=np.int32), top_p=np.ones(num_seqs, dtype=np.float32),
+        seeds=np.zeros(num_seqs, dtype=np.uint64), counters=np.zeros(num_seqs, dtype=np.int64))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(position=94), r"sequence 0 at position 94 cannot take 3 more tokens \(n_positions 96"),
+    (dict(position=30), r"cannot take 3 more tokens .* block table of 32 slots"),
+    (dict(num_steps=0), "slot_mappings has no step"),
+])
+def test_backend_decode_steps_past_the_context_or_table(engine_dir, change, message):
+    eng = Engine(engine_dir, device="cpu", block_size=16)
+    with pytest.raises(ValueError, match=message):
+        eng.backend.decode_steps(**decode_steps_arrays(**change))
+    check_untouched(eng)
+
+
+def test_backend_decode_steps_needs_a_decode_batch_in_order(engine_dir):
+    import numpy as np
+
+    eng = Engine(engine_dir, device="cpu", block_size=16)
+    arrays = decode_steps_arrays()
+    arrays["logits_indices"] = np.array([1, 0], dtype=np.int32)
+    with pytest.raises(ValueError, match="one token and one logits row per sequence, in order"):
+        eng.backend.decode_steps(**arrays)
+    arrays = decode_steps_arrays()
+    arrays["logits_indices"] = np.array([0], dtype=np.int32)
+    with pytest.raises(ValueError, match=r"logits_indices \(one per sequence\): expected 2 entries, got 1"):
+        eng.backend.decode_steps(**arrays)
+    check_untouched(eng)

@@ -121,7 +121,7 @@ def test_prefix_cache_evicts_least_recently_used_blocks(model_dir):
 
 
 def test_step_api_requests_join_and_leave(model_dir):
-    eng = Engine(model_dir, device="cpu")
+    eng = Engine(model_dir, device="cpu", decode_steps=1)  # one token per step: r1 still decodes
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     p1, p2 = make_prompts(9, [7, 11])
     r1 = eng.add_request(p1, greedy)
@@ -157,10 +157,11 @@ def test_abort_frees_every_block(model_dir):
     eng.abort(12345)  # unknown: ignored
 
 
-def test_randomized_soak_ends_with_the_pool_free(model_dir):
+@pytest.mark.parametrize("prefix_caching", [True, False])  # False: multi-step decode runs too
+def test_randomized_soak_ends_with_the_pool_free(model_dir, prefix_caching):
     rng = np.random.default_rng(2026)
     eng = Engine(model_dir, device="cpu", block_size=int(rng.integers(1, 9)), num_blocks=40,
-                 max_num_seqs=6, max_num_batched_tokens=32, enable_prefix_caching=True)
+                 max_num_seqs=6, max_num_batched_tokens=32, enable_prefix_caching=prefix_caching)
     reference = Engine(model_dir, device="cpu")
     live, finished, expected = {}, {}, {}
     for step in range(150):
@@ -212,7 +213,7 @@ def test_repeated_decode_steps_reuse_arrays_and_change_nothing(model_dir, monkey
     from pagedgpt2.model_runner import ModelRunner
 
     def run(fast: bool):
-        eng = Engine(model_dir, device="cpu", block_size=4)
+        eng = Engine(model_dir, device="cpu", block_size=4, decode_steps=1)
         taken = []
         repeats, original = ModelRunner._repeats_last_decode, ModelRunner._sample_repeated_decode
         monkeypatch.setattr(ModelRunner, "_repeats_last_decode", lambda self, batch: fast and repeats(self, batch))
@@ -236,3 +237,91 @@ def test_repeated_decode_steps_reuse_arrays_and_change_nothing(model_dir, monkey
     slow, none = run(False)
     assert fast == slow
     assert len(taken) > 10 and not none  # the steady path ran, and only when allowed
+
+
+def run_with_events(eng, prompts, params, join_at=None, abort_at=None):
+    """Steps eng to the end, with an optional late joiner and abort; {(request, sample): tokens}
+    and {(request, sample): finish reason}."""
+    rids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+    got, reasons = {}, {}
+    step = 0
+    while eng.has_unfinished_requests():
+        if step == join_at:
+            rids.append(eng.add_request(make_prompts(31, [6])[0], mixed_params(1, max_new=15)[0]))
+        if step == abort_at:
+            eng.abort(rids[1])
+        for out in eng.step():
+            key = (out.request_id, out.sample_index)
+            got.setdefault(key, []).extend(out.new_token_ids)
+            if out.finished:
+                reasons[key] = out.finish_reason
+        step += 1
+    assert eng.kv_stats()["blocks_used"] == 0
+    return got, reasons
+
+
+@pytest.mark.parametrize("decode_steps, block_size", [(8, 4), (3, 1), (5, 16)])
+def test_multi_step_decode_gives_the_tokens_of_single_steps(model_dir, monkeypatch, decode_steps, block_size):
+    """decode_steps > 1 runs several decode steps per backend call, feeding sampled tokens back
+    inside the backend; every request gets exactly the tokens and finish reasons of one step per
+    call: greedy and seeded sampling, forks, stop tokens hit mid-run, a late joiner, an abort."""
+    from pagedgpt2.model_runner import ModelRunner
+
+    prompts = make_prompts(30, [5, 9, 13, 3, 17, 8])
+    # A stop token that greedy decoding of prompt 0 reaches at its 4th new token.
+    probe = Engine(model_dir, device="cpu").generate(
+        prompts[0], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))[0].token_ids
+    params = mixed_params(4, max_new=24) + [
+        SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=[probe[3]]),
+        SamplingParams(n=3, max_new_tokens=18, temperature=1.0, seed=7, stop_token_ids=[probe[3]])]
+    prompts[4] = prompts[0]
+    runs = []
+    original = ModelRunner.sample_steps
+    monkeypatch.setattr(ModelRunner, "sample_steps",
+                        lambda self, batch, k: runs.append(k) or original(self, batch, k))
+    multi = run_with_events(Engine(model_dir, device="cpu", block_size=block_size, decode_steps=decode_steps),
+                            prompts, params, join_at=4, abort_at=2)
+    assert runs and max(runs) == decode_steps  # multi-step runs happened, full length at least once
+    runs.clear()
+    single = run_with_events(Engine(model_dir, device="cpu", block_size=block_size, decode_steps=1),
+                             prompts, params, join_at=4, abort_at=2)
+    assert not runs
+    # The abort lands after a different number of tokens (a step may carry several): request 1
+    # got a prefix of the same tokens either way. All others match exactly.
+    short, long = sorted([multi[0].pop((1, 0)), single[0].pop((1, 0))], key=len)
+    assert 0 < len(short) < len(long) and long[:len(short)] == short
+    assert multi[1].pop((1, 0), None) is None and single[1].pop((1, 0), None) is None
+    assert multi == single
+    assert multi[1][(4, 0)] == "stop" and multi[0][(4, 0)][-1] == probe[3]
+
+
+def test_multi_step_decode_stays_within_free_blocks_and_max_new_tokens(model_dir, monkeypatch):
+    from pagedgpt2.model_runner import ModelRunner
+
+    runs = []
+    original = ModelRunner.sample_steps
+
+    def spy(self, batch, k):
+        free = self.kv.manager.num_free
+        need = self.kv.manager.blocks_needed_to_append_each(
+            np.array([item.seq.seq_id for item in batch], dtype=np.int64), k)
+        left = min(item.seq.num_new_tokens_left for item in batch)
+        runs.append((k, need <= free, k <= left))
+        return original(self, batch, k)
+
+    monkeypatch.setattr(ModelRunner, "sample_steps", spy)
+    prompts = make_prompts(40, [20, 11, 30])
+    params = mixed_params(3, max_new=21)
+    tight = Engine(model_dir, device="cpu", block_size=2, num_blocks=60, decode_steps=16)
+    assert tokens(tight.generate(prompts, params)) == \
+        tokens(Engine(model_dir, device="cpu", decode_steps=1).generate(prompts, params))
+    assert runs and all(fits and within for _, fits, within in runs)
+    assert tight.kv_stats()["blocks_used"] == 0
+
+
+def test_multi_step_decode_is_off_with_prefix_caching(model_dir, monkeypatch):
+    from pagedgpt2.model_runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner, "sample_steps", lambda *a: pytest.fail("multi-step with prefix caching"))
+    eng = Engine(model_dir, device="cpu", enable_prefix_caching=True, decode_steps=8)
+    eng.generate(make_prompts(41, [9, 12]), mixed_params(2))

@@ -78,3 +78,37 @@ def test_abort_and_soak_end_with_the_pool_free(model_dir):
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.kv_stats()["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_multi_step_decode_matches_single_steps(model_dir, dtype):
+    """decode_steps replays the decode graph with the sampled tokens fed back on the GPU. With
+    the batch shape the same at every step (no sequence ends mid-run) the tokens are identical to
+    one step per call, seeded samples included; so are those of the one-by-one fallback."""
+    ps = prompts(9, [5, 17, 9, 30, 3])
+    params = [SamplingParams(max_new_tokens=40, temperature=0.0 if i % 2 else 1.0, top_k=50, seed=i,
+                             ignore_eos=True) for i in range(len(ps))]
+
+    def run(steps, graphs=True):
+        eng = Engine(model_dir, device="cuda", dtype=dtype, num_blocks=512, block_size=8, decode_steps=steps)
+        eng.backend.use_cuda_graphs = graphs
+        out = [o.token_ids for o in eng.generate(ps, params)]
+        assert eng.kv_stats()["blocks_used"] == 0
+        return out
+
+    single = run(1)
+    assert run(8) == single
+    assert run(64) == single
+    assert run(16, graphs=False) == run(1, graphs=False)
+
+
+def test_multi_step_decode_with_mixed_lengths_and_stops(model_dir):
+    ps = prompts(10, [5, 17, 9, 30, 3, 12])
+    probe = engine(model_dir).generate(ps[0], greedy(6))[0].token_ids
+    params = [greedy(n) for n in (7, 33, 20, 1, 45)] + [
+        SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=[probe[4]])]
+    ps[5] = ps[0]
+    single = engine(model_dir, decode_steps=1).generate(ps, params)
+    multi = engine(model_dir, decode_steps=8).generate(ps, params)
+    assert [o.token_ids for o in multi] == [o.token_ids for o in single]
+    assert multi[5].samples[0].finish_reason == "stop"

@@ -160,6 +160,22 @@ def test_skinny_matmul(rng, dtype, rows, variant):
     np.testing.assert_allclose(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_skinny_matmul_with_more_row_groups_than_resident_blocks(rng, dtype, rows):
+    """N = 8003 (odd) over K = 1600, as gpt2-xl's MLP: each block loops over several row groups,
+    prefetching the next group's weights while it reduces the current one."""
+    K, N = 1600, 8003
+    x = rng.standard_normal((rows, K)).astype(np.float32) * 2 + 0.5
+    w = randn(rng, (N, K), dtype, 1.0 / np.sqrt(K))
+    b = randn(rng, (N,), dtype)
+    ln_w, ln_b = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    want = cpu.matmul(rounded(cpu.layernorm(x, ln_w, ln_b, 1e-5), dtype), w, b)
+    got = gpu.skinny_matmul(x, w, b, ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else {k: 2 * v for k, v in TOL[dtype].items()}
+    np.testing.assert_allclose(got, want, **tol)
+
+
 def test_skinny_matches_cublas(rng):
     """The two GEMM paths agree (fp16), so the skinny/wide switch at 8 rows is invisible."""
     x = randn(rng, (6, 768), "float16")
