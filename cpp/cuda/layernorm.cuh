@@ -13,14 +13,14 @@
 
 namespace pagedgpt2::cuda {
 
-// One warp normalizes one fp32 row x (already final) into out:
-//   out = (x - mean) / sqrt(var + eps) * w + b.
-template <typename T>
-__device__ __forceinline__ void warp_layernorm_row(T* out,          // [C]
-                                                   const float* x,  // [C]
+// One warp normalizes one fp32 row x (already final): store(c, y) receives
+//   y = (x[c] - mean) / sqrt(var + eps) * w[c] + b[c]   for every c (each lane its own c's, so
+// store may overwrite x[c] in place).
+template <typename Store>
+__device__ __forceinline__ void warp_layernorm_row(const float* x,  // [C]
                                                    const float* w,  // [C]
                                                    const float* b,  // [C]
-                                                   int C, float eps) {
+                                                   int C, float eps, Store store) {
   const int lane = threadIdx.x % 32;
   float sum = 0.f;
   for (int c = lane; c < C; c += 32) sum += x[c];
@@ -31,7 +31,17 @@ __device__ __forceinline__ void warp_layernorm_row(T* out,          // [C]
     var += d * d;
   }
   const float rstd = 1.f / sqrtf(warp_sum(var) / C + eps);
-  for (int c = lane; c < C; c += 32) out[c] = from_float<T>((x[c] - mean) * rstd * w[c] + b[c]);
+  for (int c = lane; c < C; c += 32) store(c, (x[c] - mean) * rstd * w[c] + b[c]);
+}
+
+// ... into out in T.
+template <typename T>
+__device__ __forceinline__ void warp_layernorm_row(T* out,          // [C]
+                                                   const float* x,  // [C]
+                                                   const float* w,  // [C]
+                                                   const float* b,  // [C]
+                                                   int C, float eps) {
+  warp_layernorm_row(x, w, b, C, eps, [&](int c, float y) { out[c] = from_float<T>(y); });
 }
 
 // For r < num_rows, with row = rows ? rows[r] : r:

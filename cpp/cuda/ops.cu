@@ -90,6 +90,24 @@ void poison(DevArray<T>& a) {
   CUDA_CHECK(cudaMemset(a.get(), 0xff, std::max<size_t>(a.size(), 1) * sizeof(T)));
 }
 
+// The split workspace of one decode-attention launch over num_parts partitions, counters zeroed.
+struct DecodeScratch {
+  DecodeScratch(int num_seqs, int num_heads, int head_size, int num_parts)
+      : rows(int64_t(num_seqs) * num_heads * num_parts),
+        partial_out(size_t(rows) * head_size),
+        partial_max(size_t(rows)),
+        partial_sum(size_t(rows)),
+        counters(size_t(num_seqs) * num_heads) {
+    CUDA_CHECK(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)));
+    ws = DecodeWorkspace{partial_out.get(), partial_max.get(), partial_sum.get(), counters.get(),
+                         rows, int64_t(counters.size())};
+  }
+  int64_t rows;
+  DevArray<float> partial_out, partial_max, partial_sum;
+  DevArray<unsigned> counters;
+  DecodeWorkspace ws;
+};
+
 int num_sms() {
   int device = 0, sms = 0;
   CUDA_CHECK(cudaGetDevice(&device));
@@ -235,16 +253,10 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
       const int size = partition_size > 0 ? partition_size
                                           : decode_partition_size(num_seqs, num_heads, max_ctx,
                                                                   num_sms());
-      const int parts = decode_num_partitions(max_ctx, size);
-      const int64_t rows = int64_t(num_seqs) * num_heads * parts;
-      DevArray<float> partial_out(size_t(rows) * head_size), partial_max(rows), partial_sum(rows);
-      DevArray<unsigned> counters(size_t(num_seqs) * num_heads);
-      CUDA_CHECK(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)));
-      DecodeWorkspace ws{partial_out.get(), partial_max.get(), partial_sum.get(), counters.get(),
-                         rows, int64_t(num_seqs) * num_heads};
+      DecodeScratch scratch(num_seqs, num_heads, head_size, decode_num_partitions(max_ctx, size));
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
                                  num_seqs, max_blocks, num_heads, head_size, block_size, max_ctx,
-                                 size, ws, kStream);
+                                 size, scratch.ws, kStream);
       CUDA_CHECK(cudaDeviceSynchronize());
     } else {
       launch_prefill_attention<T>(y.get(), q->get(), k->get(), v->get(), pos->get(), qsl->get(),
@@ -342,16 +354,11 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
     const int size = partition_size > 0
                          ? partition_size
                          : decode_partition_size(num_seqs, num_heads, context_len, num_sms());
-    const int64_t rows = int64_t(num_seqs) * num_heads * decode_num_partitions(context_len, size);
-    DevArray<float> partial_out(size_t(rows) * head_size), partial_max(rows), partial_sum(rows);
-    DevArray<unsigned> counters(size_t(num_seqs) * num_heads);
-    CUDA_CHECK(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)));
-    DecodeWorkspace ws{partial_out.get(), partial_max.get(), partial_sum.get(), counters.get(), rows,
-                       int64_t(num_seqs) * num_heads};
+    DecodeScratch scratch(num_seqs, num_heads, head_size, decode_num_partitions(context_len, size));
     ms = median_ms(iters, [&] {
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
                                  num_seqs, blocks_per_seq, num_heads, head_size, block_size,
-                                 context_len, size, ws, kStream);
+                                 context_len, size, scratch.ws, kStream);
     });
   });
   return ms;

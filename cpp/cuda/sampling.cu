@@ -184,14 +184,18 @@ __device__ Found find_crossing(const float* s_row, int V, const Row& row, const 
   // ---- 2. which token of bin b: gather, narrowing by radix digits while too many.
   u64 prefix = 0, mask = 0;
   int shift = 64;
+  // Whether token i (scaled logit s, key) is still a candidate: in bin b, kept by the cut, and
+  // matching the radix digits chosen so far.
+  auto is_candidate = [&](float s, u64 key) {
+    return row.bin(s) == b && !(b == cut.bin && key < cut.key) && (key & mask) == prefix;
+  };
   while (true) {
     if (tid == 0) sh.num_cand = 0;
     __syncthreads();
     for (int i = tid; i < V; i += kThreads) {
       const float s = s_row[i];
-      if (row.bin(s) != b) continue;
       const u64 key = make_key(s, i);
-      if ((b == cut.bin && key < cut.key) || (key & mask) != prefix) continue;
+      if (!is_candidate(s, key)) continue;
       const unsigned pos = atomicAdd(&sh.num_cand, 1u);
       if (pos < kCap) sh.cand[pos] = key;
     }
@@ -205,9 +209,8 @@ __device__ Found find_crossing(const float* s_row, int V, const Row& row, const 
     __syncthreads();
     for (int i = tid; i < V; i += kThreads) {
       const float s = s_row[i];
-      if (row.bin(s) != b) continue;
       const u64 key = make_key(s, i);
-      if ((b == cut.bin && key < cut.key) || (key & mask) != prefix) continue;
+      if (!is_candidate(s, key)) continue;
       const int digit = int((key >> shift) & 0xff);
       atomicAdd(&sh.radix_count[digit], 1u);
       atomicAdd(&sh.radix_mass[digit], row.mass(s));

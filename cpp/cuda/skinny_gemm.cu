@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/layernorm.cuh"
 #include "cuda/skinny_gemm.cuh"
 
 namespace pagedgpt2::cuda {
@@ -53,20 +54,9 @@ __device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p) {
           for (int k = lane; k < K; k += 32) dst[k] = x[k];
         }
         __syncwarp();
-        float sum = 0.f;
-        for (int k = lane; k < K; k += 32) sum += dst[k];
-        const float mean = warp_sum(sum) / K;
-        float var = 0.f;
-        for (int k = lane; k < K; k += 32) {
-          const float d = dst[k] - mean;
-          var += d * d;
-        }
-        const float rstd = 1.f / sqrtf(warp_sum(var) / K + p.eps);
-        for (int k = lane; k < K; k += 32) {
-          // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
-          const float y = (dst[k] - mean) * rstd * p.ln_weight[k] + p.ln_bias[k];
-          dst[k] = to_float(from_float<T>(y));
-        }
+        // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
+        warp_layernorm_row(dst, p.ln_weight, p.ln_bias, K, p.eps,
+                           [&](int k, float y) { dst[k] = to_float(from_float<T>(y)); });
       } else {
         for (int k = lane; k < K; k += 32) dst[k] = 0.f;
       }
