@@ -45,6 +45,14 @@ def make_model_dir(name: str, root: Path) -> Path:
     return dst
 
 
+def prefill_all(eng) -> None:
+    """Steps eng until every request is admitted and its whole prompt is in the cache (the next
+    step is a pure decode step)."""
+    scheduler = eng.scheduler
+    while scheduler.waiting or any(seq.num_uncached > 1 for seq in scheduler.running):
+        eng.step()
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall time of fn() over repeats, after one warm-up call."""
     fn()

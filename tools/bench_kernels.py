@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import card_name, make_model_dir  # noqa: E402
+from bench import card_name, make_model_dir, prefill_all  # noqa: E402
 
 
 def attention_table(ops, copy_gbs, dtype, iters):
@@ -70,9 +70,7 @@ def decode_ms_per_step(eng, prompts, new_tokens, repeats=3):
     for _ in range(repeats):
         for p in prompts:
             eng.add_request(p, SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-        scheduler = eng.scheduler
-        while scheduler.waiting or any(seq.num_uncached > 1 for seq in scheduler.running):
-            eng.step()  # prefill, chunked
+        prefill_all(eng)
         eng.step()
         t0 = time.perf_counter()
         timed = 0  # decode steps (a step() may run several)

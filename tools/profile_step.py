@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import make_model_dir  # noqa: E402
+from bench import make_model_dir, prefill_all  # noqa: E402
 
 
 class TimedBackend:
@@ -72,8 +72,7 @@ def main() -> None:
         eng.backend.use_cuda_graphs = not args.no_graphs
         for prompt in rng.integers(0, 50257, size=(batch, args.context)).tolist():
             eng.add_request(prompt, SamplingParams(max_new_tokens=1024 - args.context, temperature=0.0, ignore_eos=True))
-        while eng.kv_stats()["num_waiting"] or any(s.num_uncached > 1 for s in eng.scheduler.running):
-            eng.step()  # prefill
+        prefill_all(eng)
         run_steps(eng, 5)  # warm: graph capture
         timed = eng.runner.backend = TimedBackend(eng.backend)
         t0 = time.perf_counter()

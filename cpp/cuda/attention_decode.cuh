@@ -28,7 +28,7 @@ struct DecodeWorkspace {
 
 // How many partitions a context of max_context_len is split into (non-decreasing in
 // max_context_len: the model sizes DecodeWorkspace with it at n_positions), and the partition
-// length that gives (tokens per thread block, a multiple of 32).
+// length that gives (tokens per thread block, a multiple of 64).
 int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms);
 int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms);
 inline int decode_num_partitions(int max_context_len, int partition_size) {

@@ -30,15 +30,28 @@ class ModelRunner:
         self._last_tokens = np.zeros(0, dtype=np.int32)
         self._last_counters = np.zeros(0, dtype=np.int64)
 
+    def _take_slots(self, seqs: list[Sequence], starts: np.ndarray, num_new: np.ndarray,
+                    token_ids: np.ndarray):
+        """Grows each sequence (starts: its cached tokens) by its num_new tokens in the block
+        manager (copy-on-write copies run now) and marks them cached.
+        Returns (slot_mapping [T], block_tables, context_lens)."""
+        seq_ids = np.fromiter((seq.seq_id for seq in seqs), dtype=np.int64, count=len(seqs))
+        block_size = self.kv.block_size
+        max_blocks = int(((starts + num_new + block_size - 1) // block_size).max())
+        slot_mapping, block_tables, context_lens, copies = self.kv.manager.prepare_step(
+            seq_ids, num_new, token_ids, max_blocks)
+        if len(copies):
+            self.backend.copy_blocks(np.ascontiguousarray(copies[:, 0]), np.ascontiguousarray(copies[:, 1]))
+        for seq, n in zip(seqs, num_new.tolist()):
+            seq.num_cached += n
+        return slot_mapping, block_tables, context_lens
+
     def _prepare(self, batch: list[tuple[Sequence, int]], token_ids: np.ndarray | None = None) -> dict:
         """batch: [(sequence, number of new tokens)]; token_ids: the new tokens when the caller
         already has them (a repeated decode step)."""
         seqs = [seq for seq, _ in batch]
         num_new = np.fromiter((n for _, n in batch), dtype=np.int32, count=len(batch))
-        seq_ids = np.fromiter((seq.seq_id for seq in seqs), dtype=np.int64, count=len(batch))
         starts = np.fromiter((seq.num_cached for seq in seqs), dtype=np.int32, count=len(batch))
-        block_size = self.kv.block_size
-        max_blocks = int(((starts + num_new + block_size - 1) // block_size).max())
         query_start_loc = np.zeros(len(batch) + 1, dtype=np.int32)
         np.cumsum(num_new, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
@@ -52,12 +65,7 @@ class ModelRunner:
                                     count=num_tokens)
             positions = (np.arange(num_tokens, dtype=np.int32)
                          - np.repeat(query_start_loc[:-1] - starts, num_new)).astype(np.int32)
-        slot_mapping, block_tables, context_lens, copies = self.kv.manager.prepare_step(
-            seq_ids, num_new, token_ids, max_blocks)
-        if len(copies):
-            self.backend.copy_blocks(np.ascontiguousarray(copies[:, 0]), np.ascontiguousarray(copies[:, 1]))
-        for seq, n in batch:
-            seq.num_cached += n
+        slot_mapping, block_tables, context_lens = self._take_slots(seqs, starts, num_new, token_ids)
         return dict(token_ids=token_ids, positions=positions, slot_mapping=slot_mapping,
                     query_start_loc=query_start_loc, context_lens=context_lens,
                     block_tables=block_tables)
@@ -105,26 +113,19 @@ class ModelRunner:
         else:
             first = np.fromiter((seq.output_ids[-1] for seq in seqs), dtype=np.int32, count=S)
             counters = np.fromiter((len(seq.output_ids) for seq in seqs), dtype=np.int64, count=S)
-        seq_ids = np.fromiter((seq.seq_id for seq in seqs), dtype=np.int64, count=S)
         starts = np.fromiter((seq.num_cached for seq in seqs), dtype=np.int32, count=S)
-        block_size = self.kv.block_size
-        max_blocks = int((starts.max() + k + block_size - 1) // block_size)
         # NOTE: the ids of steps 1.. are unknown yet; the manager keeps token ids only for
         # prefix caching, which the scheduler rules out for these runs.
         placeholder = np.zeros((S, k), dtype=np.int32)
         placeholder[:, 0] = first
-        slot_mapping, block_tables, _, copies = self.kv.manager.prepare_step(
-            seq_ids, np.full(S, k, dtype=np.int32), placeholder.reshape(-1), max_blocks)
-        if len(copies):
-            self.backend.copy_blocks(np.ascontiguousarray(copies[:, 0]), np.ascontiguousarray(copies[:, 1]))
+        slot_mapping, block_tables, _ = self._take_slots(seqs, starts, np.full(S, k, dtype=np.int32),
+                                                         placeholder.reshape(-1))
         rows = np.arange(S, dtype=np.int32)
         tokens = self.backend.decode_steps(
             token_ids=first, positions=starts, slot_mappings=np.ascontiguousarray(slot_mapping.reshape(S, k).T),
             query_start_loc=np.arange(S + 1, dtype=np.int32), context_lens=starts + 1,
             block_tables=block_tables, logits_indices=rows,
             **self._sampling_arrays([(seq, 0) for seq in seqs]), counters=counters)  # [k, S]
-        for seq in seqs:
-            seq.num_cached += k
         self._last_decode, self._last_tokens = batch, tokens[-1].copy()
         self._last_counters = counters + (k - 1)
         return tokens.T.tolist()

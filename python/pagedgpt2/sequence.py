@@ -63,9 +63,6 @@ class Sequence:
         ids = self.prompt_ids[self.num_cached:self.num_cached + n]
         return ids + self.output_ids[:n - len(ids)]
 
-    def append(self, token_id: int) -> None:
-        self.extend([token_id])
-
     def extend(self, token_ids: list[int]) -> int:
         """Appends new tokens until the sequence finishes (a stop token, kept, or
         max_new_tokens); returns how many it took. The rest are dropped."""
