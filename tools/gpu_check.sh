@@ -2,6 +2,7 @@
 # One device call: build the CUDA engine, run the GPU tests, the sanitizers and the benchmarks,
 # and print a short table. Stages to run are arguments (default: all but train and bundled):
 #   bash tools/gpu_check.sh build tests sanitize kernels bench bench_xl serving
+# `profile` runs tools/profile_step.py with $PROFILE_ARGS (default: the serving workload).
 # `train` trains the bundled model from the token files of tools/shakespeare_data.py in
 # $TRAIN_DATA (default .devbuild/shkdata: carry it, the device has no network) and converts it
 # to float16 into $OUT/bundled; `bundled` scores the bundled model (or that new one) against HF
@@ -82,6 +83,12 @@ if has bench_xl; then
   timeout ${BENCH_XL_S:-300} python3 tools/bench.py --device cuda --model gpt2-xl --batch-sizes 1 8 64 256 --prompt-len 128 \
     --new-tokens 128 --kv-cache paged contiguous --repeats 1 --hf-max-batch 8 --workdir /tmp/bench \
     --json "$OUT/bench_gpt2xl.json" 2>&1 | tee -a "$OUT/bench.txt" | grep -v -i -E "warn|loading|writing" | tail -20
+fi
+
+if has profile; then
+  banner "profile (tools/profile_step.py ${PROFILE_ARGS:---serving 1000})"
+  timeout ${PROFILE_S:-180} python3 tools/profile_step.py ${PROFILE_ARGS:---serving 1000} --workdir /tmp/bench 2>&1 \
+    | grep -v -i -E "warn|loading|writing" | tee "$OUT/profile.txt" | tail -40
 fi
 
 if has serving; then

@@ -2,6 +2,7 @@
 kernels too), and wall time per step split into the backend call and the Python around it.
 
     python tools/profile_step.py --batch 1 64 256 --context 256
+    python tools/profile_step.py --serving 1000
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import make_model_dir, prefill_all  # noqa: E402
+from bench import CONFIGS, make_model_dir, prefill_all  # noqa: E402
 
 
 class TimedBackend:
@@ -38,6 +39,9 @@ class TimedBackend:
     def decode_steps(self, **arrays):
         return self._timed(self.backend.decode_steps, arrays)
 
+    def forward(self, **arrays):
+        return self._timed(self.backend.forward, arrays)
+
 
 def run_steps(eng, num_steps: int) -> int:
     """Steps eng until num_steps decode steps ran (a step() may run several); returns how many."""
@@ -45,6 +49,44 @@ def run_steps(eng, num_steps: int) -> int:
     while done < num_steps:
         done += len(eng.step()[0].new_token_ids)
     return done
+
+
+def print_kernels(prof, per: int, label: str) -> None:
+    """The 14 kernels with the most GPU time in prof, per `per` (steps, or 1 for the whole run)."""
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    gpu_total = sum(e.self_device_time_total for e in events) / per / 1e3
+    print(f"  {gpu_total:.3f} ms of GPU kernels {label}")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+        print(f"  {e.self_device_time_total / per:9.1f} us  x{e.count // per:<5} {e.key[:90]}")
+
+
+def profile_serving(model: str, model_dir, dtype: str, num_requests: int) -> None:
+    """The serving workload of tools/bench_serving.py (first num_requests requests, paged, 2 GiB
+    of KV cache): wall time split into backend calls and Python, then GPU kernels over the run."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_serving import run_engine, workload
+    from pagedgpt2 import Engine
+
+    requests = workload(num_requests, 1024, 0)
+    shape = CONFIGS[model]
+    num_blocks = int(2 * (1 << 30) / (2 * shape["n_layer"] * shape["n_embd"] * 2) / 16)
+
+    def engine():
+        return Engine(model_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=num_blocks, max_num_seqs=512)
+
+    run_engine(engine(), requests[:32])  # warm-up
+    eng = engine()
+    timed = eng.runner.backend = TimedBackend(eng.backend)
+    r = run_engine(eng, requests)
+    print(f"\n== serving, {num_requests} requests: {r['seconds']:.2f} s, {r['steps']} steps "
+          f"({r['seconds'] / r['steps'] * 1e3:.2f} ms each), {r['tok_s']:.0f} tok/s, mean running {r['mean_running']:.0f}; "
+          f"backend calls {timed.seconds:.2f} s, Python {r['seconds'] - timed.seconds:.2f} s")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_engine(engine(), requests)
+    torch.cuda.synchronize()
+    print_kernels(prof, 1, "over the run")
 
 
 def main() -> None:
@@ -57,6 +99,7 @@ def main() -> None:
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per backend call")
     p.add_argument("--workdir", default="/tmp/bench")
+    p.add_argument("--serving", type=int, default=0, help="profile this many requests of the serving workload instead")
     args = p.parse_args()
 
     import torch
@@ -65,6 +108,8 @@ def main() -> None:
     from pagedgpt2 import Engine, SamplingParams
 
     model_dir = make_model_dir(args.model, Path(args.workdir))
+    if args.serving:
+        return profile_serving(args.model, model_dir, args.dtype, args.serving)
     rng = np.random.default_rng(0)
     for batch in args.batch:
         eng = Engine(model_dir, device="cuda", dtype=args.dtype, max_num_seqs=batch,
@@ -83,15 +128,10 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             steps = run_steps(eng, args.steps)
         torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
-        gpu_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps / 1e3
         print(f"\n== batch {batch}, context {args.context}: {host_ms:.3f} ms/step wall, of which "
               f"{backend_ms:.3f} ms in the backend call (C++ and the GPU) and {host_ms - backend_ms:.3f} ms "
-              f"of Python; {gpu_total:.3f} ms/step of GPU kernels, graphs={eng.backend.num_cuda_graphs}")
-        rows = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:14]
-        for e in rows:
-            t = getattr(e, "self_device_time_total", 0) / steps
-            print(f"  {t:9.1f} us  x{e.count // steps:<4} {e.key[:90]}")
+              f"of Python; graphs={eng.backend.num_cuda_graphs}")
+        print_kernels(prof, steps, "per step")
         del eng
 
 

@@ -1,13 +1,19 @@
-// Prefill attention: a flash-attention style kernel on CUDA cores, fp32 throughout.
+// Prefill attention: flash-attention style kernels over the paged cache.
 //
-// Grid (query tiles, sequences, heads); a block of 128 threads owns kTile query rows of one
+// float16 / bfloat16 with head size 64 (every GPT-2 size) take the tensor-core kernel: a block
+// of 4 warps owns 64 query rows of one (sequence, head), each warp 16 rows whose scores S and
+// output O stay in registers (mma.sync m16n8k16, fp32 accumulation, P rounded to the dtype for
+// the P V product). K and V tiles of 64 keys are gathered through the block table into shared
+// memory with cp.async, the next tile's copies in flight while the current one is computed.
+//
+// Everything else (float32, other head sizes) takes the CUDA-core kernel, fp32 throughout:
+// grid (query tiles, sequences, heads); a block of 128 threads owns kTile query rows of one
 // sequence and head, and walks the keys in tiles of kTile through the block table, keeping the
 // running max / sum / output of an online softmax in shared memory. Q, K, V tiles are staged as
 // float in shared memory (rows padded by one float so the q.k loop is free of bank conflicts).
-// NOTE: tile 32 x 32 for D <= 128, 16 x 16 above (shared memory grows with D); no tensor cores:
-// GPT-2 prefill time is dominated by the GEMMs, and this keeps one exact-fp32 kernel for all
-// dtypes. A tensor-core (mma.sync) version is the next step if prefill attention shows up.
+// NOTE: tile 32 x 32 for D <= 128, 16 x 16 above (shared memory grows with D).
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/attention_prefill.cuh"
 #include "cuda/cuda_common.cuh"
@@ -162,6 +168,234 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- tensor-core kernel ---------------------------------------------------------------------
+
+constexpr int kMmaD = 64;        // head size
+constexpr int kMmaRows = 64;     // query rows per block, 16 per warp
+constexpr int kMmaKeys = 64;     // keys per K/V tile
+constexpr int kMmaThreads = 128;
+constexpr int kLd = kMmaD + 8;   // shared row stride in elements: 144 bytes, so the 8 rows of an
+                                 // ldmatrix hit 8 different 16-byte bank groups
+constexpr size_t kMmaSmem = size_t(kMmaRows + 4 * kMmaKeys) * kLd * 2;  // Q, 2 x K, 2 x V
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// c (16 x 8, fp32) += a (16 x 16, row) * b (16 x 8, col), inputs in T.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats rounded to T, lo in the low 16 bits (the element order of mma fragments).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// Fragment coordinates (PTX ISA, mma.m16n8k16): lane l holds, of a 16 x 8 accumulator tile,
+// rows l/4 (elements 0, 1) and l/4 + 8 (elements 2, 3), columns 2 (l % 4) + {0, 1}.
+template <typename T>
+__global__ void __launch_bounds__(kMmaThreads)
+    prefill_attention_mma_kernel(T* __restrict__ out,                         // [T, H * D]
+                                 const T* __restrict__ qkv,                   // [T, 3 * H * D]
+                                 const T* __restrict__ k_cache,               // [blocks, bs, H, D]
+                                 const T* __restrict__ v_cache,               // [blocks, bs, H, D]
+                                 const int32_t* __restrict__ positions,       // [T]
+                                 const int32_t* __restrict__ query_start_loc,  // [S + 1]
+                                 const int32_t* __restrict__ block_tables,    // [S, max_blocks]
+                                 int max_blocks, int block_size, float q_scale) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* qs = reinterpret_cast<T*>(smem_bytes);  // [kMmaRows][kLd]
+  T* ks = qs + kMmaRows * kLd;               // [2][kMmaKeys][kLd]
+  T* vs = ks + 2 * kMmaKeys * kLd;           // [2][kMmaKeys][kLd]
+  __shared__ int q_pos[kMmaRows];
+
+  const int s = blockIdx.y, h = blockIdx.z;
+  const int C = gridDim.z * kMmaD;
+  const int q0 = query_start_loc[s] + blockIdx.x * kMmaRows;
+  const int q_end = query_start_loc[s + 1];
+  if (q0 >= q_end) return;
+  const int num_q = min(kMmaRows, q_end - q0);
+  const int32_t* table = block_tables + int64_t(s) * max_blocks;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  if (tid < kMmaRows) q_pos[tid] = tid < num_q ? positions[q0 + tid] : -1;
+  __syncthreads();
+  const int max_pos = __reduce_max_sync(0xffffffffu, max(q_pos[lane], q_pos[lane + 32]));
+
+  // Q rows (zeros past the run), then the K/V tiles: 8 16-byte pieces per 64-element row.
+  for (int i = tid; i < kMmaRows * 8; i += kMmaThreads) {
+    const int r = i / 8, c = (i % 8) * 8;
+    const bool valid = r < num_q;
+    cp_async16(qs + r * kLd + c, qkv + int64_t(valid ? q0 + r : q0) * 3 * C + h * kMmaD + c, valid);
+  }
+  cp_async_commit();
+  // Keys past max_pos are zero-filled (never read from the cache): masked scores must meet
+  // finite values, or 0 * NaN would poison O.
+  auto load_kv = [&](int stage, int k0) {
+    T* kd = ks + stage * kMmaKeys * kLd;
+    T* vd = vs + stage * kMmaKeys * kLd;
+    for (int i = tid; i < kMmaKeys * 8; i += kMmaThreads) {
+      const int r = i / 8, c = (i % 8) * 8;
+      const int p = k0 + r;
+      const bool valid = p <= max_pos;
+      const int64_t at = valid ? (int64_t(table[p / block_size]) * block_size + p % block_size) * C +
+                                     h * kMmaD + c
+                               : 0;
+      cp_async16(kd + r * kLd + c, k_cache + at, valid);
+      cp_async16(vd + r * kLd + c, v_cache + at, valid);
+    }
+    cp_async_commit();
+  };
+  const int num_tiles = max_pos / kMmaKeys + 1;
+  load_kv(0, 0);
+
+  cp_async_wait<1>();  // Q is in
+  __syncthreads();
+  uint32_t qf[4][4];  // A fragments of this warp's 16 rows, k-steps of 16 dims
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    ldmatrix_x4(qf[kk], qs + (warp * 16 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+  }
+  const int row = warp * 16 + lane / 4;  // this lane's rows: row and row + 8
+  const int pos[2] = {q_pos[row], q_pos[row + 8]};
+  float o[8][4] = {};                    // O: 8 tiles of 8 dims
+  float m[2] = {-INFINITY, -INFINITY};   // running max (log2 domain)
+  float l[2] = {0.f, 0.f};               // running sum of this lane's columns
+
+  for (int t = 0; t < num_tiles; ++t) {
+    if (t + 1 < num_tiles) {
+      load_kv((t + 1) & 1, (t + 1) * kMmaKeys);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* kt = ks + (t & 1) * kMmaKeys * kLd;
+    const T* vt = vs + (t & 1) * kMmaKeys * kLd;
+    const int k0 = t * kMmaKeys;
+
+    // S = Q K^T: 8 tiles of 8 keys.
+    float sc[8][4] = {};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int kk = 0; kk < 4; kk += 2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, kt + (j * 8 + lane % 8) * kLd + kk * 16 + (lane / 8) * 8);
+        mma_16816<T>(sc[j], qf[kk], b[0], b[1]);
+        mma_16816<T>(sc[j], qf[kk + 1], b[2], b[3]);
+      }
+    }
+
+    // Causal mask, online softmax (a row's 64 scores live on the 4 lanes of a quad).
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + j * 8 + 2 * (lane % 4) + (e & 1);
+        const float v = key <= pos[e / 2] ? sc[j][e] * q_scale : -INFINITY;
+        sc[j][e] = v;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], v);
+      }
+    }
+    float alpha[2], m_new[2], tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+      m_new[i] = fmaxf(m[i], tile_max[i]);
+      alpha[i] = m_new[i] == -INFINITY ? 1.f : exp2f(m[i] - m_new[i]);  // exp2(-inf) = 0
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2;
+        const float p = m_new[i] == -INFINITY ? 0.f : exp2f(sc[j][e] - m_new[i]);
+        sc[j][e] = p;
+        tile_sum[i] += p;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[i] = l[i] * alpha[i] + tile_sum[i];
+      m[i] = m_new[i];
+    }
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+    }
+
+    // O += P V: P's accumulator tiles 2k, 2k + 1 are the A fragment of keys 16k .. 16k + 15.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t a[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]),
+                             pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+                             pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                             pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vt + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + n * 8 +
+                                 (lane / 16) * 8);
+        mma_16816<T>(o[n], a, b[0], b[1]);
+        mma_16816<T>(o[n + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the next iteration refills the other stage; this one after that
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    l[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row + 8 * i;
+    if (r >= num_q) continue;
+    T* dst = out + int64_t(q0 + r) * C + h * kMmaD + 2 * (lane % 4);
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      *reinterpret_cast<uint32_t*>(dst + n * 8) = pack2<T>(o[n][2 * i] * l[i], o[n][2 * i + 1] * l[i]);
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -175,9 +409,21 @@ void launch_prefill_attention(T* out, const T* qkv, const T* k_cache, const T* v
     throw std::invalid_argument("prefill attention: head size " + std::to_string(head_size) +
                                 " > " + std::to_string(kMaxHeadSize));
   }
+  const float q_scale = float(M_LOG2E / std::sqrt(double(head_size)));
+  if constexpr (!std::is_same_v<T, float>) {
+    if (head_size == kMmaD) {
+      auto kernel = prefill_attention_mma_kernel<T>;
+      allow_dynamic_smem(kernel, kMmaSmem);
+      const dim3 grid(ceil_div(max_query_len, kMmaRows), num_seqs, num_heads);
+      kernel<<<grid, kMmaThreads, kMmaSmem, stream>>>(out, qkv, k_cache, v_cache, positions,
+                                                      query_start_loc, block_tables, max_blocks,
+                                                      block_size, q_scale);
+      CUDA_CHECK_LAUNCH();
+      return;
+    }
+  }
   const int tile = tile_for(head_size);
   const size_t smem = smem_floats(tile, head_size) * sizeof(float);
-  const float q_scale = float(M_LOG2E / std::sqrt(double(head_size)));
   const dim3 grid(ceil_div(max_query_len, tile), num_seqs, num_heads);
   auto run = [&](auto kernel) {
     allow_dynamic_smem(kernel, smem_floats(16, kMaxHeadSize) * sizeof(float));

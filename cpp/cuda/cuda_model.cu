@@ -181,8 +181,11 @@ struct Step {
   StepLayout layout;
   bool decode = false;        // every sequence has one new token
   bool skinny = false;        // layers take the skinny path
-  int max_context_len = 0;    // bound on context_lens (sizes the decode grid)
-  int max_query_len = 0;      // longest query run (sizes the prefill grid)
+  // Sequences [0, num_decode_seqs) have one new token each (token row = sequence index): their
+  // attention runs in the decode kernel, the rest in the prefill kernel.
+  int num_decode_seqs = 0;
+  int max_context_len = 0;    // bound on the decode sequences' context_lens (decode grid)
+  int max_query_len = 0;      // longest query run of the other sequences (prefill grid)
   int partition_size = 0;     // decode attention
   const int32_t *token_ids, *positions, *slot_mapping, *query_start_loc, *context_lens,
       *block_tables, *logits_indices;
@@ -264,7 +267,8 @@ class Engine final : public CudaModel::Impl {
   int bucket_for(int num_seqs) const;
   Step pack_eager(const StepInputs& in, const SamplingInputs* s);
   Step pack_graph(const StepInputs& in, const SamplingInputs* s, int bucket);
-  Step make_step(const StepLayout& layout, bool decode, int max_context_len, int max_query_len);
+  Step make_step(const StepLayout& layout, bool decode, int num_decode_seqs, int max_context_len,
+                 int max_query_len);
 
   // Enqueue (device, on stream_; also what graphs capture).
   void enqueue_upload(const Step& st);
@@ -561,16 +565,18 @@ int Engine<T>::bucket_for(int num_seqs) const {
 }
 
 template <typename T>
-Step Engine<T>::make_step(const StepLayout& layout, bool decode, int max_context_len,
-                          int max_query_len) {
+Step Engine<T>::make_step(const StepLayout& layout, bool decode, int num_decode_seqs,
+                          int max_context_len, int max_query_len) {
   Step st;
   st.layout = layout;
   st.decode = decode;
+  st.num_decode_seqs = decode_attention_supported(D_, sizeof(T)) ? num_decode_seqs : 0;
   st.max_context_len = max_context_len;
   st.max_query_len = max_query_len;
   st.skinny = layout.T <= kSkinnyMaxRows && skinny_gemm_supported(layout.T, C_) &&
               skinny_gemm_supported(layout.T, I_);
-  st.partition_size = decode_partition_size(layout.S, H_, std::max(max_context_len, 1), num_sms_);
+  st.partition_size = decode_partition_size(std::max(st.num_decode_seqs, 1), H_,
+                                            std::max(max_context_len, 1), num_sms_);
   auto ptr = [&](size_t offset) { return reinterpret_cast<const int32_t*>(step_dev_ + offset); };
   st.token_ids = ptr(layout.token_ids);
   st.positions = ptr(layout.positions);
@@ -612,12 +618,17 @@ Step Engine<T>::pack_eager(const StepInputs& in, const SamplingInputs* s) {
     put(l.seeds, s->seeds, 8 * size_t(l.R));
     put(l.counters, s->counters, 8 * size_t(l.R));
   }
+  // The leading one-token sequences (the scheduler puts decodes first) take the decode kernel.
+  int num_decode = 0;
+  while (num_decode < l.S && in.query_start_loc[num_decode + 1] - in.query_start_loc[num_decode] == 1) {
+    ++num_decode;
+  }
   int max_context = 0, max_query = 0;
-  for (int q = 0; q < l.S; ++q) {
-    max_context = std::max(max_context, in.context_lens[q]);
+  for (int q = 0; q < num_decode; ++q) max_context = std::max(max_context, in.context_lens[q]);
+  for (int q = num_decode; q < l.S; ++q) {
     max_query = std::max(max_query, in.query_start_loc[q + 1] - in.query_start_loc[q]);
   }
-  return make_step(l, is_decode(in), max_context, max_query);
+  return make_step(l, num_decode == l.S, num_decode, max_context, max_query);
 }
 
 template <typename T>
@@ -665,7 +676,7 @@ Step Engine<T>::pack_graph(const StepInputs& in, const SamplingInputs* s, int bu
   }
   // NOTE: the grid of a graph is fixed, so decode attention is sized for the longest possible
   // context (n_positions); blocks past a sequence's real context exit at once.
-  return make_step(l, true, P_, 1);
+  return make_step(l, true, B, P_, 1);
 }
 
 // ---- enqueue --------------------------------------------------------------------------------
@@ -678,15 +689,16 @@ void Engine<T>::enqueue_upload(const Step& st) {
 
 template <typename T>
 void Engine<T>::enqueue_attention(const Step& st, const T* k, const T* v) {
-  const int S = st.layout.S, W = st.layout.width;
-  if (st.decode && decode_attention_supported(D_, sizeof(T))) {
-    launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, S, W, H_, D_,
+  const int S = st.layout.S, W = st.layout.width, nd = st.num_decode_seqs;
+  if (nd > 0) {
+    launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, nd, W, H_, D_,
                                block_size, st.max_context_len, st.partition_size, decode_ws_,
                                stream_);
-  } else {
-    launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc,
-                                st.block_tables, S, W, H_, D_, block_size, st.max_query_len,
-                                stream_);
+  }
+  if (nd < S) {  // the prompt chunks, after the decode rows
+    launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc + nd,
+                                st.block_tables + size_t(nd) * W, S - nd, W, H_, D_, block_size,
+                                st.max_query_len, stream_);
   }
 }
 

@@ -5,7 +5,10 @@
 //   D (N x T, ld N) = op(A) (N x K) * B (K x T),  A = W viewed as a K x N column-major matrix
 //   (ld K) with op = transpose, B = in viewed as K x T column-major (ld K), bias along D's rows.
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 #include "cuda/activation.cuh"
 #include "cuda/cuda_common.cuh"
@@ -30,6 +33,28 @@ cudaDataType_t cuda_type(DType d) {
     case DType::kBFloat16: return CUDA_R_16BF;
   }
   return CUDA_R_32F;
+}
+
+int row_bucket(int T) {
+  int b = 1;
+  while (b < T) b *= 2;
+  return b;
+}
+
+// Algorithms timed by autotune, shared by every engine of the process (they depend on the
+// device and the problem, not on the engine): (device, bucket, N, K, dtype, fused epilogue,
+// out_fp32) -> algorithm.
+using TunedKey = std::tuple<int, int, int, int, int, int, bool>;
+std::mutex tuned_mutex;
+std::map<TunedKey, cublasLtMatmulAlgo_t>& tuned_algos() {
+  static std::map<TunedKey, cublasLtMatmulAlgo_t> algos;
+  return algos;
+}
+
+TunedKey tuned_key(int bucket, int N, int K, DType dtype, int epilogue, bool out_fp32) {
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  return {device, bucket, N, K, int(dtype), epilogue, out_fp32};
 }
 
 }  // namespace
@@ -105,7 +130,8 @@ bool Gemm::try_make_plan(Plan& p, int T, int N, int K, DType dtype, bool out_fp3
   return true;
 }
 
-Gemm::Plan& Gemm::plan(int T, int N, int K, DType dtype, bool out_fp32, Epilogue epilogue) {
+Gemm::Plan& Gemm::plan(int bucket, int N, int K, DType dtype, bool out_fp32, Epilogue epilogue) {
+  const int T = bucket;
   const Key key{T, N, K, int(dtype), int(epilogue), out_fp32};
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
@@ -123,14 +149,51 @@ Gemm::Plan& Gemm::plan(int T, int N, int K, DType dtype, bool out_fp32, Epilogue
                              " GEMM of T=" + std::to_string(T) + ", N=" + std::to_string(N) +
                              ", K=" + std::to_string(K));
   }
+  p.bucket = p.rows = T;
+  if (!p.candidates.empty()) {
+    std::lock_guard<std::mutex> lock(tuned_mutex);
+    auto it = tuned_algos().find(tuned_key(T, N, K, dtype, p.fused ? int(epilogue) : 0, out_fp32));
+    if (it != tuned_algos().end()) {
+      p.algo = it->second;
+      p.candidates.clear();
+    }
+  }
   return plans_.emplace(key, p).first->second;
 }
 
-void Gemm::run(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
-               const void* weight, cudaStream_t stream) {
+// Points the plan's layouts b (K x T) and c (N x T) at T columns.
+void Gemm::set_rows(Plan& p, int T) {
+  if (p.rows == T) return;
+  const uint64_t cols = uint64_t(T);
+  CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(p.b, CUBLASLT_MATRIX_LAYOUT_COLS, &cols,
+                                                sizeof(cols)));
+  CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(p.c, CUBLASLT_MATRIX_LAYOUT_COLS, &cols,
+                                                sizeof(cols)));
+  p.rows = T;
+}
+
+// The bucket's algorithm does not run at p.rows rows: asks the heuristic for that exact shape.
+cublasStatus_t Gemm::run_fallback(Plan& p, void* out, const void* in, const void* weight,
+                                  cudaStream_t stream) {
+  cublasLtMatmulPreference_t pref;
+  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)));
+  cublasLtMatmulHeuristicResult_t result = {};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c,
+                                                           pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st != CUBLAS_STATUS_SUCCESS) return st;
+  if (found == 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+  return run(p, result.algo, out, in, weight, stream);
+}
+
+cublasStatus_t Gemm::run(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out,
+                         const void* in, const void* weight, cudaStream_t stream) {
   const float alpha = 1.f, beta = 0.f;
-  CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, weight, p.a, in, p.b, &beta, out, p.c, out,
-                              p.c, &algo, workspace_, workspace_bytes_, stream));
+  return cublasLtMatmul(handle_, p.desc, &alpha, weight, p.a, in, p.b, &beta, out, p.c, out, p.c,
+                        &algo, workspace_, workspace_bytes_, stream);
 }
 
 // Times each candidate on the real buffers (median of 5 after a warm-up) and keeps the fastest.
@@ -176,13 +239,25 @@ void Gemm::matmul(void* out, const void* in, const void* weight, const void* bia
   if (!bias && epilogue != Epilogue::kNone) {
     throw std::invalid_argument("Gemm::matmul: a bias epilogue needs a bias");
   }
-  Plan& p = plan(T, N, K, dtype, out_fp32, epilogue);
+  Plan& p = plan(row_bucket(T), N, K, dtype, out_fp32, epilogue);
+  set_rows(p, T);
   if (p.fused && epilogue != Epilogue::kNone) {
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                                 sizeof(bias)));
   }
-  if (!p.candidates.empty()) autotune(p, out, in, weight, stream);
-  run(p, p.algo, out, in, weight, stream);
+  if (!p.candidates.empty()) {
+    autotune(p, out, in, weight, stream);
+    if (p.candidates.empty()) {  // timed now (not while capturing): keep it for every engine
+      std::lock_guard<std::mutex> lock(tuned_mutex);
+      tuned_algos()[tuned_key(p.bucket, N, K, dtype, p.fused ? int(epilogue) : 0, out_fp32)] =
+          p.algo;
+    }
+  }
+  cublasStatus_t st = run(p, p.algo, out, in, weight, stream);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED && p.rows != p.bucket) {
+    st = run_fallback(p, out, in, weight, stream);
+  }
+  CUBLAS_CHECK(st);
   if (!p.fused && epilogue != Epilogue::kNone) {
     if (out_fp32) throw std::logic_error("Gemm::matmul: no bias epilogue on float32 logits");
     dispatch_dtype(dtype, [&](auto tag) {

@@ -32,9 +32,12 @@ class Gemm {
   // uses); when the heuristic finds no algorithm with that epilogue, a plain GEMM runs and
   // launch_bias_act finishes the job. Graph-capturable: no allocation after the first call of a
   // shape (plans are cached; the workspace is fixed).
-  // NOTE: for decode-sized shapes (T <= kAutotuneMaxRows) the heuristic's best few algorithms are
-  // timed on the first eager call and the fastest kept: its first pick is sometimes several times
-  // slower (an sm_75 kernel for the fp16 x fp16 -> fp32 LM head, seen on an H200).
+  // NOTE: plans are made per row bucket (T rounded up to a power of two; a call sets the
+  // layouts' column count to its T), so steps of ever-changing T (mixed prefill and decode)
+  // reuse them. For decode-sized buckets (<= kAutotuneMaxRows) the heuristic's best few
+  // algorithms are timed on the first eager call and the fastest kept, for every engine of the
+  // process: its first pick is sometimes several times slower (an sm_75 kernel for the
+  // fp16 x fp16 -> fp32 LM head, seen on an H200).
   void matmul(void* out, const void* in, const void* weight, const void* bias, int T, int N,
               int K, DType dtype, bool out_fp32, Epilogue epilogue, cudaStream_t stream);
 
@@ -45,15 +48,20 @@ class Gemm {
     cublasLtMatmulAlgo_t algo{};
     std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's best few, until timed
     bool fused = false;  // the epilogue runs inside cuBLASLt
+    int bucket = 0;      // rows the plan was made for
+    int rows = 0;        // rows the layouts b and c describe now (<= bucket)
   };
-  using Key = std::tuple<int, int, int, int, int, bool>;  // T, N, K, dtype, epilogue, out_fp32
+  using Key = std::tuple<int, int, int, int, int, bool>;  // bucket, N, K, dtype, epilogue, out_fp32
 
-  Plan& plan(int T, int N, int K, DType dtype, bool out_fp32, Epilogue epilogue);
+  Plan& plan(int bucket, int N, int K, DType dtype, bool out_fp32, Epilogue epilogue);
+  void set_rows(Plan& p, int T);
+  cublasStatus_t run_fallback(Plan& p, void* out, const void* in, const void* weight,
+                              cudaStream_t stream);
   bool try_make_plan(Plan& p, int T, int N, int K, DType dtype, bool out_fp32,
                      cublasLtEpilogue_t epilogue);
   static void destroy(Plan& p);
-  void run(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
-           const void* weight, cudaStream_t stream);
+  cublasStatus_t run(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
+                     const void* weight, cudaStream_t stream);
   void autotune(Plan& p, void* out, const void* in, const void* weight, cudaStream_t stream);
 
   cublasLtHandle_t handle_ = nullptr;

@@ -86,6 +86,10 @@ class Scheduler:
             self._enter_running(seq)
             batch.append(self._scheduled(seq, n))
             budget -= n
+        if not self._steady:
+            # One-token rows first: the backend runs the attention of the leading ones in its
+            # decode kernel and only the prompt chunks after them in the prefill kernel.
+            batch.sort(key=lambda item: item.num_new_tokens != 1)
         return batch
 
     def _all_running_decode(self) -> list[ScheduledSeq]:

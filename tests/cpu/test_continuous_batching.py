@@ -51,6 +51,27 @@ def test_chunked_prefill_gives_the_same_tokens(model_dir):
     assert tokens(chunked.generate(prompts, params)) == reference
 
 
+def test_mixed_steps_put_one_token_rows_first(model_dir, monkeypatch):
+    """The backend runs the attention of a step's leading one-token rows in its decode kernel, so
+    the scheduler puts them first: fresh one-token prompts admitted after longer ones, and
+    decodes beside prompt chunks. The tokens stay those of each prompt run alone."""
+    from pagedgpt2.model_runner import ModelRunner
+
+    rows, original = [], ModelRunner.sample
+    monkeypatch.setattr(ModelRunner, "sample", lambda self, batch: rows.append(
+        [item.num_new_tokens for item in batch]) or original(self, batch))
+    prompts = make_prompts(23, [5, 1, 9, 1, 30, 2])
+    params = mixed_params(len(prompts), max_new=12)
+    eng = Engine(model_dir, device="cpu", max_num_batched_tokens=12, decode_steps=1)
+    got = tokens(eng.generate(prompts, params))
+    mixed = [r for r in rows if 1 in r and max(r) > 1]
+    assert mixed, rows
+    for r in rows:
+        assert r == sorted(r, key=lambda n: n != 1), r
+    alone = Engine(model_dir, device="cpu")
+    assert got == [tokens(alone.generate(p, sp))[0] for p, sp in zip(prompts, params)]
+
+
 def test_parallel_samples_reproduce_and_match_each_sample_run_alone(model_dir):
     prompt = make_prompts(3, [22])[0]  # 22 tokens: the last block is shared while partly full
     params = SamplingParams(n=4, max_new_tokens=16, temperature=1.0, seed=42, ignore_eos=True)

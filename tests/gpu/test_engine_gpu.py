@@ -103,6 +103,42 @@ def test_wide_lm_head_samples_the_top_logit(hf_model_dirs, dtype):
     assert agree >= 0.9, agree  # only near-ties, rounded to the dtype, may differ
 
 
+@pytest.mark.parametrize("shape", ["d16", "d64"])
+def test_mixed_prefill_and_decode_steps_match_hf(hf_model_dirs, shape):
+    """Steps that mix decodes (the decode kernel) with prompt chunks (the prefill kernel): a small
+    token budget chunks the prompts, one-token prompts sit beside long ones, and requests join
+    while others decode. Every request's greedy tokens must be HF's."""
+    model, _, engine_dir = hf_model_dirs[shape]
+    model = hf_on_gpu(model)
+    eng = Engine(engine_dir, device="cuda", dtype="float32", block_size=16, num_blocks=256,
+                 max_num_batched_tokens=24, decode_steps=1)
+    rng = np.random.default_rng(16)
+    lengths = [[70, 1, 9], [1, 33, 2, 50]]  # the second group joins once the first decodes
+    prompts = [[rng.integers(0, model.config.vocab_size, size=n).tolist() for n in group] for group in lengths]
+    seen = []
+    backend_call = eng.runner.backend.forward_and_sample
+
+    def record(**arrays):
+        seen.append(np.diff(arrays["query_start_loc"]).tolist())
+        return backend_call(**arrays)
+
+    eng.runner.backend = type("Recording", (), {"__getattr__": lambda _, name: getattr(eng.backend, name),
+                                                "forward_and_sample": staticmethod(record)})()
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    rids = [eng.add_request(p, params) for p in prompts[0]]
+    got = {}
+    step = 0
+    while eng.has_unfinished_requests():
+        if step == 5:
+            rids += [eng.add_request(p, params) for p in prompts[1]]
+        for out in eng.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+    assert any(1 in rows and max(rows) > 1 for rows in seen), seen
+    for rid, prompt in zip(rids, prompts[0] + prompts[1]):
+        assert got[rid] == hf_greedy(model, prompt, 12), len(prompt)
+
+
 def test_paged_equals_contiguous_on_gpu(hf_model_dirs):
     engine_dir = hf_model_dirs["d48"][2]
     rng = np.random.default_rng(13)

@@ -258,9 +258,10 @@ def test_decode_attention_one_big_head(rng, dtype):
 def test_prefill_attention(rng, dtype, block_size, head_size):
     num_heads = 3
     # (context after the step, new tokens): fresh prompts, a chunk after a cached prefix,
-    # single-token rows mixed in (a chunked-prefill batch).
-    ctx = [5, 70, 33 + 40, 1, 129, 200]
-    q = [5, 70, 40, 1, 1, 64]
+    # single-token rows mixed in (a chunked-prefill batch), and a long chunk of several query
+    # and key tiles (64 each in the tensor-core kernel, float16 / bfloat16 at head size 64).
+    ctx = [5, 70, 33 + 40, 1, 129, 200, 300]
+    q = [5, 70, 40, 1, 1, 64, 257]
     qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, q, num_heads, head_size,
                                                     block_size, dtype)
     want = cpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads)
