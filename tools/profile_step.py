@@ -60,16 +60,22 @@ def print_kernels(prof, per: int, label: str) -> None:
         print(f"  {e.self_device_time_total / per:9.1f} us  x{e.count // per:<5} {e.key[:90]}")
 
 
-def profile_serving(model: str, model_dir, dtype: str, num_requests: int) -> None:
-    """The serving workload of tools/bench_serving.py (first num_requests requests, paged, 2 GiB
-    of KV cache): wall time split into backend calls and Python, then GPU kernels over the run."""
+def profile_serving(model: str, model_dir, dtype: str, num_requests: int, hf_subset: bool) -> None:
+    """The serving workload of tools/bench_serving.py (first num_requests requests, or with
+    hf_subset the requests it gives HF: each 128 new tokens; paged, 2 GiB of KV cache): wall time
+    split into backend calls and Python, then GPU kernels over the run."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_serving import run_engine, workload
+    import bench_serving
     from pagedgpt2 import Engine
 
-    requests = workload(num_requests, 1024, 0)
+    run_engine = bench_serving.run_engine
+    requests = bench_serving.workload(max(num_requests, 32), 1024, 0)
+    if hf_subset:
+        requests = bench_serving.hf_subset(requests, num_requests)
+    else:
+        requests = requests[:num_requests]
     shape = CONFIGS[model]
     num_blocks = int(2 * (1 << 30) / (2 * shape["n_layer"] * shape["n_embd"] * 2) / 16)
 
@@ -80,7 +86,7 @@ def profile_serving(model: str, model_dir, dtype: str, num_requests: int) -> Non
     eng = engine()
     timed = eng.runner.backend = TimedBackend(eng.backend)
     r = run_engine(eng, requests)
-    print(f"\n== serving, {num_requests} requests: {r['seconds']:.2f} s, {r['steps']} steps "
+    print(f"\n== serving, {num_requests} requests{' (HF subset)' if hf_subset else ''}: {r['seconds']:.2f} s, {r['steps']} steps "
           f"({r['seconds'] / r['steps'] * 1e3:.2f} ms each), {r['tok_s']:.0f} tok/s, mean running {r['mean_running']:.0f}; "
           f"backend calls {timed.seconds:.2f} s, Python {r['seconds'] - timed.seconds:.2f} s")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -100,6 +106,7 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per backend call")
     p.add_argument("--workdir", default="/tmp/bench")
     p.add_argument("--serving", type=int, default=0, help="profile this many requests of the serving workload instead")
+    p.add_argument("--hf-subset", action="store_true", help="with --serving: the requests tools/bench_serving.py gives HF")
     args = p.parse_args()
 
     import torch
@@ -109,7 +116,7 @@ def main() -> None:
 
     model_dir = make_model_dir(args.model, Path(args.workdir))
     if args.serving:
-        return profile_serving(args.model, model_dir, args.dtype, args.serving)
+        return profile_serving(args.model, model_dir, args.dtype, args.serving, args.hf_subset)
     rng = np.random.default_rng(0)
     for batch in args.batch:
         eng = Engine(model_dir, device="cuda", dtype=args.dtype, max_num_seqs=batch,

@@ -254,6 +254,7 @@ class Engine final : public CudaModel::Impl {
 
   void upload_weights(const HostWeights& weights);
   void allocate_activations();
+  void warm_up_gemms();
   void allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction);
 
   T* k_cache(int l) const { return reinterpret_cast<T*>(kv_pool_.get() + (2 * l) * cache_bytes_); }
@@ -285,6 +286,11 @@ class Engine final : public CudaModel::Impl {
   cudaStream_t stream_ = nullptr;
   int num_sms_ = 0;
   bool pdl_ = false;  // programmatic dependent launch of the skinny GEMVs (sm_90+)
+  // Steps of at most this many tokens take the skinny GEMVs, larger ones cuBLASLt.
+  // NOTE: 2, measured (gpt2, H200): batch 2 0.46 ms a step with the GEMVs against 0.51 with
+  // cuBLASLt, batch 4 0.63 against 0.52, batch 8 0.87 against 0.53. PAGEDGPT2_SKINNY_MAX_ROWS
+  // (0-8) overrides it, for such measurements.
+  int skinny_max_rows_ = 2;
   Gemm gemm_;
   int C_, I_, V_, H_, D_, L_, P_;
   float eps_;
@@ -353,6 +359,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   num_sms_ = prop.multiProcessorCount;
   const char* pdl_env = std::getenv("PAGEDGPT2_PDL");
   pdl_ = prop.major >= 9 && !(pdl_env && std::string(pdl_env) == "0");
+  if (const char* rows_env = std::getenv("PAGEDGPT2_SKINNY_MAX_ROWS")) {
+    skinny_max_rows_ = std::clamp(std::atoi(rows_env), 0, kSkinnyMaxRows);
+  }
   device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
@@ -362,6 +371,7 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
 
   upload_weights(weights);
   allocate_activations();
+  warm_up_gemms();
   allocate_kv_pool(num_blocks_arg, gpu_memory_fraction);
 }
 
@@ -504,6 +514,42 @@ void Engine<T>::allocate_activations() {
   token_history_host_.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
 }
 
+// Makes (and, for decode-sized buckets, times) the cuBLASLt plans of every row bucket a step
+// can use, before the KV pool takes the free memory: no step pays for them or allocates.
+template <typename T>
+void Engine<T>::warm_up_gemms() {
+  const size_t Tn = size_t(max_tokens_);
+  CUDA_CHECK(cudaMemsetAsync(ln_out_, 0, Tn * C_ * sizeof(T), stream_));  // the GEMM inputs
+  CUDA_CHECK(cudaMemsetAsync(attn_, 0, Tn * C_ * sizeof(T), stream_));
+  CUDA_CHECK(cudaMemsetAsync(mlp_, 0, Tn * I_ * sizeof(T), stream_));
+  CUDA_CHECK(cudaMemsetAsync(final_x_, 0, size_t(logits_rows_) * C_ * sizeof(T), stream_));
+  const Layer& w = layers_[0];
+  for (int bucket = 1;; bucket *= 2) {
+    const int n = std::min(bucket, max_tokens_);
+    if (n > skinny_max_rows_) {  // as enqueue_layers runs them
+      gemm_.matmul(qkv_, ln_out_, w.qkv_w, w.qkv_b, n, 3 * C_, C_, dtype, false, Epilogue::kBias,
+                   stream_);
+      gemm_.matmul(tmp_, attn_, w.proj_w, w.proj_b, n, C_, C_, dtype, false, Epilogue::kBias,
+                   stream_);
+      gemm_.matmul(mlp_, ln_out_, w.fc_w, w.fc_b, n, I_, C_, dtype, false, Epilogue::kBiasGelu,
+                   stream_);
+      gemm_.matmul(tmp_, mlp_, w.fc_proj_w, w.fc_proj_b, n, C_, I_, dtype, false,
+                   Epilogue::kBias, stream_);
+    }
+    const int rows = std::min(n, logits_rows_);
+    if (rows > skinny_max_rows_) {  // as enqueue_logits runs them
+      if (!std::is_same_v<T, float>) {
+        gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, padded_vocab(), C_, dtype, false,
+                     Epilogue::kNone, stream_);
+      }
+      gemm_.matmul(logits_, final_x_, wte_, nullptr, rows, V_, C_, dtype, true, Epilogue::kNone,
+                   stream_);
+    }
+    if (n == max_tokens_) break;
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
 template <typename T>
 void Engine<T>::allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction) {
   const size_t block_bytes = size_t(block_size) * C_ * sizeof(T);  // one block of one cache
@@ -573,7 +619,7 @@ Step Engine<T>::make_step(const StepLayout& layout, bool decode, int num_decode_
   st.num_decode_seqs = decode_attention_supported(D_, sizeof(T)) ? num_decode_seqs : 0;
   st.max_context_len = max_context_len;
   st.max_query_len = max_query_len;
-  st.skinny = layout.T <= kSkinnyMaxRows && skinny_gemm_supported(layout.T, C_) &&
+  st.skinny = layout.T <= skinny_max_rows_ && skinny_gemm_supported(layout.T, C_) &&
               skinny_gemm_supported(layout.T, I_);
   st.partition_size = decode_partition_size(std::max(st.num_decode_seqs, 1), H_,
                                             std::max(max_context_len, 1), num_sms_);
@@ -765,7 +811,7 @@ void Engine<T>::enqueue_layers(const Step& st) {
 template <typename T>
 void Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
   const int32_t* idx = st.logits_indices + r0;
-  if (rows <= kSkinnyMaxRows && skinny_gemm_supported(rows, C_)) {
+  if (rows <= skinny_max_rows_ && skinny_gemm_supported(rows, C_)) {
     SkinnyParams<T> p;
     p.x = residual_, p.x_rows = idx, p.ln_weight = ln_f_w_, p.ln_bias = ln_f_b_, p.eps = eps_;
     p.weight = wte_, p.out = logits_;

@@ -115,11 +115,13 @@ class Scheduler:
 
     def decode_run_length(self, max_steps: int) -> int:
         """How many decode steps the batch schedule() just returned may run in one backend call:
-        more than 1 only for the steady all-decode batch with nothing waiting (an arrival would
-        wait for the whole run) and without prefix caching (its block hashes need the tokens
-        before the blocks fill). Never past any sequence's max_new_tokens, nor past the free
-        blocks."""
-        if max_steps <= 1 or not self._steady or self.waiting or self.kv.manager.prefix_caching:
+        more than 1 only for the steady all-decode batch, and without prefix caching (its block
+        hashes need the tokens before the blocks fill). Steady means that schedule() admitted
+        nothing: no request waits, or the first in line cannot start (no free blocks past the
+        watermark, no room under max_num_seqs or the token budget) and would not during the
+        run either, since no running sequence reaches max_new_tokens before its end and the
+        running ones only take blocks. Never past the free blocks."""
+        if max_steps <= 1 or not self._steady or self.kv.manager.prefix_caching:
             return 1
         k = min(max_steps, min(seq.num_new_tokens_left for seq in self.running))
         while k > 1 and self.kv.manager.blocks_needed_to_append_each(self._decode_seq_ids, k) \

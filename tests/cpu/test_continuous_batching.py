@@ -340,6 +340,32 @@ def test_multi_step_decode_stays_within_free_blocks_and_max_new_tokens(model_dir
     assert tight.kv_stats()["blocks_used"] == 0
 
 
+@pytest.mark.parametrize("limit", ["max_num_seqs", "blocks"])
+def test_multi_step_decode_runs_while_the_next_request_cannot_start(model_dir, monkeypatch, limit):
+    """Requests that wait because the running set is full (max_num_seqs) or the pool is (a pool
+    of a few blocks) do not stop multi-step runs; every request still gets the tokens of one
+    step per call."""
+    from pagedgpt2.model_runner import ModelRunner
+
+    waiting_runs = []
+    original = ModelRunner.sample_steps
+
+    def spy(self, batch, k):
+        if eng.scheduler.waiting:
+            waiting_runs.append(k)
+        return original(self, batch, k)
+
+    monkeypatch.setattr(ModelRunner, "sample_steps", spy)
+    prompts = make_prompts(42, [7, 12, 5, 9, 14])
+    params = mixed_params(len(prompts), max_new=20)
+    kw = dict(max_num_seqs=2) if limit == "max_num_seqs" else dict(block_size=4, num_blocks=24)
+    eng = Engine(model_dir, device="cpu", decode_steps=8, **kw)
+    got = tokens(eng.generate(prompts, params))
+    assert waiting_runs, "no multi-step run while a request waited"
+    assert got == tokens(Engine(model_dir, device="cpu", decode_steps=1).generate(prompts, params))
+    assert eng.kv_stats()["blocks_used"] == 0
+
+
 def test_multi_step_decode_is_off_with_prefix_caching(model_dir, monkeypatch):
     from pagedgpt2.model_runner import ModelRunner
 
