@@ -86,7 +86,8 @@ __global__ void __launch_bounds__(kThreads)
   pdl_launch_dependents();  // the proj GEMV may start streaming its weights
   const int h = blockIdx.x, s = blockIdx.y, part = blockIdx.z;
   const int H = gridDim.x, C = H * D;
-  const int context_len = context_lens[s];
+  const int context_len = context_lens[s];  // a step input: written before the step's kernels
+  pdl_wait();  // q, the cache and out belong to the kernels before
   T* out_row = out + int64_t(s) * C + h * D;
   if (context_len <= 0) {  // padding row of a graph bucket
     if (part == 0) {
@@ -277,7 +278,7 @@ template <typename T, int D>
 void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
               const int32_t* context_lens, const int32_t* block_tables, int num_seqs,
               int max_blocks, int num_heads, int block_size, int max_context_len,
-              int partition_size, const DecodeWorkspace& ws, cudaStream_t stream) {
+              int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl) {
   const int num_parts = decode_num_partitions(max_context_len, partition_size);
   if (num_parts > 1 &&
       (int64_t(num_seqs) * num_heads * num_parts > ws.capacity_rows ||
@@ -285,11 +286,18 @@ void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
     throw std::runtime_error("decode attention: split workspace too small for this batch");
   }
   const float q_scale = float(M_LOG2E / std::sqrt(double(D)));
-  const dim3 grid(num_heads, num_seqs, num_parts);
-  decode_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(
-      out, qkv, k_cache, v_cache, context_lens, block_tables, max_blocks, block_size, q_scale,
-      partition_size, num_parts, ws);
-  CUDA_CHECK_LAUNCH();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(num_heads, num_seqs, num_parts);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&config, decode_attention_kernel<T, D>, out, qkv, k_cache, v_cache,
+                                context_lens, block_tables, max_blocks, block_size, q_scale,
+                                partition_size, num_parts, ws));
 }
 
 }  // namespace
@@ -325,13 +333,13 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
                              const int32_t* context_lens, const int32_t* block_tables,
                              int num_seqs, int max_blocks, int num_heads, int head_size,
                              int block_size, int max_context_len, int partition_size,
-                             const DecodeWorkspace& ws, cudaStream_t stream) {
+                             const DecodeWorkspace& ws, cudaStream_t stream, bool pdl) {
   if (num_seqs <= 0) return;
 #define CASE(D)                                                                                \
   case D:                                                                                      \
     return launch_d<T, D>(out, qkv, k_cache, v_cache, context_lens, block_tables, num_seqs,   \
                           max_blocks, num_heads, block_size, max_context_len, partition_size, \
-                          ws, stream);
+                          ws, stream, pdl);
   switch (head_size) {
     CASE(16) CASE(32) CASE(48) CASE(64) CASE(80) CASE(96) CASE(128) CASE(256)
     default:
@@ -344,7 +352,7 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
 #define INSTANTIATE(T)                                                                       \
   template void launch_decode_attention<T>(T*, const T*, const T*, const T*, const int32_t*, \
                                            const int32_t*, int, int, int, int, int, int, int, \
-                                           const DecodeWorkspace&, cudaStream_t);
+                                           const DecodeWorkspace&, cudaStream_t, bool);
 INSTANTIATE(float)
 INSTANTIATE(__half)
 INSTANTIATE(__nv_bfloat16)

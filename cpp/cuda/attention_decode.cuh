@@ -51,6 +51,9 @@ void launch_decode_attention(T* out,                       // [S, H * D]
                              int block_size,
                              int max_context_len,  // >= every context_lens[s]: sizes the grid
                              int partition_size,   // from decode_partition_size
-                             const DecodeWorkspace& ws, cudaStream_t stream);
+                             const DecodeWorkspace& ws, cudaStream_t stream,
+                             bool pdl = false);  // programmatic dependent launch (sm_90), as
+                                                 // launch_skinny_gemm's: the kernel reads
+                                                 // context_lens before it waits
 
 }  // namespace pagedgpt2::cuda

@@ -737,9 +737,11 @@ template <typename T>
 void Engine<T>::enqueue_attention(const Step& st, const T* k, const T* v) {
   const int S = st.layout.S, W = st.layout.width, nd = st.num_decode_seqs;
   if (nd > 0) {
+    // NOTE: programmatic launch only after the fused QKV GEMV (a kernel); in the wide path
+    // write_kv (also a kernel) comes before, so it holds there too.
     launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, nd, W, H_, D_,
                                block_size, st.max_context_len, st.partition_size, decode_ws_,
-                               stream_);
+                               stream_, pdl_);
   }
   if (nd < S) {  // the prompt chunks, after the decode rows
     launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc + nd,

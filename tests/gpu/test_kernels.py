@@ -176,8 +176,22 @@ def test_skinny_matmul_with_more_row_groups_than_resident_blocks(rng, dtype, row
     np.testing.assert_allclose(got, want, **tol)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_skinny_matmul_with_long_rows(rng, rows):
+    """K = 6400, N = 1600, as gpt2-xl's fc_proj: a row of W (12.8 KB) is a group of its own, and
+    four warps split its K."""
+    K, N = 6400, 1600
+    x = rounded(rng.standard_normal((rows, K)).astype(np.float32), "float16")
+    w = randn(rng, (N, K), "float16", 1.0 / np.sqrt(K))
+    b = randn(rng, (N,), "float16")
+    residual = rng.standard_normal((rows, N)).astype(np.float32)
+    want = cpu.matmul(x, w, b) + residual
+    got = gpu.skinny_matmul(x, w, b, residual=residual, dtype="float16")
+    np.testing.assert_allclose(got, want, **TOL["float16"])
+
+
 def test_skinny_matches_cublas(rng):
-    """The two GEMM paths agree (fp16), so the skinny/wide switch at 8 rows is invisible."""
+    """The two GEMM paths agree (fp16), so the skinny/wide switch is invisible."""
     x = randn(rng, (6, 768), "float16")
     w = randn(rng, (2304, 768), "float16", 0.04)
     b = randn(rng, (2304,), "float16")
