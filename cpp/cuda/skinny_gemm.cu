@@ -1,14 +1,13 @@
 // Skinny GEMM kernels (see skinny_gemm.cuh for what is fused).
 //
-// W streams through shared memory. A block takes row groups blockIdx.x, + gridDim.x, ... (the
-// grid is at most what is resident at once); a group is R consecutive rows of W, one contiguous
-// chunk of R * K elements (about 24 KB), copied with cp.async into one of kStages stages, so a
-// block keeps kStages - 1 groups (up to ~75 KB) on their way from DRAM while it computes on one.
-// With programmatic dependent launch those first copies are issued before the kernel waits for
-// the one before it: the weights never depend on earlier kernels.
-// x (M rows, after its LayerNorm prologue) sits in shared memory as float32. Row r of a group
-// is reduced by kWarps / R warps splitting K (or each warp takes R / kWarps rows); lanes read
-// 16-byte vectors, lane-contiguous.
+// Block = 8 warps. Each output column n (a row of W) is owned by `warps_per_row` warps that split
+// K; a warp reads W[n, :] in 16-byte vectors (lane-contiguous, so a warp-load is 512 coalesced
+// bytes) and multiplies it with the M staged rows of x held in shared memory as float32.
+// NOTE: warps_per_row is picked per launch so that there are >= 2 blocks per SM: N=768 layers
+// (proj, fc_proj) split K over 4 warps, N >= 2304 use one warp per output.
+// NOTE: the first batch of weight loads is issued before x is staged, so the DRAM latency of W
+// overlaps the LayerNorm prologue. The grid never exceeds what is resident at once: blocks loop
+// over row groups (x staged once per block, no second wave waiting to start its loads).
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -23,24 +22,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kStages = 4;
-constexpr size_t kStageTarget = 26 * 1024;   // bytes of W per group, at most (R >= 1 permitting)
-constexpr size_t kSmemLimit = 227 * 1024;    // per block (sm_90; sm_80 has 163 KB)
-constexpr size_t kSmemTwoBlocks = 113 * 1024;  // at most this, two blocks fit on an SM
+constexpr int kUnroll = 4;  // 16-byte weight vectors in flight per lane
+constexpr int kMinBlocksPerSm = 3;  // register cap: 3 x 8 warps keep ~100 KB of W in flight
+constexpr size_t kMaxSmem = 100 * 1024;
 
 int padded_rows(int rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
-size_t x_bytes(int m_tile, int K) { return (size_t(m_tile) * K + kWarps * m_tile) * 4; }
-
-// Rows of W per group: a power of two with kStages groups within `budget` bytes, about
-// kStageTarget each, and small enough that there are a group per SM when N allows.
-int rows_per_group(int N, int K, int elem_size, size_t budget, int num_sms) {
-  const size_t row_bytes = size_t(K) * elem_size;
-  int r = 1;
-  while (r < 64 && 2 * r * row_bytes <= kStageTarget && 2 * r * row_bytes * kStages <= budget) r *= 2;
-  while (r > 1 && (N + r - 1) / r < num_sms) r /= 2;
-  return r;
-}
+size_t smem_bytes(int m_tile, int K) { return (size_t(m_tile) * K + kWarps * m_tile) * 4; }
 
 template <typename T, int M, SkinnyInput IN>
 __device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p) {
@@ -120,104 +108,107 @@ __device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n,
 }
 
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
-__global__ void __launch_bounds__(kThreads)
-    skinny_gemm_kernel(const SkinnyParams<T> p, int rows_per_group) {
-  extern __shared__ __align__(16) float smem[];
-  float* xs = smem;                                      // [M, K]
-  float* partial = xs + M * p.K;                         // [kWarps, M]
-  T* stages = reinterpret_cast<T*>(partial + kWarps * M);  // [kStages, R * K]
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row) {
+  extern __shared__ float smem[];
+  float* xs = smem;                  // [M, K]
+  float* partial = smem + M * p.K;   // [kWarps, M]
   constexpr int V = kVec16<T>;
-  const int K = p.K, R = rows_per_group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int num_groups = (p.N + R - 1) / R;
-  const int num_vecs = K / V;
-  const int64_t stage_elems = int64_t(R) * K;
-  // Row r of a group is reduced by warps_per_row warps (K-slice `kslice`), or a warp takes
-  // rows warp, warp + kWarps, ... when R > kWarps.
-  const int warps_per_row = R < kWarps ? kWarps / R : 1;
+  const int rows_per_block = kWarps / warps_per_row;
+  const int num_groups = (p.N + rows_per_block - 1) / rows_per_block;
   const int kslice = warp % warps_per_row;
-  const int first_row = warp / warps_per_row;
-  const int row_step = kWarps / warps_per_row;
-
-  // Copies group `it` of this block (rows past N are not copied) into its stage; every call
-  // commits one cp.async group, possibly empty, so that cp_async_wait counts groups.
-  auto issue = [&](int it) {
-    const int group = blockIdx.x + it * int(gridDim.x);
-    if (group < num_groups) {
-      const int n0 = group * R;
-      const int vecs = min(R, p.N - n0) * num_vecs;
-      const T* src = p.weight + int64_t(n0) * K;
-      T* dst = stages + (it % kStages) * stage_elems;
-      for (int i = threadIdx.x; i < vecs; i += kThreads) cp_async16(dst + i * V, src + i * V, true);
+  const int num_vecs = p.K / V;
+  const int stride = warps_per_row * 32;
+  auto row_of = [&](int group) { return group * rows_per_block + warp / warps_per_row; };
+  // The first kUnroll vectors this lane reads of the row it takes in `group`.
+  auto load_first = [&](int group, Vec<T, V> (&w)[kUnroll]) {
+    const int n = row_of(group);
+    if (n >= p.N) return;
+    const T* w_row = p.weight + int64_t(n) * p.K;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int idx = kslice * 32 + lane + u * stride;
+      if (idx < num_vecs) w[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
     }
-    cp_async_commit();
   };
 
   pdl_launch_dependents();
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  Vec<T, V> w[kUnroll];
+  load_first(blockIdx.x, w);
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
   stage_x<T, M, IN>(xs, p);
+  __syncthreads();
 
-  for (int it = 0; blockIdx.x + it * int(gridDim.x) < num_groups; ++it) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of group `it` have landed ...
-    __syncthreads();               // ... and everyone's (and x); the stage of it - 1 is free
-    issue(it + kStages - 1);
-    const T* w_group = stages + (it % kStages) * stage_elems;
-    const int n0 = (blockIdx.x + it * int(gridDim.x)) * R;
-    for (int r = first_row; r < R; r += row_step) {
-      const int n = n0 + r;
-      const bool active = n < p.N;  // uniform over the warps of row r
-      float acc[M];
+  // NOTE: the grid is at most what fits on the GPU at once; a block takes row groups
+  // blockIdx.x, + gridDim.x, ... so x is staged once per block, and the next group's first
+  // weights are in flight while a row is reduced and written.
+  for (int group = blockIdx.x; group < num_groups; group += gridDim.x) {
+    const int n = row_of(group);
+    const bool active = n < p.N;
+    const T* w_row = p.weight + int64_t(active ? n : 0) * p.K;
+    float acc[M];
 #pragma unroll
-      for (int m = 0; m < M; ++m) acc[m] = 0.f;
-      if (active) {
-        const T* w_row = w_group + int64_t(r) * K;
-        for (int j = kslice * 32 + lane; j < num_vecs; j += warps_per_row * 32) {
-          const Vec<T, V> w = *reinterpret_cast<const Vec<T, V>*>(w_row + j * V);
-          float wf[V];
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    if (active) {
+      for (int c = kslice * 32 + lane; c < num_vecs; c += kUnroll * stride) {
+        Vec<T, V> next[kUnroll];
 #pragma unroll
-          for (int e = 0; e < V; ++e) wf[e] = to_float(w.v[e]);
+        for (int u = 0; u < kUnroll; ++u) {
+          const int idx = c + (kUnroll + u) * stride;
+          if (idx < num_vecs) next[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
+        }
 #pragma unroll
-          for (int m = 0; m < M; ++m) {
-            const float4* xv = reinterpret_cast<const float4*>(xs + m * K + j * V);
+        for (int u = 0; u < kUnroll; ++u) {
+          const int idx = c + u * stride;
+          if (idx < num_vecs) {
+            float wf[V];
 #pragma unroll
-            for (int q = 0; q < V / 4; ++q) {
-              const float4 x4 = xv[q];
-              acc[m] += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
-                        wf[4 * q + 3] * x4.w;
+            for (int e = 0; e < V; ++e) wf[e] = to_float(w[u].v[e]);
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+              const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + idx * V);
+#pragma unroll
+              for (int q = 0; q < V / 4; ++q) {
+                const float4 x4 = xv[q];
+                acc[m] += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
+                          wf[4 * q + 3] * x4.w;
+              }
             }
           }
         }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
       }
-#pragma unroll
-      for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-      if (warps_per_row > 1) {
-        if (lane == 0) {
-#pragma unroll
-          for (int m = 0; m < M; ++m) partial[warp * M + m] = acc[m];
-        }
-        __syncthreads();
-        if (kslice == 0) {
-#pragma unroll
-          for (int m = 0; m < M; ++m) {
-            float sum = 0.f;
-            for (int j = 0; j < warps_per_row; ++j) sum += partial[(warp + j) * M + m];
-            acc[m] = sum;
-          }
-        }
-        __syncthreads();  // partial is rewritten by the next group
-      }
-      if (kslice != 0 || !active) continue;
-      float y = 0.f;
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        if (lane == m) y = acc[m];
-      }
-      if (lane < M && lane < p.rows) epilogue<T, OUT>(p, lane, n, y);
     }
+    if (group + int(gridDim.x) < num_groups) load_first(group + gridDim.x, w);
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+
+    if (warps_per_row > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) partial[warp * M + m] = acc[m];
+      }
+      __syncthreads();
+      if (kslice == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          float s = 0.f;
+          for (int j = 0; j < warps_per_row; ++j) s += partial[(warp + j) * M + m];
+          acc[m] = s;
+        }
+      }
+      __syncthreads();  // partial is rewritten by the next group
+    }
+    if (kslice != 0 || !active) continue;
+    float y = 0.f;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (lane == m) y = acc[m];
+    }
+    if (lane < M && lane < p.rows) epilogue<T, OUT>(p, lane, n, y);
   }
-  cp_async_wait<0>();  // no copy may outlive the block (the trailing groups are empty)
 }
 
 // Blocks of kernel (with smem bytes of shared memory) that fit on one SM at once.
@@ -236,15 +227,17 @@ int resident_blocks_per_sm(Kernel kernel, size_t smem) {
 
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
 void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, bool pdl) {
-  const size_t x_part = x_bytes(M, p.K);
-  // Two blocks an SM when x leaves room for it, else one with all the room there is.
-  const size_t budget = (x_part + kStages * kStageTarget <= kSmemTwoBlocks ? kSmemTwoBlocks
-                                                                           : kSmemLimit) - x_part;
-  const int R = rows_per_group(p.N, p.K, int(sizeof(T)), budget, num_sms);
-  const size_t smem = x_part + size_t(kStages) * R * p.K * sizeof(T);
+  int warps_per_row = 1;
+  while (warps_per_row < kWarps &&
+         ceil_div(p.N, kWarps / warps_per_row) < 2 * num_sms &&
+         p.K / kVec16<T> >= 64 * warps_per_row) {
+    warps_per_row *= 2;
+  }
+  const size_t smem = smem_bytes(M, p.K);
   auto kernel = skinny_gemm_kernel<T, M, IN, OUT>;
-  allow_dynamic_smem(kernel, kSmemLimit);
-  const int blocks = std::min(ceil_div(p.N, R), resident_blocks_per_sm(kernel, smem) * num_sms);
+  allow_dynamic_smem(kernel, kMaxSmem + kWarps * kSkinnyMaxRows * 4);
+  const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row),
+                              resident_blocks_per_sm(kernel, smem) * num_sms);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(blocks);
   config.blockDim = dim3(kThreads);
@@ -255,7 +248,7 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
-  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, R));
+  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, warps_per_row));
 }
 
 template <typename T, int M>
@@ -294,9 +287,8 @@ void launch_rows(const SkinnyParams<T>& p, SkinnyInput in, SkinnyOutput out, int
 }  // namespace
 
 bool skinny_gemm_supported(int rows, int K) {
-  // x, and kStages groups of one row at least.
   return rows >= 1 && rows <= kSkinnyMaxRows && K % 8 == 0 &&
-         x_bytes(padded_rows(rows), K) + size_t(kStages) * K * 4 <= kSmemLimit;
+         smem_bytes(padded_rows(rows), K) <= kMaxSmem + kWarps * kSkinnyMaxRows * 4;
 }
 
 template <typename T>

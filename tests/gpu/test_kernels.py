@@ -178,8 +178,7 @@ def test_skinny_matmul_with_more_row_groups_than_resident_blocks(rng, dtype, row
 
 @pytest.mark.parametrize("rows", [1, 2])
 def test_skinny_matmul_with_long_rows(rng, rows):
-    """K = 6400, N = 1600, as gpt2-xl's fc_proj: a row of W (12.8 KB) is a group of its own, and
-    four warps split its K."""
+    """K = 6400, N = 1600, as gpt2-xl's fc_proj: rows of 12.8 KB, split over several warps."""
     K, N = 6400, 1600
     x = rounded(rng.standard_normal((rows, K)).astype(np.float32), "float16")
     w = randn(rng, (N, K), "float16", 1.0 / np.sqrt(K))
