@@ -9,13 +9,16 @@
 //               the host and crosses in one cudaMemcpyAsync; sampled ids come back in one copy.
 //
 // Two ways through a layer (chosen per step):
-//   skinny (T <= 8 rows: decode at small batch): 5 launches per layer, LayerNorm / bias / GELU /
-//     residual / write_kv fused into weight-streaming GEMVs (skinny_gemm.cuh);
-//   wide (prefill, large batches): cuBLASLt GEMMs with bias(+GELU) epilogues, write_kv,
+//   skinny (T <= skinny_max_rows_, 2: decode at batch 1-2): 5 launches per layer, LayerNorm /
+//     bias / GELU / residual / write_kv fused into weight-streaming GEMVs (skinny_gemm.cuh);
+//   wide (prefill, larger batches): cuBLASLt GEMMs with bias(+GELU) epilogues, write_kv,
 //     add+LayerNorm kernels.
+// Attention: the leading one-token sequences of a step take the decode kernel, the prompt chunks
+// after them the prefill kernel.
 // Decode steps (every sequence has one new token) are padded to a batch bucket (1, 2, 4, ...,
-// max_num_seqs) and replayed from a CUDA graph holding the whole step: upload, embedding, layers,
-// LM head, sampling and the download of the ids. Padding rows have slot -1 and context_len 0,
+// max_num_seqs) and replayed from a CUDA graph holding the whole step: embedding, layers, LM
+// head, sampling and the download of the ids (the upload goes just before). Padding rows have
+// slot -1 and context_len 0,
 // which every kernel skips. The first step of a bucket runs eagerly (warming cuBLASLt plans and
 // kernel attributes), the graph is captured from the same enqueue code, then replayed.
 #include <algorithm>
