@@ -77,7 +77,8 @@ def profile_serving(model: str, model_dir, dtype: str, num_requests: int, hf_sub
     else:
         requests = requests[:num_requests]
     shape = CONFIGS[model]
-    num_blocks = int(2 * (1 << 30) / (2 * shape["n_layer"] * shape["n_embd"] * 2) / 16)
+    elem = 4 if dtype == "float32" else 2
+    num_blocks = int(2 * (1 << 30) / (2 * shape["n_layer"] * shape["n_embd"] * elem) / 16)
 
     def engine():
         return Engine(model_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=num_blocks, max_num_seqs=512)

@@ -286,18 +286,9 @@ void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
     throw std::runtime_error("decode attention: split workspace too small for this batch");
   }
   const float q_scale = float(M_LOG2E / std::sqrt(double(D)));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(num_heads, num_seqs, num_parts);
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
-  CUDA_CHECK(cudaLaunchKernelEx(&config, decode_attention_kernel<T, D>, out, qkv, k_cache, v_cache,
-                                context_lens, block_tables, max_blocks, block_size, q_scale,
-                                partition_size, num_parts, ws));
+  launch_kernel(decode_attention_kernel<T, D>, dim3(num_heads, num_seqs, num_parts),
+                dim3(kThreads), 0, stream, pdl, out, qkv, k_cache, v_cache, context_lens,
+                block_tables, max_blocks, block_size, q_scale, partition_size, num_parts, ws);
 }
 
 }  // namespace

@@ -138,6 +138,25 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
+// pdl: the kernel may start while the one before it in the stream still runs (it must call
+// pdl_wait before touching that kernel's outputs).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, bool pdl, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Asynchronous global -> shared copies (cp.async, sm_80+)
 // ---------------------------------------------------------------------------------------------

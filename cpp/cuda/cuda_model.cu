@@ -182,7 +182,6 @@ StepLayout make_layout(int T, int S, int R, int width, bool sampling) {
 // decisions made on the host.
 struct Step {
   StepLayout layout;
-  bool decode = false;        // every sequence has one new token
   bool skinny = false;        // layers take the skinny path
   // Sequences [0, num_decode_seqs) have one new token each (token row = sequence index): their
   // attention runs in the decode kernel, the rest in the prefill kernel.
@@ -271,7 +270,7 @@ class Engine final : public CudaModel::Impl {
   int bucket_for(int num_seqs) const;
   Step pack_eager(const StepInputs& in, const SamplingInputs* s);
   Step pack_graph(const StepInputs& in, const SamplingInputs* s, int bucket);
-  Step make_step(const StepLayout& layout, bool decode, int num_decode_seqs, int max_context_len,
+  Step make_step(const StepLayout& layout, int num_decode_seqs, int max_context_len,
                  int max_query_len);
 
   // Enqueue (device, on stream_; also what graphs capture).
@@ -614,11 +613,10 @@ int Engine<T>::bucket_for(int num_seqs) const {
 }
 
 template <typename T>
-Step Engine<T>::make_step(const StepLayout& layout, bool decode, int num_decode_seqs,
-                          int max_context_len, int max_query_len) {
+Step Engine<T>::make_step(const StepLayout& layout, int num_decode_seqs, int max_context_len,
+                          int max_query_len) {
   Step st;
   st.layout = layout;
-  st.decode = decode;
   st.num_decode_seqs = decode_attention_supported(D_, sizeof(T)) ? num_decode_seqs : 0;
   st.max_context_len = max_context_len;
   st.max_query_len = max_query_len;
@@ -677,7 +675,7 @@ Step Engine<T>::pack_eager(const StepInputs& in, const SamplingInputs* s) {
   for (int q = num_decode; q < l.S; ++q) {
     max_query = std::max(max_query, in.query_start_loc[q + 1] - in.query_start_loc[q]);
   }
-  return make_step(l, num_decode == l.S, num_decode, max_context, max_query);
+  return make_step(l, num_decode, max_context, max_query);
 }
 
 template <typename T>
@@ -725,7 +723,7 @@ Step Engine<T>::pack_graph(const StepInputs& in, const SamplingInputs* s, int bu
   }
   // NOTE: the grid of a graph is fixed, so decode attention is sized for the longest possible
   // context (n_positions); blocks past a sequence's real context exit at once.
-  return make_step(l, true, B, P_, 1);
+  return make_step(l, B, P_, 1);
 }
 
 // ---- enqueue --------------------------------------------------------------------------------

@@ -238,17 +238,7 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
   allow_dynamic_smem(kernel, kMaxSmem + kWarps * kSkinnyMaxRows * 4);
   const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row),
                               resident_blocks_per_sm(kernel, smem) * num_sms);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
-  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, warps_per_row));
+  launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row);
 }
 
 template <typename T, int M>
