@@ -264,9 +264,9 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One forward over every scheduled sequence: the new tokens of each, and which finished.
 
-        When every running sequence decodes and nothing waits, one step runs up to decode_steps
-        forwards in one backend call, and a sequence may get several tokens. A finished request
-        leaves the engine in the step it finishes."""
+        When every running sequence decodes and no request can start, one step runs up to
+        decode_steps forwards in one backend call, and a sequence may get several tokens. A
+        finished request leaves the engine in the step it finishes."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
