@@ -31,6 +31,13 @@ def workload(num_requests: int, n_positions: int, seed: int) -> list[tuple[list[
     return [(rng.integers(0, 50257, size=p).tolist(), int(o)) for p, o in zip(prompt_lens, out_lens)]
 
 
+def kv_blocks(model: str, dtype: str, kv_gib: float, block_size: int) -> int:
+    """Blocks of block_size tokens that kv_gib GiB of K and V cache hold for the model."""
+    shape = CONFIGS[model]
+    bytes_per_token = 2 * shape["n_layer"] * shape["n_embd"] * (4 if dtype == "float32" else 2)
+    return int(kv_gib * (1 << 30) / bytes_per_token / block_size)
+
+
 def run_engine(eng, requests, sample_every: int = 16, params_fn=None) -> dict:
     """Submits every request at once and steps to the end; samples the cache as it goes."""
     from pagedgpt2 import SamplingParams
@@ -110,8 +117,7 @@ def main() -> None:
     root = Path(args.workdir)
     model_dir = make_model_dir(args.model, root)
     requests = workload(args.requests, 1024, args.seed)
-    kv_bytes_per_token = 2 * CONFIGS[args.model]["n_layer"] * CONFIGS[args.model]["n_embd"] * (4 if dtype == "float32" else 2)
-    num_blocks = int(args.kv_gib * (1 << 30) / kv_bytes_per_token / args.block_size)
+    num_blocks = kv_blocks(args.model, dtype, args.kv_gib, args.block_size)
 
     def engine(mode, **kw):
         return Engine(model_dir, device=args.device, dtype=dtype, kv_cache=mode, block_size=args.block_size,

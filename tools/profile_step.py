@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import CONFIGS, make_model_dir, prefill_all  # noqa: E402
+from bench import make_model_dir, prefill_all  # noqa: E402
 
 
 class TimedBackend:
@@ -76,9 +76,7 @@ def profile_serving(model: str, model_dir, dtype: str, num_requests: int, hf_sub
         requests = bench_serving.hf_subset(requests, num_requests)
     else:
         requests = requests[:num_requests]
-    shape = CONFIGS[model]
-    elem = 4 if dtype == "float32" else 2
-    num_blocks = int(2 * (1 << 30) / (2 * shape["n_layer"] * shape["n_embd"] * elem) / 16)
+    num_blocks = bench_serving.kv_blocks(model, dtype, 2.0, 16)
 
     def engine():
         return Engine(model_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=num_blocks, max_num_seqs=512)

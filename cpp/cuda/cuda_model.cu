@@ -280,6 +280,12 @@ class Engine final : public CudaModel::Impl {
   // LM head on rows [r0, r0 + rows) into logits_; exact: float32 output for every dtype.
   void enqueue_logits(const Step& st, int r0, int rows, bool exact);
   void enqueue_sample(const Step& st, int r0, int rows);
+  // The wide path's cuBLASLt GEMMs over n rows (warm_up_gemms makes their plans).
+  void gemm_qkv(const Layer& w, int n);      // ln_out_ -> qkv_
+  void gemm_proj(const Layer& w, int n);     // attn_ -> tmp_
+  void gemm_fc(const Layer& w, int n);       // ln_out_ -> mlp_ (GELU)
+  void gemm_fc_proj(const Layer& w, int n);  // mlp_ -> tmp_
+  void gemm_lm_head(int rows, bool exact);   // final_x_ -> logits_ (float32)
   void enqueue_decode_step(const Step& st, bool sample);
 
   void launch_decode_graph(const Step& st, bool sample);
@@ -528,24 +534,16 @@ void Engine<T>::warm_up_gemms() {
   const Layer& w = layers_[0];
   for (int bucket = 1;; bucket *= 2) {
     const int n = std::min(bucket, max_tokens_);
-    if (n > skinny_max_rows_) {  // as enqueue_layers runs them
-      gemm_.matmul(qkv_, ln_out_, w.qkv_w, w.qkv_b, n, 3 * C_, C_, dtype, false, Epilogue::kBias,
-                   stream_);
-      gemm_.matmul(tmp_, attn_, w.proj_w, w.proj_b, n, C_, C_, dtype, false, Epilogue::kBias,
-                   stream_);
-      gemm_.matmul(mlp_, ln_out_, w.fc_w, w.fc_b, n, I_, C_, dtype, false, Epilogue::kBiasGelu,
-                   stream_);
-      gemm_.matmul(tmp_, mlp_, w.fc_proj_w, w.fc_proj_b, n, C_, I_, dtype, false,
-                   Epilogue::kBias, stream_);
+    if (n > skinny_max_rows_) {
+      gemm_qkv(w, n);
+      gemm_proj(w, n);
+      gemm_fc(w, n);
+      gemm_fc_proj(w, n);
     }
     const int rows = std::min(n, logits_rows_);
-    if (rows > skinny_max_rows_) {  // as enqueue_logits runs them
-      if (!std::is_same_v<T, float>) {
-        gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, padded_vocab(), C_, dtype, false,
-                     Epilogue::kNone, stream_);
-      }
-      gemm_.matmul(logits_, final_x_, wte_, nullptr, rows, V_, C_, dtype, true, Epilogue::kNone,
-                   stream_);
+    if (rows > skinny_max_rows_) {
+      gemm_lm_head(rows, false);  // sampling
+      gemm_lm_head(rows, true);   // logits returned to the user
     }
     if (n == max_tokens_) break;
   }
@@ -769,8 +767,7 @@ void Engine<T>::enqueue_layers(const Step& st) {
       launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                             pdl_);
     } else {
-      gemm_.matmul(qkv_, ln_out_, w.qkv_w, w.qkv_b, n, 3 * C_, C_, dtype, false, Epilogue::kBias,
-                   stream_);
+      gemm_qkv(w, n);
       launch_write_kv<T>(k, v, qkv_, st.slot_mapping, n, C_, stream_);
     }
     enqueue_attention(st, k, v);
@@ -792,14 +789,11 @@ void Engine<T>::enqueue_layers(const Step& st) {
       launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                             stream_, pdl_);
     } else {
-      gemm_.matmul(tmp_, attn_, w.proj_w, w.proj_b, n, C_, C_, dtype, false, Epilogue::kBias,
-                   stream_);
+      gemm_proj(w, n);
       launch_add_layernorm<T>(residual_, tmp_, ln_out_, w.ln_2_w, w.ln_2_b, nullptr, n, C_, eps_,
                               stream_);
-      gemm_.matmul(mlp_, ln_out_, w.fc_w, w.fc_b, n, I_, C_, dtype, false, Epilogue::kBiasGelu,
-                   stream_);
-      gemm_.matmul(tmp_, mlp_, w.fc_proj_w, w.fc_proj_b, n, C_, I_, dtype, false,
-                   Epilogue::kBias, stream_);
+      gemm_fc(w, n);
+      gemm_fc_proj(w, n);
       const bool last = l + 1 == L_;
       // Residual add, fused with the next layer's ln_1 (the final LayerNorm runs on the logits
       // rows only, in enqueue_logits).
@@ -825,6 +819,35 @@ void Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
   }
   launch_add_layernorm<T>(residual_, nullptr, final_x_, ln_f_w_, ln_f_b_, idx, rows, C_, eps_,
                           stream_);
+  gemm_lm_head(rows, exact);
+}
+
+template <typename T>
+void Engine<T>::gemm_qkv(const Layer& w, int n) {
+  gemm_.matmul(qkv_, ln_out_, w.qkv_w, w.qkv_b, n, 3 * C_, C_, dtype, false, Epilogue::kBias,
+               stream_);
+}
+
+template <typename T>
+void Engine<T>::gemm_proj(const Layer& w, int n) {
+  gemm_.matmul(tmp_, attn_, w.proj_w, w.proj_b, n, C_, C_, dtype, false, Epilogue::kBias,
+               stream_);
+}
+
+template <typename T>
+void Engine<T>::gemm_fc(const Layer& w, int n) {
+  gemm_.matmul(mlp_, ln_out_, w.fc_w, w.fc_b, n, I_, C_, dtype, false, Epilogue::kBiasGelu,
+               stream_);
+}
+
+template <typename T>
+void Engine<T>::gemm_fc_proj(const Layer& w, int n) {
+  gemm_.matmul(tmp_, mlp_, w.fc_proj_w, w.fc_proj_b, n, C_, I_, dtype, false, Epilogue::kBias,
+               stream_);
+}
+
+template <typename T>
+void Engine<T>::gemm_lm_head(int rows, bool exact) {
   if (std::is_same_v<T, float> || exact) {
     gemm_.matmul(logits_, final_x_, wte_, nullptr, rows, V_, C_, dtype, true, Epilogue::kNone,
                  stream_);
