@@ -244,4 +244,7 @@ NB_MODULE(_cuda, m) {
                   &cuda::CudaModel::set_use_cuda_graphs,
                   "Replay decode steps from CUDA graphs (default True).");
   cls.def_prop_ro("num_cuda_graphs", &cuda::CudaModel::num_cuda_graphs);
+  cls.def_prop_ro("persistent_decode", &cuda::CudaModel::persistent_decode,
+                  "Whether decode steps of 1-2 sequences run as one persistent kernel (opt-in: "
+                  "PAGEDGPT2_PERSISTENT=1 at construction; sm_90+, head size 64).");
 }

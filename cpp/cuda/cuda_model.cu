@@ -8,9 +8,12 @@
 //   step inputs one pinned host buffer + its device twin: every int array of a step is packed on
 //               the host and crosses in one cudaMemcpyAsync; sampled ids come back in one copy.
 //
-// Two ways through a layer (chosen per step):
-//   skinny (T <= skinny_max_rows_, 2: decode at batch 1-2): 5 launches per layer, LayerNorm /
-//     bias / GELU / residual / write_kv fused into weight-streaming GEMVs (skinny_gemm.cuh);
+// Three ways through the layers (chosen per step):
+//   persistent (opt-in, PAGEDGPT2_PERSISTENT=1: decode steps of 1-2 sequences on sm_90): the
+//     whole step, LM head included, in one kernel with grid barriers (persistent_decode.cuh);
+//   skinny (T <= skinny_max_rows_, 2: decode at batch 1-2 by default): 5 launches per layer,
+//     LayerNorm / bias / GELU / residual / write_kv fused into weight-streaming GEMVs
+//     (skinny_gemm.cuh);
 //   wide (prefill, larger batches): cuBLASLt GEMMs with bias(+GELU) epilogues, write_kv,
 //     add+LayerNorm kernels.
 // Attention: the leading one-token sequences of a step take the decode kernel, the prompt chunks
@@ -22,6 +25,7 @@
 // which every kernel skips. The first step of a bucket runs eagerly (warming cuBLASLt plans and
 // kernel attributes), the graph is captured from the same enqueue code, then replayed.
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -41,6 +45,7 @@
 #include "cuda/embedding.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/layernorm.cuh"
+#include "cuda/persistent_decode.cuh"
 #include "cuda/sampling.cuh"
 #include "cuda/skinny_gemm.cuh"
 #include "cuda/write_kv.cuh"
@@ -219,6 +224,7 @@ struct CudaModel::Impl {
   std::string device_name;
   bool use_graphs = true;
   int num_graphs = 0;
+  bool persistent = false;  // decode steps of 1-2 sequences take the persistent kernel
 };
 
 namespace {
@@ -239,25 +245,14 @@ class Engine final : public CudaModel::Impl {
   void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) override;
 
  private:
-  struct Layer {
-    const float* ln_1_w;  // [C]
-    const float* ln_1_b;  // [C]
-    const T* qkv_w;       // [3C, C]
-    const T* qkv_b;       // [3C]
-    const T* proj_w;      // [C, C]
-    const T* proj_b;      // [C]
-    const float* ln_2_w;  // [C]
-    const float* ln_2_b;  // [C]
-    const T* fc_w;        // [I, C]
-    const T* fc_b;        // [I]
-    const T* fc_proj_w;   // [C, I]
-    const T* fc_proj_b;   // [C]
-  };
+  // One layer's weights and its K/V caches (the persistent kernel reads an array of these).
+  using Layer = DecodeLayerWeights<T>;
 
   void upload_weights(const HostWeights& weights);
   void allocate_activations();
   void warm_up_gemms();
   void allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction);
+  void set_layer_caches();
 
   T* k_cache(int l) const { return reinterpret_cast<T*>(kv_pool_.get() + (2 * l) * cache_bytes_); }
   T* v_cache(int l) const {
@@ -287,6 +282,9 @@ class Engine final : public CudaModel::Impl {
   void gemm_fc_proj(const Layer& w, int n);  // mlp_ -> tmp_
   void gemm_lm_head(int rows, bool exact);   // final_x_ -> logits_ (float32)
   void enqueue_decode_step(const Step& st, bool sample);
+  // Decode steps of 1-2 sequences run as one persistent kernel (layers and LM head).
+  bool use_persistent(const Step& st) const;
+  void enqueue_persistent(const Step& st);
 
   void launch_decode_graph(const Step& st, bool sample);
   void run(const StepInputs& in, const SamplingInputs* s, float* logits, int32_t* next_tokens);
@@ -299,6 +297,14 @@ class Engine final : public CudaModel::Impl {
   // cuBLASLt, batch 4 0.63 against 0.52, batch 8 0.87 against 0.53. PAGEDGPT2_SKINNY_MAX_ROWS
   // (0-8) overrides it, for such measurements.
   int skinny_max_rows_ = 2;
+  // Tables of the persistent decode kernel (Impl::persistent; on with PAGEDGPT2_PERSISTENT=1).
+  DeviceBuffer persistent_layers_;  // [L] DecodeLayerWeights<T>
+  PersistentScratch persistent_scratch_;
+  // PAGEDGPT2_PERSISTENT_TRACE=file: the kernel's stage marks of the last step, written there
+  // at destruction (tuning only).
+  std::string trace_path_;
+  size_t trace_events() const { return size_t(num_sms_) * (10 * L_ + 2); }
+  void write_trace() const;
   Gemm gemm_;
   int C_, I_, V_, H_, D_, L_, P_;
   float eps_;
@@ -377,19 +383,51 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   buckets_.push_back(max_num_seqs);
   while (!buckets_.empty() && buckets_.back() > max_tokens_) buckets_.pop_back();
 
+  const char* persistent_env = std::getenv("PAGEDGPT2_PERSISTENT");
+  // NOTE: opt-in (PAGEDGPT2_PERSISTENT=1): on an H200 it is still slower than the layered path
+  // (gpt2 batch 1: 0.54 against 0.43 ms a step; docs/notes.md, fifth session).
+  persistent = persistent_env && std::string(persistent_env) == "1" &&
+               persistent_decode_supported(C_, I_, H_, P_, int(sizeof(T)), device);
+  if (const char* trace = std::getenv("PAGEDGPT2_PERSISTENT_TRACE"); trace && persistent) {
+    trace_path_ = trace;
+  }
+
   upload_weights(weights);
   allocate_activations();
   warm_up_gemms();
   allocate_kv_pool(num_blocks_arg, gpu_memory_fraction);
+  set_layer_caches();
 }
 
 template <typename T>
 Engine<T>::~Engine() {
+  if (!trace_path_.empty()) write_trace();
   for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
   if (stream_) {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
   }
+}
+
+// One line per block: its clock64 marks (persistent_decode.cuh), then the SM clock in kHz.
+template <typename T>
+void Engine<T>::write_trace() const {
+  std::vector<long long> marks(trace_events());
+  if (cudaMemcpy(marks.data(), persistent_scratch_.trace, marks.size() * sizeof(long long),
+                 cudaMemcpyDeviceToHost) != cudaSuccess) {
+    return;
+  }
+  FILE* f = std::fopen(trace_path_.c_str(), "w");
+  if (!f) return;
+  int khz = 0;
+  cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device);
+  std::fprintf(f, "# blocks %d layers %d clock_khz %d\n", num_sms_, L_, khz);
+  const size_t per_block = 10 * size_t(L_) + 2;
+  for (int b = 0; b < num_sms_; ++b) {
+    for (size_t e = 0; e < per_block; ++e) std::fprintf(f, "%lld ", marks[b * per_block + e]);
+    std::fprintf(f, "\n");
+  }
+  std::fclose(f);
 }
 
 template <typename T>
@@ -483,6 +521,8 @@ void Engine<T>::allocate_activations() {
     if (parts > 1) partial_rows = std::max<int64_t>(partial_rows, int64_t(s) * H_ * parts);
   }
   const int64_t counter_rows = int64_t(std::max(max_seqs_, max_tokens_)) * H_;
+  const int64_t persistent_rows =
+      persistent ? int64_t(kPersistentMaxRows) * H_ * kPersistentMaxParts : 0;
   const StepLayout cap = make_layout(max_tokens_, max_seqs_, max_tokens_, max_blocks_, true);
   step_bytes_ = std::max(cap.bytes, align_up(size_t(2) * 4 * 65536, 16));
 
@@ -507,6 +547,13 @@ void Engine<T>::allocate_activations() {
     decode_ws_.partial_max = cv.take<float>(size_t(partial_rows) * sizeof(float));
     decode_ws_.partial_sum = cv.take<float>(size_t(partial_rows) * sizeof(float));
     decode_ws_.counters = cv.take<unsigned>(size_t(counter_rows) * sizeof(unsigned));
+    PersistentScratch& ps = persistent_scratch_;
+    ps.part_out = cv.take<float>(size_t(persistent_rows) * D_ * sizeof(float));
+    ps.part_max = cv.take<float>(size_t(persistent_rows) * sizeof(float));
+    ps.part_sum = cv.take<float>(size_t(persistent_rows) * sizeof(float));
+    ps.part_counters = cv.take<unsigned>(size_t(kPersistentMaxRows) * H_ * sizeof(unsigned));
+    ps.barrier = cv.take<unsigned>(kPersistentBarrierWords * sizeof(unsigned));
+    if (!trace_path_.empty()) ps.trace = cv.take<long long>(trace_events() * sizeof(long long));
   };
   Carver plan(nullptr);
   carve(plan);
@@ -516,6 +563,10 @@ void Engine<T>::allocate_activations() {
   decode_ws_.capacity_rows = partial_rows;
   decode_ws_.capacity_counters = counter_rows;
   CUDA_CHECK(cudaMemset(decode_ws_.counters, 0, size_t(counter_rows) * sizeof(unsigned)));
+  CUDA_CHECK(cudaMemset(persistent_scratch_.part_counters, 0,
+                        size_t(kPersistentMaxRows) * H_ * sizeof(unsigned)));
+  CUDA_CHECK(cudaMemset(persistent_scratch_.barrier, 0,
+                        kPersistentBarrierWords * sizeof(unsigned)));
   step_host_.reset(step_bytes_);
   tokens_host_.reset(Tn * sizeof(int32_t));
   step_slots_host_.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
@@ -570,6 +621,17 @@ void Engine<T>::allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction)
   num_blocks = num_blocks_arg;
   cache_bytes_ = size_t(num_blocks) * block_bytes;
   kv_pool_.reset(cache_bytes_ * 2 * L_, "the KV cache");
+}
+
+// Points each layer at its K/V caches and, for the persistent kernel, copies the layer table to
+// the GPU.
+template <typename T>
+void Engine<T>::set_layer_caches() {
+  for (int l = 0; l < L_; ++l) layers_[l].k_cache = k_cache(l), layers_[l].v_cache = v_cache(l);
+  if (!persistent) return;
+  const size_t bytes = layers_.size() * sizeof(Layer);
+  persistent_layers_.reset(bytes, "the layer table");
+  CUDA_CHECK(cudaMemcpy(persistent_layers_.get(), layers_.data(), bytes, cudaMemcpyHostToDevice));
 }
 
 // ---- step preparation -----------------------------------------------------------------------
@@ -871,9 +933,35 @@ void Engine<T>::enqueue_sample(const Step& st, int r0, int rows) {
 }
 
 template <typename T>
+bool Engine<T>::use_persistent(const Step& st) const {
+  const StepLayout& l = st.layout;
+  return persistent && l.T <= kPersistentMaxRows &&
+         st.num_decode_seqs == l.T && l.S == l.T && l.R <= l.T;
+}
+
+template <typename T>
+void Engine<T>::enqueue_persistent(const Step& st) {
+  PersistentDecodeParams<T> p;
+  p.layers = reinterpret_cast<const DecodeLayerWeights<T>*>(persistent_layers_.get());
+  p.wte = wte_, p.wpe = wpe_, p.ln_f_w = ln_f_w_, p.ln_f_b = ln_f_b_;
+  p.L = L_, p.C = C_, p.I = I_, p.H = H_, p.V = V_, p.P = P_, p.eps = eps_;
+  p.block_size = block_size, p.max_blocks = st.layout.width;
+  p.token_ids = st.token_ids, p.positions = st.positions, p.slot_mapping = st.slot_mapping;
+  p.context_lens = st.context_lens, p.block_tables = st.block_tables;
+  p.logits_indices = st.logits_indices, p.num_logits = st.layout.R;
+  p.residual = residual_, p.qkv = qkv_, p.attn = attn_, p.mlp = mlp_, p.logits = logits_;
+  p.scratch = persistent_scratch_;
+  launch_persistent_decode<T>(p, st.layout.T, stream_);
+}
+
+template <typename T>
 void Engine<T>::enqueue_decode_step(const Step& st, bool sample) {
-  enqueue_layers(st);
-  enqueue_logits(st, 0, st.layout.R, !sample);
+  if (use_persistent(st)) {
+    enqueue_persistent(st);
+  } else {
+    enqueue_layers(st);
+    enqueue_logits(st, 0, st.layout.R, !sample);
+  }
   if (sample) {
     enqueue_sample(st, 0, st.layout.R);
     CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(st.layout.R),
@@ -971,10 +1059,15 @@ void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits
   }
   const Step st = pack_eager(in, s);
   enqueue_upload(st);
-  enqueue_layers(st);
+  const bool fused = use_persistent(st);  // the persistent kernel computes the logits rows too
+  if (fused) {
+    enqueue_persistent(st);
+  } else {
+    enqueue_layers(st);
+  }
   for (int r0 = 0; r0 < R; r0 += logits_rows_) {
     const int rows = std::min(logits_rows_, R - r0);
-    enqueue_logits(st, r0, rows, s == nullptr);
+    if (!fused) enqueue_logits(st, r0, rows, s == nullptr);
     if (s) {
       enqueue_sample(st, r0, rows);
     } else {
@@ -1099,5 +1192,6 @@ std::string CudaModel::dtype() const { return dtype_name(impl_->dtype); }
 bool CudaModel::use_cuda_graphs() const { return impl_->use_graphs; }
 void CudaModel::set_use_cuda_graphs(bool on) { impl_->use_graphs = on; }
 int CudaModel::num_cuda_graphs() const { return impl_->num_graphs; }
+bool CudaModel::persistent_decode() const { return impl_->persistent; }
 
 }  // namespace pagedgpt2::cuda
