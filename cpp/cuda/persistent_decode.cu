@@ -24,7 +24,9 @@ namespace {
 constexpr int kConsumerWarps = 8;
 constexpr int kConsumers = kConsumerWarps * 32;
 constexpr int kThreads = kConsumers + 32;  // + the producer warp
-constexpr int kMaxSlots = 8;
+// NOTE: 4 ring slots of ~50 KB, measured against 8 of ~25 KB (gpt2 LM head 30 against 37 µs):
+// bigger chunks give each warp more rows at once.
+constexpr int kSlots = 4;
 constexpr int kHeadSize = 64;
 constexpr int kMinPartTokens = 32;  // attention tokens per work item (one per lane)
 constexpr int kMaxParts = kPersistentMaxParts;  // per (row, head): one per lane when merging
@@ -167,9 +169,9 @@ __device__ __forceinline__ BlockRows block_rows(const GemvStage& g, int slot_byt
 
 struct Ring {
   char* data;
-  int slot_bytes, num_slots;
-  uint64_t* full;   // [num_slots] bytes landed (1 arrival + transactions)
-  uint64_t* empty;  // [num_slots] slot read by every consumer warp
+  int slot_bytes;
+  uint64_t* full;   // [kSlots] bytes landed (1 arrival + transactions)
+  uint64_t* empty;  // [kSlots] slot read by every consumer warp
 };
 
 // The producer (one lane): every chunk of every stage, in the consumers' order, one bulk copy
@@ -182,8 +184,8 @@ __device__ void produce(const PersistentDecodeParams<T>& p, const Ring& ring) {
       const GemvStage g = gemv_stage(p, l, s);
       const BlockRows br = block_rows<T>(g, ring.slot_bytes);
       for (int n = br.n0; n < br.n1; n += br.per_chunk, ++chunk) {
-        const int slot = int(chunk % ring.num_slots);
-        const unsigned use = chunk / ring.num_slots;
+        const int slot = int(chunk % kSlots);
+        const unsigned use = chunk / kSlots;
         if (use > 0) mbar_wait(&ring.empty[slot], (use - 1) & 1);  // chunk - slots consumed
         const unsigned bytes = unsigned(min(br.per_chunk, br.n1 - n)) * g.K * sizeof(T);
         mbar_arrive_expect_tx(&ring.full[slot], bytes);
@@ -303,8 +305,8 @@ __device__ __forceinline__ void consume_gemv(const GemvStage& g, const Ring& rin
                                              const float* xs, float* partial, Epi&& epi) {
   const BlockRows br = block_rows<T>(g, ring.slot_bytes);
   for (int n = br.n0; n < br.n1; n += br.per_chunk, ++chunk) {
-    const int slot = int(chunk % ring.num_slots);
-    mbar_wait(&ring.full[slot], (chunk / ring.num_slots) & 1);
+    const int slot = int(chunk % kSlots);
+    mbar_wait(&ring.full[slot], (chunk / kSlots) & 1);
     const T* w = reinterpret_cast<const T*>(ring.data + size_t(slot) * ring.slot_bytes);
     const int rows = min(br.per_chunk, br.n1 - n);
     auto row_epi = [&](int r, int m, float y) { epi(n + r, n + r - br.n0, m, y); };
@@ -647,7 +649,7 @@ __device__ __forceinline__ void attention_stage(const PersistentDecodeParams<T>&
 
 template <typename T, int M>
 __global__ void __launch_bounds__(kThreads, 1)
-    persistent_decode_kernel(const PersistentDecodeParams<T> p, int slot_bytes, int num_slots,
+    persistent_decode_kernel(const PersistentDecodeParams<T> p, int slot_bytes,
                              int bias_segment) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) char smem[];
@@ -655,16 +657,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   Ring ring;
   ring.data = smem;
   ring.slot_bytes = slot_bytes;
-  ring.num_slots = num_slots;
-  float* xs = reinterpret_cast<float*>(smem + size_t(num_slots) * slot_bytes);  // [M, K_max]
+  float* xs = reinterpret_cast<float*>(smem + size_t(kSlots) * slot_bytes);  // [M, K_max]
   float* ln = xs + M * K_max;                                                   // [2, C]
   float* biases = ln + 2 * C;                                   // [2 parities, 4, bias_segment]
   float* partial = biases + 8 * bias_segment;                                   // [warps, M]
   float* qs = partial + kConsumerWarps * M;                                     // [warps, 64]
-  ring.full = reinterpret_cast<uint64_t*>(qs + kConsumerWarps * kHeadSize);     // [kMaxSlots]
-  ring.empty = ring.full + kMaxSlots;                                           // [kMaxSlots]
+  ring.full = reinterpret_cast<uint64_t*>(qs + kConsumerWarps * kHeadSize);     // [kSlots]
+  ring.empty = ring.full + kSlots;                                              // [kSlots]
   if (threadIdx.x == 0) {
-    for (int s = 0; s < num_slots; ++s) {
+    for (int s = 0; s < kSlots; ++s) {
       mbar_init(&ring.full[s], 1);
       mbar_init(&ring.empty[s], kConsumerWarps);
     }
@@ -773,12 +774,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 struct Launch {
   size_t smem = 0;
-  int slot_bytes = 0, num_slots = 0, bias_segment = 0;
+  int slot_bytes = 0, bias_segment = 0;  // slot_bytes 0: does not fit
 };
-
-// NOTE: 4 slots of ~50 KB, measured against 8 of ~25 KB (gpt2 LM head 30 against 37 µs):
-// bigger chunks give each warp more rows at once.
-constexpr int kSlots = 4;
 
 // Shared memory: the ring takes what the activations leave.
 Launch plan(int C, int I, int rows, int elem_size, int num_sms, int smem_limit) {
@@ -787,12 +784,11 @@ Launch plan(int C, int I, int rows, int elem_size, int num_sms, int smem_limit) 
   s.bias_segment = (std::max(3 * C, I) + num_sms - 1) / num_sms + 1;
   const size_t fixed = size_t(rows) * K_max * 4 + size_t(2) * C * 4 +
                        size_t(8) * s.bias_segment * 4 + size_t(kConsumerWarps) * rows * 4 +
-                       size_t(kConsumerWarps) * kHeadSize * 4 + 2 * kMaxSlots * 8;
+                       size_t(kConsumerWarps) * kHeadSize * 4 + 2 * kSlots * 8;
   const int64_t budget = int64_t(smem_limit) - int64_t(fixed) - 128;
-  s.num_slots = kSlots;
-  s.slot_bytes = int(std::max<int64_t>(budget, 0) / s.num_slots / 128 * 128);
+  s.slot_bytes = int(std::max<int64_t>(budget, 0) / kSlots / 128 * 128);
   if (s.slot_bytes < int64_t(K_max) * elem_size) return Launch{};  // a row must fit a slot
-  s.smem = size_t(s.num_slots) * s.slot_bytes + fixed;
+  s.smem = size_t(kSlots) * s.slot_bytes + fixed;
   return s;
 }
 
@@ -808,7 +804,7 @@ void launch_rows(const PersistentDecodeParams<T>& p, cudaStream_t stream) {
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
   const Launch s = plan(p.C, p.I, M, int(sizeof(T)), num_sms, smem_optin(device));
-  if (s.num_slots == 0) throw std::invalid_argument("persistent decode: model too wide");
+  if (s.slot_bytes == 0) throw std::invalid_argument("persistent decode: model too wide");
   auto kernel = persistent_decode_kernel<T, M>;
   allow_dynamic_smem(kernel, smem_optin(device));  // the same for every model in the process
   cudaLaunchConfig_t config = {};
@@ -821,7 +817,7 @@ void launch_rows(const PersistentDecodeParams<T>& p, cudaStream_t stream) {
   attr[0].val.cooperative = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, s.slot_bytes, s.num_slots, s.bias_segment));
+  CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, s.slot_bytes, s.bias_segment));
 }
 
 }  // namespace
@@ -841,7 +837,7 @@ bool persistent_decode_supported(int C, int I, int H, int max_positions, int ele
   const int vec = 16 / elem_size;
   if (C % vec != 0 || I % vec != 0) return false;
   return plan(C, I, kPersistentMaxRows, elem_size, prop.multiProcessorCount, smem_optin(device))
-             .num_slots > 0;
+             .slot_bytes > 0;
 }
 
 template <typename T>
