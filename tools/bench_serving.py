@@ -5,12 +5,18 @@ KV memory, and Hugging Face's own paged continuous batching (`generate_batch`), 
 throughput, concurrency, KV waste and preemptions; then the blocks saved by sharing, with n=4
 samples and with a shared 512-token prefix (prefix caching).
 
-    python tools/bench_serving.py --requests 1000 --kv-gib 2 --json out.json
+HF's subset runs twice through the paged engine: at the KV budget of the other runs, and with the
+engine's default pool (a fraction of free GPU memory, as `generate_batch` sizes its own cache).
+`--sweep-kv-gib` repeats paged against contiguous at other budgets: how the gain of paging
+depends on how scarce KV memory is.
+
+    python tools/bench_serving.py --requests 1000 --kv-gib 0.5 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -80,12 +86,15 @@ def run_hf(hf_dir, requests, dtype) -> dict:
     model = GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="paged|sdpa",
                                             dtype=getattr(torch, dtype)).to("cuda").eval()
     config = GenerationConfig(max_new_tokens=requests[0][1], do_sample=False, eos_token_id=-1, pad_token_id=0)
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     out = model.generate_batch(inputs=[p for p, _ in requests], generation_config=config, progress_bar=False)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     num_tokens = sum(len(o.generated_tokens) for o in out.values())
-    return dict(seconds=seconds, output_tokens=num_tokens, tok_s=num_tokens / seconds)
+    # HF sizes its paged cache from free memory; its peak says how much it took.
+    return dict(seconds=seconds, output_tokens=num_tokens, tok_s=num_tokens / seconds,
+                peak_gib=torch.cuda.max_memory_allocated() / (1 << 30))
 
 
 def report(name: str, r: dict) -> None:
@@ -101,11 +110,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None)
     p.add_argument("--requests", type=int, default=1000)
-    p.add_argument("--kv-gib", type=float, default=2.0, help="KV-cache memory of both cache modes")
+    # NOTE: 0.5 GiB holds 14,563 gpt2 tokens, 14 full contexts reserved contiguously: the regime
+    # of the PagedAttention paper (OPT-13B on an A100-40GB: ~12 GB of KV at 800 KB a token).
+    p.add_argument("--kv-gib", type=float, default=0.5, help="KV-cache memory of both cache modes")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--hf-requests", type=int, default=256, help="requests given to HF (0: skip)")
     p.add_argument("--share-requests", type=int, default=200, help="requests of the sharing runs")
+    p.add_argument("--sweep-kv-gib", type=float, nargs="*", default=[],
+                   help="more KV budgets (GiB) at which to run paged and contiguous")
+    p.add_argument("--more-block-sizes", type=int, nargs="*", default=[],
+                   help="block sizes at which to repeat the paged run (waste falls with the block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="/tmp/pagedgpt2-bench")
     p.add_argument("--json", default=None)
@@ -119,9 +134,9 @@ def main() -> None:
     requests = workload(args.requests, 1024, args.seed)
     num_blocks = kv_blocks(args.model, dtype, args.kv_gib, args.block_size)
 
-    def engine(mode, **kw):
-        return Engine(model_dir, device=args.device, dtype=dtype, kv_cache=mode, block_size=args.block_size,
-                      num_blocks=num_blocks, max_num_seqs=args.max_num_seqs, **kw)
+    def engine(mode, blocks=num_blocks, block_size=args.block_size, **kw):
+        return Engine(model_dir, device=args.device, dtype=dtype, kv_cache=mode, block_size=block_size,
+                      num_blocks=blocks, max_num_seqs=args.max_num_seqs, **kw)
 
     results = {"card": card_name(args.device), "dtype": dtype, "model": args.model, "requests": args.requests,
                "kv_gib": args.kv_gib, "block_size": args.block_size,
@@ -133,12 +148,33 @@ def main() -> None:
     for mode in ("paged", "contiguous"):
         results[mode] = run_engine(engine(mode), requests)
         report(mode, results[mode])
+    results["block_sizes"] = {}
+    for size in args.more_block_sizes:  # the same KV bytes in blocks of `size` tokens
+        blocks = kv_blocks(args.model, dtype, args.kv_gib, size)
+        results["block_sizes"][size] = run_engine(engine("paged", blocks=blocks, block_size=size), requests)
+        report(f"paged, block {size}", results["block_sizes"][size])
     if args.hf_requests and args.device == "cuda":
         sub = hf_subset(requests, args.hf_requests)
         results["paged_same_subset"] = run_engine(engine("paged"), sub)
-        report("paged, HF's subset", results["paged_same_subset"])
+        report(f"paged, HF's subset, {args.kv_gib:g} GiB", results["paged_same_subset"])
+        default_pool = engine("paged", blocks=None)
+        results["paged_same_subset_default_pool"] = run_engine(default_pool, sub)
+        results["paged_same_subset_default_pool"]["kv_gib"] = default_pool.kv_stats()["bytes_total"] / (1 << 30)
+        report("paged, HF's subset, default pool", results["paged_same_subset_default_pool"])
+        del default_pool
+        gc.collect()  # its pool goes back before HF sizes its own cache
         results["hf_generate_batch"] = run_hf(root / f"hf-{args.model}", sub, dtype)
         report("HF generate_batch", results["hf_generate_batch"])
+
+    results["kv_sweep"] = []
+    for gib in args.sweep_kv_gib:
+        blocks = kv_blocks(args.model, dtype, gib, args.block_size)
+        row = {"kv_gib": gib}
+        for mode in ("paged", "contiguous"):
+            r = run_engine(engine(mode, blocks=blocks), requests)
+            row[mode] = {k: r[k] for k in ("tok_s", "max_running", "mean_running", "mean_waste", "max_waste", "preemptions")}
+            report(f"{mode}, {gib:g} GiB", r)
+        results["kv_sweep"].append(row)
 
     share = requests[:args.share_requests]
     sampled = lambda new: SamplingParams(n=4, max_new_tokens=new, temperature=1.0, seed=1, ignore_eos=True)
@@ -160,9 +196,17 @@ def main() -> None:
     print(f"paged / contiguous: throughput {pg['tok_s'] / ct['tok_s']:.2f}x, "
           f"concurrency {pg['max_running'] / max(ct['max_running'], 1):.2f}x")
     if "hf_generate_batch" in results:
-        hf, sub = results["hf_generate_batch"], results["paged_same_subset"]
-        print(f"HF generate_batch ({args.hf_requests} requests): {hf['tok_s']:.0f} tok/s; pagedgpt2 on the same: "
-              f"{sub['tok_s']:.0f} tok/s = {sub['tok_s'] / hf['tok_s']:.1f}x")
+        hf = results["hf_generate_batch"]
+        print(f"HF generate_batch ({args.hf_requests} requests): {hf['tok_s']:.0f} tok/s, peak {hf['peak_gib']:.1f} GiB allocated")
+        for key, name in (("paged_same_subset", f"{args.kv_gib:g} GiB pool"),
+                          ("paged_same_subset_default_pool", "default pool")):
+            sub = results[key]
+            print(f"  pagedgpt2 on the same, {name}: {sub['tok_s']:.0f} tok/s = {sub['tok_s'] / hf['tok_s']:.1f}x")
+    for row in results["kv_sweep"]:
+        pg, ct = row["paged"], row["contiguous"]
+        print(f"KV {row['kv_gib']:g} GiB: paged {pg['tok_s']:.0f} / contiguous {ct['tok_s']:.0f} tok/s = "
+              f"{pg['tok_s'] / ct['tok_s']:.2f}x; peak running {pg['max_running']} / {ct['max_running']} = "
+              f"{pg['max_running'] / max(ct['max_running'], 1):.2f}x")
     print(f"n=4 sampling: peak blocks saved by sharing {results['n4']['max_saved_blocks']}, {results['n4']['tok_s']:.0f} tok/s")
     print(f"shared 512-token prefix: prefix-cache hit blocks {results['prefix']['prefix_hit_blocks']}, "
           f"{results['prefix']['tok_s']:.0f} tok/s vs {results['prefix_off']['tok_s']:.0f} without caching")

@@ -93,6 +93,7 @@ fi
 
 if has serving; then
   banner "serving workload (1000 requests)"
-  timeout ${SERVING_S:-240} python3 tools/bench_serving.py --requests 1000 --kv-gib 2 --workdir /tmp/bench \
-    --json "$OUT/bench_serving.json" 2>&1 | tee -a "$OUT/bench.txt" | grep -v -i -E "warn|loading|writing" | tail -20
+  timeout ${SERVING_S:-360} python3 tools/bench_serving.py --requests 1000 --kv-gib 0.5 --workdir /tmp/bench \
+    --more-block-sizes ${SERVING_BLOCKS:-8} --sweep-kv-gib ${SERVING_SWEEP:-0.25 1 2 4} \
+    --json "$OUT/bench_serving.json" 2>&1 | tee -a "$OUT/bench.txt" | grep -v -i -E "warn|loading|writing" | tail -40
 fi

@@ -60,7 +60,7 @@ def step_vs_context() -> None:
 
 def serving() -> None:
     data = load("h200_bench_serving.json")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.6))
     modes = ["paged", "contiguous"]
     a.bar(modes, [data[m]["tok_s"] for m in modes], color=["tab:blue", "tab:gray"])
     a.set_ylabel("output tokens/s")
@@ -71,6 +71,18 @@ def serving() -> None:
     b.set_ylabel("running sequences")
     b.set_title("concurrency over the run")
     b.legend()
+    sweep = sorted([{"kv_gib": data["kv_gib"], "paged": data["paged"], "contiguous": data["contiguous"]}]
+                   + data.get("kv_sweep", []), key=lambda r: r["kv_gib"])
+    gib = [r["kv_gib"] for r in sweep]
+    c.plot(gib, [r["paged"]["tok_s"] / r["contiguous"]["tok_s"] for r in sweep], marker="o", label="throughput")
+    c.plot(gib, [r["paged"]["max_running"] / r["contiguous"]["max_running"] for r in sweep], marker="s",
+           label="peak running sequences")
+    c.axhline(2, color="gray", ls=":", lw=1)
+    c.set_xscale("log", base=2)
+    c.set_xlabel("KV memory of both modes (GiB)")
+    c.set_ylabel("paged / contiguous")
+    c.set_title("gain of paging vs KV budget")
+    c.legend()
     fig.suptitle(f"gpt2 fp16 serving workload, {data['card']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(DOCS / "serving.png", dpi=110)

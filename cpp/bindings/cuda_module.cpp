@@ -159,7 +159,7 @@ void bind_ops(nb::module_& m) {
   ops.def(
       "sample",
       [](FloatTensor logits, FloatArray temperature, IntArray top_k, FloatArray top_p,
-         U64Array seeds, I64Array counters) {
+         U64Array seeds, I64Array counters, std::string dtype) {
         if (logits.ndim() != 2) throw std::invalid_argument("sample: logits [R, V]");
         const int R = int(logits.shape(0)), V = int(logits.shape(1));
         check_len("temperature", temperature.shape(0), R);
@@ -170,10 +170,13 @@ void bind_ops(nb::module_& m) {
         auto out = owned_array<int32_t>({size_t(R)});
         SamplingInputs s{temperature.data(), top_k.data(), top_p.data(), seeds.data(),
                          counters.data()};
-        cuda::ops::sample(out.data(), logits.data(), s, R, V);
+        cuda::ops::sample(out.data(), logits.data(), s, R, V, dt(dtype));
         return out;
       },
-      "logits"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a, "counters"_a);
+      "logits"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a, "counters"_a, nb::kw_only(),
+      "dtype"_a = "float32",
+      "dtype: the logits are rounded to it first and read as the LM head leaves them (fp16/bf16: "
+      "rows padded to a multiple of 8).");
   ops.def(
       "copy_blocks",
       [](FloatTensor cache, IntArray src, IntArray dst, std::string dtype) {

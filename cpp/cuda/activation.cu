@@ -18,31 +18,7 @@ __global__ void bias_act_kernel(T* x,           // [rows, N]
   }
 }
 
-template <typename T>
-__global__ void to_float_kernel(float* out,     // [rows, cols]
-                                const T* in,    // [rows, in_ld]
-                                int64_t n, int cols, int in_ld) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / cols;
-    out[i] = to_float(in[r * in_ld + (i - r * cols)]);
-  }
-}
-
 }  // namespace
-
-template <typename T>
-void launch_to_float(float* out, const T* in, int rows, int cols, int in_ld, cudaStream_t stream) {
-  const int64_t n = int64_t(rows) * cols;
-  if (n <= 0) return;
-  const int threads = 256;
-  const int blocks = int(std::min<int64_t>((n + threads - 1) / threads, 4 * 132 * 8));
-  to_float_kernel<T><<<blocks, threads, 0, stream>>>(out, in, n, cols, in_ld);
-  CUDA_CHECK_LAUNCH();
-}
-
-template void launch_to_float<__half>(float*, const __half*, int, int, int, cudaStream_t);
-template void launch_to_float<__nv_bfloat16>(float*, const __nv_bfloat16*, int, int, int, cudaStream_t);
 
 template <typename T>
 void launch_bias_act(T* x, const T* bias, int64_t rows, int N, bool gelu, cudaStream_t stream) {

@@ -15,11 +15,4 @@ void launch_bias_act(T* x,           // [rows, N]
                      const T* bias,  // [N] or nullptr
                      int64_t rows, int N, bool gelu, cudaStream_t stream);
 
-// out[r, c] = float(in[r, c]): the half-precision LM head's logits widened for sampling, from
-// rows padded to in_ld (>= cols) to packed rows.
-template <typename T>
-void launch_to_float(float* out,  // [rows, cols]
-                     const T* in,  // [rows, in_ld]
-                     int rows, int cols, int in_ld, cudaStream_t stream);
-
 }  // namespace pagedgpt2::cuda

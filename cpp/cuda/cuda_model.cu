@@ -21,8 +21,8 @@
 // Decode steps (every sequence has one new token) are padded to a batch bucket (1, 2, 4, ...,
 // max_num_seqs) and replayed from a CUDA graph holding the whole step: embedding, layers, LM
 // head, sampling and the download of the ids (the upload goes just before). Padding rows have
-// slot -1 and context_len 0,
-// which every kernel skips. The first step of a bucket runs eagerly (warming cuBLASLt plans and
+// slot -1 and context_len 0, which every kernel skips. Each bucket's sampling graph is captured at
+// start-up from an all-padding step: the step runs once eagerly (warming cuBLASLt plans and
 // kernel attributes), the graph is captured from the same enqueue code, then replayed.
 #include <algorithm>
 #include <cstdio>
@@ -253,6 +253,7 @@ class Engine final : public CudaModel::Impl {
   void warm_up_gemms();
   void allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction);
   void set_layer_caches();
+  void capture_decode_graphs();
 
   T* k_cache(int l) const { return reinterpret_cast<T*>(kv_pool_.get() + (2 * l) * cache_bytes_); }
   T* v_cache(int l) const {
@@ -272,15 +273,17 @@ class Engine final : public CudaModel::Impl {
   void enqueue_upload(const Step& st);
   void enqueue_layers(const Step& st);
   void enqueue_attention(const Step& st, const T* k, const T* v);
-  // LM head on rows [r0, r0 + rows) into logits_; exact: float32 output for every dtype.
-  void enqueue_logits(const Step& st, int r0, int rows, bool exact);
-  void enqueue_sample(const Step& st, int r0, int rows);
+  // LM head on rows [r0, r0 + rows) into logits_ (float32), or into logits_t_ (T, rows of
+  // padded_vocab()) for sampling in fp16/bf16 models; returns whether it was logits_t_. exact:
+  // float32 output for every dtype.
+  bool enqueue_logits(const Step& st, int r0, int rows, bool exact);
+  void enqueue_sample(const Step& st, int r0, int rows, bool half_logits);
   // The wide path's cuBLASLt GEMMs over n rows (warm_up_gemms makes their plans).
   void gemm_qkv(const Layer& w, int n);      // ln_out_ -> qkv_
   void gemm_proj(const Layer& w, int n);     // attn_ -> tmp_
   void gemm_fc(const Layer& w, int n);       // ln_out_ -> mlp_ (GELU)
   void gemm_fc_proj(const Layer& w, int n);  // mlp_ -> tmp_
-  void gemm_lm_head(int rows, bool exact);   // final_x_ -> logits_ (float32)
+  bool gemm_lm_head(int rows, bool exact);   // final_x_ -> logits_ or logits_t_ (as above)
   void enqueue_decode_step(const Step& st, bool sample);
   // Decode steps of 1-2 sequences run as one persistent kernel (layers and LM head).
   bool use_persistent(const Step& st) const;
@@ -397,6 +400,7 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   warm_up_gemms();
   allocate_kv_pool(num_blocks_arg, gpu_memory_fraction);
   set_layer_caches();
+  capture_decode_graphs();
 }
 
 template <typename T>
@@ -634,6 +638,32 @@ void Engine<T>::set_layer_caches() {
   CUDA_CHECK(cudaMemcpy(persistent_layers_.get(), layers_.data(), bytes, cudaMemcpyHostToDevice));
 }
 
+// Captures the sampling graph of every decode bucket at start-up, as serving engines do, so that
+// no request waits for an eager run, a capture and an instantiation (a few ms each). The steps
+// are all padding rows (slot -1, context 0), which write nothing to the KV cache.
+template <typename T>
+void Engine<T>::capture_decode_graphs() {
+  const std::vector<int32_t> none(1, 0);
+  const float one = 1.f;
+  const uint64_t seed = 0;
+  const int64_t counter = 0;
+  StepInputs in;
+  in.token_ids = in.positions = in.slot_mapping = in.query_start_loc = none.data();
+  in.context_lens = in.block_tables = in.logits_indices = none.data();
+  SamplingInputs s;
+  s.temperature = s.top_p = &one;
+  s.top_k = none.data();
+  s.seeds = &seed;
+  s.counters = &counter;
+  for (int bucket : buckets_) {
+    if (bucket > logits_rows_) break;
+    const Step st = pack_graph(in, &s, bucket);
+    enqueue_upload(st);
+    launch_decode_graph(st, true);
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
 // ---- step preparation -----------------------------------------------------------------------
 
 template <typename T>
@@ -868,7 +898,7 @@ void Engine<T>::enqueue_layers(const Step& st) {
 }
 
 template <typename T>
-void Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
+bool Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
   const int32_t* idx = st.logits_indices + r0;
   if (rows <= skinny_max_rows_ && skinny_gemm_supported(rows, C_)) {
     SkinnyParams<T> p;
@@ -877,11 +907,11 @@ void Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
     p.rows = rows, p.N = V_, p.K = C_;
     launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kLogits, num_sms_, stream_,
                           pdl_);
-    return;
+    return false;
   }
   launch_add_layernorm<T>(residual_, nullptr, final_x_, ln_f_w_, ln_f_b_, idx, rows, C_, eps_,
                           stream_);
-  gemm_lm_head(rows, exact);
+  return gemm_lm_head(rows, exact);
 }
 
 template <typename T>
@@ -909,27 +939,31 @@ void Engine<T>::gemm_fc_proj(const Layer& w, int n) {
 }
 
 template <typename T>
-void Engine<T>::gemm_lm_head(int rows, bool exact) {
+bool Engine<T>::gemm_lm_head(int rows, bool exact) {
   if (std::is_same_v<T, float> || exact) {
     gemm_.matmul(logits_, final_x_, wte_, nullptr, rows, V_, C_, dtype, true, Epilogue::kNone,
                  stream_);
-  } else {
-    // NOTE: with N = V = 50,257 (odd) cuBLASLt offers only an sm_75 kernel (~200 us at 256
-    // rows on an H200). For sampling, the GEMM runs over wte's zero-padded rows, N a multiple
-    // of 8, in half precision, and widening the first V columns costs one pass. Those logits
-    // carry the dtype's rounding (bf16: 2^-8 relative), as a half-precision model's logits do;
-    // logits returned to the user (exact) take the float32-output GEMM.
-    gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, padded_vocab(), C_, dtype, false,
-                 Epilogue::kNone, stream_);
-    launch_to_float<T>(logits_, logits_t_, rows, V_, padded_vocab(), stream_);
+    return false;
   }
+  // NOTE: with N = V = 50,257 (odd) cuBLASLt offers only an sm_75 kernel (~200 us at 256 rows on
+  // an H200). For sampling, the GEMM runs over wte's zero-padded rows, N a multiple of 8, in half
+  // precision, and the sampler reads those rows as they are (a widening pass cost 35 us at 256
+  // rows). Those logits carry the dtype's rounding (bf16: 2^-8 relative), as a half-precision
+  // model's logits do; logits returned to the user (exact) take the float32-output GEMM.
+  gemm_.matmul(logits_t_, final_x_, wte_, nullptr, rows, padded_vocab(), C_, dtype, false,
+               Epilogue::kNone, stream_);
+  return true;
 }
 
 template <typename T>
-void Engine<T>::enqueue_sample(const Step& st, int r0, int rows) {
+void Engine<T>::enqueue_sample(const Step& st, int r0, int rows, bool half_logits) {
   DeviceSampling p = st.sampling;
   p.temperature += r0, p.top_k += r0, p.top_p += r0, p.seeds += r0, p.counters += r0;
-  launch_sample(next_tokens_ + r0, logits_, p, rows, V_, stream_);
+  if (half_logits) {  // logits_ is the scratch of temperature-scaled rows
+    launch_sample<T>(next_tokens_ + r0, logits_t_, padded_vocab(), logits_, p, rows, V_, stream_);
+  } else {
+    launch_sample<float>(next_tokens_ + r0, logits_, V_, logits_, p, rows, V_, stream_);
+  }
 }
 
 template <typename T>
@@ -956,14 +990,15 @@ void Engine<T>::enqueue_persistent(const Step& st) {
 
 template <typename T>
 void Engine<T>::enqueue_decode_step(const Step& st, bool sample) {
+  bool half_logits = false;
   if (use_persistent(st)) {
     enqueue_persistent(st);
   } else {
     enqueue_layers(st);
-    enqueue_logits(st, 0, st.layout.R, !sample);
+    half_logits = enqueue_logits(st, 0, st.layout.R, !sample);
   }
   if (sample) {
-    enqueue_sample(st, 0, st.layout.R);
+    enqueue_sample(st, 0, st.layout.R, half_logits);
     CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(st.layout.R),
                                cudaMemcpyDeviceToHost, stream_));
   }
@@ -1067,9 +1102,9 @@ void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits
   }
   for (int r0 = 0; r0 < R; r0 += logits_rows_) {
     const int rows = std::min(logits_rows_, R - r0);
-    if (!fused) enqueue_logits(st, r0, rows, s == nullptr);
+    const bool half_logits = !fused && enqueue_logits(st, r0, rows, s == nullptr);
     if (s) {
-      enqueue_sample(st, r0, rows);
+      enqueue_sample(st, r0, rows, half_logits);
     } else {
       CUDA_CHECK(cudaMemcpyAsync(logits + size_t(r0) * V_, logits_, 4 * size_t(rows) * V_,
                                  cudaMemcpyDeviceToHost, stream_));

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/activation.cuh"
@@ -268,8 +269,7 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
 }
 
 void sample(int32_t* next_tokens, const float* logits, const SamplingInputs& params,
-            int num_rows, int vocab_size) {
-  auto x = upload_raw<float>(logits, size_t(num_rows) * vocab_size);
+            int num_rows, int vocab_size, DType dtype) {
   auto temperature = upload_raw<float>(params.temperature, num_rows);
   auto top_k = upload_raw<int32_t>(params.top_k, num_rows);
   auto top_p = upload_raw<float>(params.top_p, num_rows);
@@ -278,7 +278,24 @@ void sample(int32_t* next_tokens, const float* logits, const SamplingInputs& par
   DevArray<int32_t> out(num_rows);
   poison(out);  // -1
   DeviceSampling p{temperature->get(), top_k->get(), top_p->get(), seeds->get(), counters->get()};
-  launch_sample(out.get(), x->get(), p, num_rows, vocab_size, kStream);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {  // in place, as the float32 LM head leaves them
+      auto x = upload_raw<float>(logits, size_t(num_rows) * vocab_size);
+      launch_sample<float>(out.get(), x->get(), vocab_size, x->get(), p, num_rows, vocab_size,
+                           kStream);
+    } else {
+      const int ld = (vocab_size + 7) / 8 * 8;
+      std::vector<float> padded(size_t(num_rows) * ld, 6e4f);
+      for (int r = 0; r < num_rows; ++r) {
+        std::memcpy(&padded[size_t(r) * ld], logits + size_t(r) * vocab_size,
+                    sizeof(float) * vocab_size);
+      }
+      auto x = upload<T>(padded.data(), padded.size());
+      DevArray<float> scratch(size_t(num_rows) * vocab_size);
+      launch_sample<T>(out.get(), x->get(), ld, scratch.get(), p, num_rows, vocab_size, kStream);
+    }
+  });
   CUDA_CHECK(cudaMemcpy(next_tokens, out.get(), size_t(num_rows) * 4, cudaMemcpyDeviceToHost));
 }
 

@@ -61,9 +61,11 @@ void paged_attention(float* out,                      // [T, H * D]
                      int block_size, int64_t cache_elems, DType dtype, AttentionKernel kernel,
                      int partition_size);
 
+// logits are rounded to dtype and, for fp16/bf16, laid out in rows padded to a multiple of 8
+// with huge values the sampler must not read, as the LM head leaves them in the model.
 void sample(int32_t* next_tokens,   // [R]
             const float* logits,    // [R, V]
-            const SamplingInputs& params, int num_rows, int vocab_size);
+            const SamplingInputs& params, int num_rows, int vocab_size, DType dtype);
 
 // cache (one K or V cache, all blocks) is copied in, blocks dst[i] <- src[i], copied back.
 void copy_blocks(float* cache,       // [num_blocks, block_size, H, D]

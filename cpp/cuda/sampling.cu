@@ -296,11 +296,13 @@ __device__ Found find_crossing(const float* s_row, int V, const Row& row, const 
   return f;
 }
 
-__device__ int argmax_row(const float* x, int V, Shared& sh) {
+template <typename In>
+__device__ int argmax_row(const In* x, int V, Shared& sh) {
   float best = -INFINITY;
   int best_id = V;
   for (int i = threadIdx.x; i < V; i += kThreads) {
-    if (x[i] > best || best_id == V) best = x[i], best_id = i;  // ascending i: first max kept
+    const float v = to_float(x[i]);
+    if (v > best || best_id == V) best = v, best_id = i;  // ascending i: first max kept
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -324,24 +326,28 @@ __device__ int argmax_row(const float* x, int V, Shared& sh) {
   return best_id;  // valid in thread 0
 }
 
+template <typename In>
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(int32_t* __restrict__ next_tokens,  // [R]
-                  float* __restrict__ logits,         // [R, V]
+                  const In* logits,                   // [R, ld]
+                  int ld,
+                  float* scratch,                     // [R, V] (may be logits itself)
                   DeviceSampling params, int V) {
   __shared__ Shared sh;
   const int r = blockIdx.x, tid = threadIdx.x;
-  float* s_row = logits + int64_t(r) * V;
+  const In* in_row = logits + int64_t(r) * ld;
+  float* s_row = scratch + int64_t(r) * V;
   const float temperature = params.temperature[r];
   if (temperature == 0.f) {
-    const int id = argmax_row(s_row, V, sh);
+    const int id = argmax_row(in_row, V, sh);
     if (tid == 0) next_tokens[r] = id;
     return;
   }
 
-  // ---- scale, max, min
+  // ---- scale (into scratch), max, min
   float local_max = -INFINITY, local_min = INFINITY;
   for (int i = tid; i < V; i += kThreads) {
-    const float s = s_row[i] / temperature;
+    const float s = to_float(in_row[i]) / temperature;
     s_row[i] = s;
     local_max = fmaxf(local_max, s);
     local_min = fminf(local_min, s);
@@ -405,11 +411,22 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void launch_sample(int32_t* next_tokens, float* logits, const DeviceSampling& params,
-                   int num_rows, int vocab_size, cudaStream_t stream) {
+template <typename In>
+void launch_sample(int32_t* next_tokens, const In* logits, int ld, float* scratch,
+                   const DeviceSampling& params, int num_rows, int vocab_size,
+                   cudaStream_t stream) {
   if (num_rows <= 0) return;
-  sample_kernel<<<num_rows, kThreads, 0, stream>>>(next_tokens, logits, params, vocab_size);
+  sample_kernel<In><<<num_rows, kThreads, 0, stream>>>(next_tokens, logits, ld, scratch, params,
+                                                       vocab_size);
   CUDA_CHECK_LAUNCH();
 }
+
+#define INSTANTIATE(In)                                                                        \
+  template void launch_sample<In>(int32_t*, const In*, int, float*, const DeviceSampling&, int, \
+                                  int, cudaStream_t);
+INSTANTIATE(float)
+INSTANTIATE(__half)
+INSTANTIATE(__nv_bfloat16)
+#undef INSTANTIATE
 
 }  // namespace pagedgpt2::cuda

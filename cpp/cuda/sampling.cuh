@@ -22,9 +22,14 @@ struct DeviceSampling {
   const int64_t* counters = nullptr;   // [R]
 };
 
-// logits is scratch: scaled by the temperature in place.
+// logits: rows of ld >= V values (In: float, or the model's half type straight from the LM head,
+// which saves a widening pass); only the first V of a row are read. Rows sampled with a
+// temperature are scaled into scratch, which may be logits itself when In is float and ld is V.
+template <typename In>
 void launch_sample(int32_t* next_tokens,  // [R]
-                   float* logits,         // [R, V]
+                   const In* logits,      // [R, ld]
+                   int ld,
+                   float* scratch,        // [R, V]
                    const DeviceSampling& params, int num_rows, int vocab_size,
                    cudaStream_t stream);
 

@@ -315,24 +315,38 @@ def test_uniform_from_counter_matches_cpu():
         assert gpu.uniform_from_counter(seed, counter) == cpu.uniform_from_counter(seed, counter)
 
 
+def rounded(x, dtype):
+    """x rounded to dtype (to nearest, ties to even, as the GPU converts) and back to float32."""
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+        return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    return x
+
+
+# fp16/bf16: the sampler reads the LM head's half-precision rows (padded to a multiple of 8 with
+# huge values it must not read); it must pick what the CPU picks from the same rounded logits.
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [50257, 1000])
-def test_greedy_exact(rng, vocab):
+def test_greedy_exact(rng, vocab, dtype):
     logits = rng.standard_normal((9, vocab)).astype(np.float32)
     logits[3, [10, 20, 30]] = 100.0  # a tie: the lowest id wins
     logits[5, :] = 0.0               # all tied
     p = sampling_params(rng, 9, [0.0], [0], [1.0])
-    np.testing.assert_array_equal(gpu.sample(logits, *p), cpu.sample(logits, *p))
+    np.testing.assert_array_equal(gpu.sample(logits, *p, dtype=dtype), cpu.sample(rounded(logits, dtype), *p))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [50257, 777])
 @pytest.mark.parametrize("scale", [1.0, 5.0])
-def test_seeded_draws_match_cpu(rng, vocab, scale):
+def test_seeded_draws_match_cpu(rng, vocab, scale, dtype):
     R = 48
     logits = rng.standard_normal((R, vocab)).astype(np.float32) * scale
     p = sampling_params(rng, R, [0.7, 1.0, 1.3, 0.0], [0, 1, 5, 50, 0, vocab - 1],
                         [1.0, 0.9, 0.5, 0.05])
-    want = cpu.sample(logits, *p)
-    got = gpu.sample(logits, *p)
+    want = cpu.sample(rounded(logits, dtype), *p)
+    got = gpu.sample(logits, *p, dtype=dtype)
     np.testing.assert_array_equal(got, want)
 
 
