@@ -32,28 +32,30 @@ constexpr int kMinPartTokens = 32;  // attention tokens per work item (one per l
 constexpr int kMaxParts = kPersistentMaxParts;  // per (row, head): one per lane when merging
 
 // ---- Hopper primitives: mbarriers and bulk copies -----------------------------------------
+// NOTE: [[maybe_unused]] marks what only the sm_90 kernel body uses (the sm_80 pass compiles a
+// stub of it).
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+[[maybe_unused]] __device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
 }
 
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+[[maybe_unused]] __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
 // Arrives and announces `bytes` of bulk copies that will complete on this phase.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+[[maybe_unused]] __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
                "r"(bytes)
                : "memory");
 }
 
 // Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+[[maybe_unused]] __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
@@ -67,7 +69,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
 
 // bytes (a multiple of 16, both addresses 16-aligned) from global to this block's shared memory;
 // completion is counted on bar.
-__device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes,
+[[maybe_unused]] __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes,
                                                     uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
@@ -84,7 +86,7 @@ __device__ __forceinline__ void consumer_sync() {
 
 // Grid barrier words, each on its own 128-byte line (PersistentScratch::barrier).
 constexpr int kArrived = 0;  // arrivals, growing through a launch
-constexpr int kExited = 32;  // blocks done (the last one zeroes both)
+[[maybe_unused]] constexpr int kExited = 32;  // blocks done (the last one zeroes both)
 
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
@@ -92,7 +94,7 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
-__device__ __forceinline__ unsigned atomic_add_acq_rel(unsigned* p, unsigned v) {
+[[maybe_unused]] __device__ __forceinline__ unsigned atomic_add_acq_rel(unsigned* p, unsigned v) {
   unsigned old;
   asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
                : "memory");
@@ -102,7 +104,7 @@ __device__ __forceinline__ unsigned atomic_add_acq_rel(unsigned* p, unsigned v) 
 // Every consumer of every block arrives; returns when all have. One release-add per block
 // (covering the block's writes, ordered before it by the CTA barrier), then an acquire spin
 // on the same word until every block of this barrier has added.
-__device__ __forceinline__ void grid_sync(unsigned* words, unsigned& generation) {
+[[maybe_unused]] __device__ __forceinline__ void grid_sync(unsigned* words, unsigned& generation) {
   consumer_sync();
   ++generation;
   if (threadIdx.x == 0) {
@@ -152,7 +154,7 @@ __device__ __forceinline__ GemvStage gemv_stage(const PersistentDecodeParams<T>&
 
 // This block's rows of a stage, and how many of them one ring slot holds (at most
 // kMaxChunkRows: a warp takes up to 4 rows of a chunk at once).
-constexpr int kMaxChunkRows = 4 * kConsumerWarps;
+[[maybe_unused]] constexpr int kMaxChunkRows = 4 * kConsumerWarps;
 
 struct BlockRows {
   int n0, n1, per_chunk;
@@ -342,8 +344,8 @@ __device__ __forceinline__ void prefetch_biases(const PersistentDecodeParams<T>&
 
 // ln[0, C) = weight, ln[C, 2C) = bias: loaded before the barrier ahead of a LayerNorm stage, so
 // their latency hides in the wait (parameters never depend on activations).
-__device__ __forceinline__ void prefetch_ln(float* ln, const float* weight, const float* bias,
-                                            int C) {
+[[maybe_unused]] __device__ __forceinline__ void prefetch_ln(float* ln, const float* weight,
+                                                             const float* bias, int C) {
   for (int c = threadIdx.x; c < C; c += kConsumers) {
     const float w = __ldg(weight + c), b = __ldg(bias + c);
     ln[c] = w, ln[C + c] = b;
