@@ -138,15 +138,13 @@ void bind_model_methods(nb::class_<M>& cls) {
          IntArray logits_indices) {
         StepInputs in = make_step_inputs(token_ids, positions, slot_mapping, query_start_loc,
                                          context_lens, block_tables, logits_indices);
-        const size_t vocab = static_cast<size_t>(m.config().vocab_size);
-        float* logits = new float[static_cast<size_t>(in.num_logits) * vocab];
-        nb::capsule owner(logits, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+        auto logits = owned_array<float>(
+            {static_cast<size_t>(in.num_logits), static_cast<size_t>(m.config().vocab_size)});
         {
           nb::gil_scoped_release release;
-          m.forward(in, logits);
+          m.forward(in, logits.data());
         }
-        return nb::ndarray<nb::numpy, float, nb::ndim<2>>(
-            logits, {static_cast<size_t>(in.num_logits), vocab}, owner);
+        return logits;
       },
       "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start_loc"_a, "context_lens"_a,
       "block_tables"_a, "logits_indices"_a,
@@ -161,14 +159,12 @@ void bind_model_methods(nb::class_<M>& cls) {
                                          context_lens, block_tables, logits_indices);
         const SamplingInputs s =
             make_sampling_inputs(in.num_logits, temperature, top_k, top_p, seeds, counters);
-        int32_t* next = new int32_t[static_cast<size_t>(in.num_logits)];
-        nb::capsule owner(next, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+        auto next = owned_array<int32_t>({static_cast<size_t>(in.num_logits)});
         {
           nb::gil_scoped_release release;
-          m.forward_and_sample(in, s, next);
+          m.forward_and_sample(in, s, next.data());
         }
-        return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(
-            next, {static_cast<size_t>(in.num_logits)}, owner);
+        return next;
       },
       "token_ids"_a, "positions"_a, "slot_mapping"_a, "query_start_loc"_a, "context_lens"_a,
       "block_tables"_a, "logits_indices"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a,
@@ -208,14 +204,12 @@ void bind_model_methods(nb::class_<M>& cls) {
         }
         const SamplingInputs s =
             make_sampling_inputs(in.num_logits, temperature, top_k, top_p, seeds, counters);
-        const size_t S = static_cast<size_t>(in.num_seqs);
-        int32_t* next = new int32_t[k * S > 0 ? k * S : 1];
-        nb::capsule owner(next, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+        auto next = owned_array<int32_t>({k, static_cast<size_t>(in.num_seqs)});
         {
           nb::gil_scoped_release release;
-          m.decode_steps(in, s, static_cast<int>(k), slots0, next);
+          m.decode_steps(in, s, static_cast<int>(k), slots0, next.data());
         }
-        return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(next, {k, S}, owner);
+        return next;
       },
       "token_ids"_a, "positions"_a, "slot_mappings"_a, "query_start_loc"_a, "context_lens"_a,
       "block_tables"_a, "logits_indices"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a,
