@@ -63,7 +63,7 @@ def partition_sweep(ops, copy_gbs, dtype, iters):
 
 def decode_ms_per_step(eng, prompts, new_tokens, repeats=3):
     """Best wall time per decode step once every prompt is in the cache: the prefill steps and
-    the first decode call (graph capture on the first repeat) run untimed."""
+    the first decode call run untimed."""
     from pagedgpt2 import SamplingParams
 
     best = float("inf")

@@ -144,7 +144,7 @@ def main() -> None:
                "mean_output": float(np.mean([n for _, n in requests]))}
     print(f"# {results['card']} | {args.model} {dtype} | {args.requests} requests | KV {args.kv_gib} GiB "
           f"| mean prompt {results['mean_prompt']:.0f}, output {results['mean_output']:.0f}")
-    run_engine(engine("paged"), requests[:32])  # warm-up: graphs, allocations
+    run_engine(engine("paged"), requests[:32])  # warm-up: the GEMM timings every engine of the process shares
     for mode in ("paged", "contiguous"):
         results[mode] = run_engine(engine(mode), requests)
         report(mode, results[mode])

@@ -125,7 +125,7 @@ def main() -> None:
         for prompt in rng.integers(0, 50257, size=(batch, args.context)).tolist():
             eng.add_request(prompt, SamplingParams(max_new_tokens=1024 - args.context, temperature=0.0, ignore_eos=True))
         prefill_all(eng)
-        run_steps(eng, 5)  # warm: graph capture
+        run_steps(eng, 5)  # warm-up
         timed = eng.runner.backend = TimedBackend(eng.backend)
         t0 = time.perf_counter()
         steps = run_steps(eng, args.steps)

@@ -91,9 +91,9 @@ def test_half_precision_logits_and_top1_agreement(hf_model_dirs, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_wide_lm_head_samples_the_top_logit(hf_model_dirs, dtype):
     """Past the skinny GEMV (2 rows) the LM head is a cuBLASLt GEMM writing half-precision logits
-    into rows padded to 16 bytes (vocabulary 50,257 is odd), widened before sampling: the greedy
-    first tokens of a 32-prompt batch must be the argmax of each prompt's own float32-output
-    logits."""
+    into rows padded to 16 bytes (vocabulary 50,257 is odd), which the sampler reads as they are:
+    the greedy first tokens of a 32-prompt batch must be the argmax of each prompt's own
+    float32-output logits."""
     _, _, engine_dir = hf_model_dirs["d16"]
     eng = Engine(engine_dir, device="cuda", dtype=dtype, num_blocks=512)
     rng = np.random.default_rng(15)
