@@ -50,13 +50,14 @@ def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def make_hf_model(shape: str, seed: int = 0, initializer_range: float = 0.15):
+def make_hf_model(shape, seed: int = 0, initializer_range: float = 0.15):
     """A GPT2LMHeadModel with fresh random weights (std large enough that logits are peaked,
-    so greedy decoding has clear winners), fp32, eval mode."""
+    so greedy decoding has clear winners), fp32, eval mode. shape: a MODEL_SHAPES name or its
+    (n_layer, n_embd, n_head, n_positions, vocab_size)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    n_layer, n_embd, n_head, n_positions, vocab_size = MODEL_SHAPES[shape]
+    n_layer, n_embd, n_head, n_positions, vocab_size = MODEL_SHAPES.get(shape, shape)
     config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
                         vocab_size=vocab_size, initializer_range=initializer_range,
                         attn_implementation="eager")
@@ -69,17 +70,25 @@ def make_hf_model(shape: str, seed: int = 0, initializer_range: float = 0.15):
     return model
 
 
+def build_model_dirs(tmp_path_factory, shape, name: str):
+    """(hf_model, hf_dir, converted_dir) of make_hf_model(shape), saved and converted."""
+    from pagedgpt2.convert import convert_checkpoint
+
+    model = make_hf_model(shape)
+    hf_dir = tmp_path_factory.mktemp(f"hf-{name}")
+    model.save_pretrained(hf_dir)
+    dst = tmp_path_factory.mktemp(f"engine-{name}") / "model"
+    convert_checkpoint(hf_dir, dst, progress=False)
+    return model, hf_dir, dst
+
+
+@pytest.fixture(scope="session")
+def model_dirs_of(tmp_path_factory):
+    """build_model_dirs for a shape of one test's own: model_dirs_of(shape_tuple, name)."""
+    return lambda shape, name: build_model_dirs(tmp_path_factory, shape, name)
+
+
 @pytest.fixture(scope="session")
 def hf_model_dirs(tmp_path_factory):
     """{shape: (hf_model, hf_dir, converted_dir)} built once per session."""
-    from pagedgpt2.convert import convert_checkpoint
-
-    out = {}
-    for shape in MODEL_SHAPES:
-        model = make_hf_model(shape)
-        hf_dir = tmp_path_factory.mktemp(f"hf-{shape}")
-        model.save_pretrained(hf_dir)
-        dst = tmp_path_factory.mktemp(f"engine-{shape}") / "model"
-        convert_checkpoint(hf_dir, dst, progress=False)
-        out[shape] = (model, hf_dir, dst)
-    return out
+    return {shape: build_model_dirs(tmp_path_factory, shape, shape) for shape in MODEL_SHAPES}

@@ -61,6 +61,47 @@ def partition_sweep(ops, copy_gbs, dtype, iters):
     return rows
 
 
+def heads_table(ops, copy_gbs, dtype, iters):
+    """The decode kernel with a block per head against a warp per head (4 heads a block), block
+    size 16, partitions as the model picks them for each; 'auto' is what the model runs."""
+    elem = 2 if dtype != "float32" else 4
+    shapes = [(256, 192, 12), (256, 256, 12), (128, 192, 12), (64, 192, 12), (64, 1024, 12),
+              (32, 512, 12), (8, 1024, 12), (1, 1024, 12), (1, 192, 12), (256, 192, 25), (8, 192, 25)]
+    rows = []
+    print("heads per thread block, of copy bandwidth")
+    print(f"{'batch':>5} {'context':>7} {'heads':>5} {'1 head':>8} {'4 heads':>8} {'4 / 1':>6} {'auto':>5}")
+    for batch, context, num_heads in shapes:
+        kv_bytes = 2 * batch * context * num_heads * 64 * elem
+        ms = {g: ops.time_decode_attention(batch, context, num_heads, 64, 16, dtype, iters, 0, g) for g in (1, 4)}
+        frac = {g: kv_bytes / (t * 1e-3) / 1e9 / copy_gbs for g, t in ms.items()}
+        auto = ops.decode_heads_per_block(batch, num_heads)
+        rows.append(dict(batch=batch, context=context, num_heads=num_heads, ms_1=ms[1], ms_4=ms[4],
+                         of_copy_1=frac[1], of_copy_4=frac[4], auto=auto))
+        print(f"{batch:>5} {context:>7} {num_heads:>5} {frac[1]:>8.1%} {frac[4]:>8.1%} "
+              f"{ms[1] / ms[4]:>5.2f}x {auto:>5}")
+    return rows
+
+
+def gemv_table(ops, copy_gbs):
+    """The skinny GEMV alone (float16) at the layer shapes of gpt2 and gpt2-xl, replayed from a
+    graph of programmatic launches (as in a step) on weights not in L2: weight bytes per launch
+    over the copy bandwidth."""
+    shapes = {"gpt2": [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50304, 768)],
+              "gpt2-xl": [(4800, 1600), (1600, 1600), (6400, 1600), (1600, 6400), (50304, 1600)]}
+    rows = []
+    print("skinny GEMV alone, float16 (N x K weights), of copy bandwidth")
+    print(f"{'model':>8} {'N':>6} {'K':>5} {'MB':>6} {'rows':>4} {'us':>7} {'GB/s':>6} {'of copy':>8}")
+    for model, mats in shapes.items():
+        for n, k in mats:
+            for r in (1, 2):
+                ms = ops.time_skinny_gemm(r, n, k)
+                gbs = 2 * n * k / (ms * 1e-3) / 1e9
+                rows.append(dict(model=model, N=n, K=k, rows=r, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
+                print(f"{model:>8} {n:>6} {k:>5} {2 * n * k / 1e6:>6.1f} {r:>4} {ms * 1e3:>7.2f} {gbs:>6.0f} "
+                      f"{gbs / copy_gbs:>8.1%}")
+    return rows
+
+
 def decode_ms_per_step(eng, prompts, new_tokens, repeats=3):
     """Best wall time per decode step once every prompt is in the cache: the prefill steps and
     the first decode call run untimed."""
@@ -114,11 +155,14 @@ def main() -> None:
     print(f"# {card_name('cuda')} | {args.dtype} | device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
     attention = attention_table(ops, copy_gbs, args.dtype, args.iters)
     sweep = partition_sweep(ops, copy_gbs, args.dtype, args.iters) if args.sweep else []
+    heads = heads_table(ops, copy_gbs, args.dtype, args.iters)
+    gemv = gemv_table(ops, copy_gbs)
     model_dir = make_model_dir("gpt2", Path(args.workdir))
     steps = step_vs_context(model_dir, args.dtype, args.step_batch, [128, 256, 512, 768, 1024])
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card_name("cuda"), dtype=args.dtype, copy_gbs=copy_gbs,
-                                                   attention=attention, partition_sweep=sweep, steps=steps), indent=1))
+                                                   attention=attention, partition_sweep=sweep, heads_per_block=heads,
+                                                   gemv=gemv, steps=steps), indent=1))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ void bind_ops(nb::module_& m) {
       "paged_attention",
       [](FloatTensor qkv, FloatTensor k_cache, FloatTensor v_cache, IntArray positions,
          IntArray query_start_loc, IntMatrix block_tables, int num_heads, std::string dtype,
-         std::string kernel, int partition_size) {
+         std::string kernel, int partition_size, int heads_per_block) {
         if (k_cache.ndim() != 4 || qkv.ndim() != 2) {
           throw std::invalid_argument(
               "paged_attention: caches [num_blocks, block_size, H, D], qkv [T, 3C]");
@@ -148,14 +148,15 @@ void bind_ops(nb::module_& m) {
                                    positions.data(), query_start_loc.data(), block_tables.data(),
                                    S, int(block_tables.shape(1)), num_heads, D,
                                    int(k_cache.shape(1)), int64_t(k_cache.size()), dt(dtype),
-                                   which, partition_size);
+                                   which, partition_size, heads_per_block);
         return out;
       },
       "qkv"_a, "k_cache"_a, "v_cache"_a, "positions"_a, "query_start_loc"_a, "block_tables"_a,
       "num_heads"_a, nb::kw_only(), "dtype"_a = "float32", "kernel"_a = "auto",
-      "partition_size"_a = 0,
+      "partition_size"_a = 0, "heads_per_block"_a = 0,
       "kernel: 'auto' (decode kernel when every sequence has one query), 'decode', 'prefill'; "
-      "partition_size: tokens per decode thread block (0 = as the model picks).");
+      "partition_size: tokens per decode thread block; heads_per_block: heads per decode thread "
+      "block, 1 or 4 (0 = as the model picks).");
   ops.def(
       "sample",
       [](FloatTensor logits, FloatArray temperature, IntArray top_k, FloatArray top_p,
@@ -196,18 +197,30 @@ void bind_ops(nb::module_& m) {
       },
       "cache"_a, "src"_a, "dst"_a, nb::kw_only(), "dtype"_a = "float32",
       "Returns a copy of cache [num_blocks, ...] with blocks dst[i] <- src[i].");
+  ops.def("decode_heads_per_block", &cuda::ops::decode_heads_per_block, "num_seqs"_a,
+          "num_heads"_a, "Heads per decode-attention thread block the model picks (1 or 4).");
   ops.def("uniform_from_counter", &cuda::uniform_from_counter, "seed"_a, "counter"_a);
   ops.def(
       "time_decode_attention",
       [](int num_seqs, int context_len, int num_heads, int head_size, int block_size,
-         std::string dtype, int iters, int partition_size) {
+         std::string dtype, int iters, int partition_size, int heads_per_block) {
         nb::gil_scoped_release release;
         return cuda::ops::time_decode_attention(num_seqs, context_len, num_heads, head_size,
-                                                block_size, dt(dtype), iters, partition_size);
+                                                block_size, dt(dtype), iters, partition_size,
+                                                heads_per_block);
       },
       "num_seqs"_a, "context_len"_a, "num_heads"_a, "head_size"_a, "block_size"_a,
-      "dtype"_a = "float16", "iters"_a = 50, "partition_size"_a = 0,
+      "dtype"_a = "float16", "iters"_a = 50, "partition_size"_a = 0, "heads_per_block"_a = 0,
       "Median ms per launch of the decode-attention kernel (random data, shuffled blocks).");
+  ops.def(
+      "time_skinny_gemm",
+      [](int rows, int out_features, int in_features, int chain, int iters) {
+        nb::gil_scoped_release release;
+        return cuda::ops::time_skinny_gemm(rows, out_features, in_features, chain, iters);
+      },
+      "rows"_a, "out_features"_a, "in_features"_a, "chain"_a = 16, "iters"_a = 20,
+      "Median ms per skinny GEMV (float16) in a chain of programmatic launches, weights not in "
+      "L2.");
   ops.def(
       "copy_bandwidth_gbs",
       [](int64_t bytes, int iters) {

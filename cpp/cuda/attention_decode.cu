@@ -1,14 +1,15 @@
 // Decode attention kernel (see attention_decode.cuh for the work split).
 //
 // One pass with an online softmax (flash-decoding inside a thread block). A block streams its
-// partition through shared memory in tiles of kTile tokens (K and V rows of its head), kStages
-// tiles in flight with cp.async, so DRAM keeps receiving requests while the block computes.
-// For head size D and element type T a row of D elements is read from shared memory by kLanes
-// lanes (a lane group), each taking kVecsPerLane 16-byte vectors, interleaved so a group reads
-// one contiguous row; group g scores tokens g, g + kGroups, ... of each tile. Every group keeps
-// its own running max m, sum l and output slice acc (fp32; scores in the log2 domain: q is
-// pre-scaled by log2(e) / sqrt(D)); at the end the groups merge (shuffles inside a warp, shared
-// memory across warps).
+// partition through shared memory in tiles of kTile tokens (K and V rows of its G heads: one,
+// or four side by side), kStages tiles in flight with cp.async, so DRAM keeps receiving
+// requests while the block computes. For head size D and element type T a row of D elements is
+// read from shared memory by kLanes lanes (a lane group), each taking kVecsPerLane 16-byte
+// vectors, interleaved so a group reads one contiguous row; group g of a head scores tokens g,
+// g + kGroups, ... of each tile. Every group keeps its own running max m, sum l and output slice
+// acc (fp32; scores in the log2 domain: q is pre-scaled by log2(e) / sqrt(D)); at the end the
+// groups of a head merge (shuffles inside a warp, then shared memory across warps when the
+// whole block is on one head).
 #include <cmath>
 
 #include "cuda/attention_decode.cuh"
@@ -32,21 +33,24 @@ constexpr int largest_pow2_dividing(int n, int cap) {
 
 constexpr int clamp_int(int x, int lo, int hi) { return x < lo ? lo : x > hi ? hi : x; }
 
-template <typename T, int D>
+// G heads per thread block: 1 (all warps on one head) or kWarps (a warp per head).
+template <typename T, int D, int G>
 struct DecodeLayout {
+  static_assert(G == 1 || G == kWarps, "a head is one warp or the whole block");
   static constexpr int kVec = kVec16<T>;                            // elements per 16 bytes
   static constexpr int kVecs = D / kVec;                            // vectors per row
   static constexpr int kLanes = largest_pow2_dividing(kVecs, 32);   // lanes per row
   static constexpr int kVecsPerLane = kVecs / kLanes;
-  static constexpr int kGroups = kThreads / kLanes;                 // rows scored at once
-  static constexpr int kRowBytes = D * int(sizeof(T));
+  static constexpr int kHeadThreads = kThreads / G;                 // threads on one head
+  static constexpr int kHeadWarps = kHeadThreads / 32;
+  static constexpr int kGroups = kHeadThreads / kLanes;             // rows a head scores at once
+  static constexpr int kTokenBytes = 2 * G * D * int(sizeof(T));    // K + V of a token, G heads
   // Tokens per tile: a multiple of kGroups near kStageBytes of K + V.
-  static constexpr int kTile =
-      (kStageBytes / (2 * kRowBytes)) / kGroups * kGroups > 0
-          ? (kStageBytes / (2 * kRowBytes)) / kGroups * kGroups
-          : kGroups;
+  static constexpr int kTile = kStageBytes / kTokenBytes / kGroups * kGroups > 0
+                                   ? kStageBytes / kTokenBytes / kGroups * kGroups
+                                   : kGroups;
   static constexpr int kPerGroup = kTile / kGroups;                 // tokens per group per tile
-  static constexpr int kStages = clamp_int(kPipeBytes / (2 * kTile * kRowBytes), 2, 4);
+  static constexpr int kStages = clamp_int(kPipeBytes / (kTile * kTokenBytes), 2, 4);
 };
 
 // Running softmax state (m, l) and output slice acc of one lane group, merged with another
@@ -63,7 +67,32 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float (&acc)[N],
   m = m_new;
 }
 
-template <typename T, int D>
+// Split path, run by the threads of one (sequence, head) (thread `t` of `n`) once the last of
+// its num_parts partitions has published: out_row = the partials merged and normalized.
+template <typename T>
+__device__ void merge_partitions(T* out_row, const DecodeWorkspace& ws, int64_t first,
+                                 int num_parts, int D, int t, int n) {
+  float global_max = -INFINITY;
+  for (int p = 0; p < num_parts; ++p) {
+    global_max = fmaxf(global_max, __ldcg(ws.partial_max + first + p));
+  }
+  float total = 0.f;
+  for (int p = 0; p < num_parts; ++p) {
+    total += __ldcg(ws.partial_sum + first + p) *
+             exp2f(__ldcg(ws.partial_max + first + p) - global_max);
+  }
+  const float inv = 1.f / total;
+  for (int d = t; d < D; d += n) {
+    float o = 0.f;
+    for (int p = 0; p < num_parts; ++p) {
+      o += __ldcg(ws.partial_out + (first + p) * D + d) *
+           exp2f(__ldcg(ws.partial_max + first + p) - global_max);
+    }
+    out_row[d] = from_float<T>(o * inv);
+  }
+}
+
+template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads)
     decode_attention_kernel(T* __restrict__ out,                      // [S, H * D]
                             const T* __restrict__ qkv,                // [S, 3 * H * D]
@@ -71,27 +100,36 @@ __global__ void __launch_bounds__(kThreads)
                             const T* __restrict__ v_cache,            // [num_blocks, bs, H, D]
                             const int32_t* __restrict__ context_lens, // [S]
                             const int32_t* __restrict__ block_tables, // [S, max_blocks]
-                            int max_blocks, int block_size, float q_scale, int partition_size,
-                            int max_partitions, DecodeWorkspace ws) {
-  using L = DecodeLayout<T, D>;
+                            int num_heads, int max_blocks, int block_size,
+                            int block_shift,  // log2(block_size), or -1 if not a power of 2
+                            float q_scale, int partition_size, int max_partitions,
+                            DecodeWorkspace ws) {
+  using L = DecodeLayout<T, D, G>;
   constexpr int kVec = L::kVec, kVecs = L::kVecs, kLanes = L::kLanes, kVpl = L::kVecsPerLane;
   constexpr int kGroups = L::kGroups, kTile = L::kTile, kStages = L::kStages;
+  constexpr int kHeadThreads = L::kHeadThreads, kHeadWarps = L::kHeadWarps;
   constexpr int kAcc = kVpl * kVec;
-  __shared__ __align__(16) T k_tiles[kStages][kTile * D];
-  __shared__ __align__(16) T v_tiles[kStages][kTile * D];
-  __shared__ float red_acc[kWarps][D];
+  __shared__ __align__(16) T k_tiles[kStages][kTile * G * D];  // [token, head of block, D]
+  __shared__ __align__(16) T v_tiles[kStages][kTile * G * D];
+  __shared__ float red_acc[kHeadWarps > 1 ? kWarps : 1][D];
   __shared__ float red_m[kWarps], red_l[kWarps];
-  __shared__ bool is_last;
+  __shared__ bool is_last[G];
 
   pdl_launch_dependents();  // the proj GEMV may start streaming its weights
-  const int h = blockIdx.x, s = blockIdx.y, part = blockIdx.z;
-  const int H = gridDim.x, C = H * D;
+  const int s = blockIdx.y, part = blockIdx.z;
+  const int H = num_heads, C = H * D;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int head_in_block = tid / kHeadThreads, head_tid = tid % kHeadThreads;
+  const int h = blockIdx.x * G + head_in_block;
+  const int heads_here = min(G, H - int(blockIdx.x) * G);  // the last block may have fewer
+  const bool has_head = head_in_block < heads_here;
+  const int lane_in_group = head_tid % kLanes, group = head_tid / kLanes;
   const int context_len = context_lens[s];  // a step input: written before the step's kernels
   pdl_wait();  // q, the cache and out belong to the kernels before
-  T* out_row = out + int64_t(s) * C + h * D;
+  T* out_row = out + int64_t(s) * C + int64_t(h) * D;
   if (context_len <= 0) {  // padding row of a graph bucket
-    if (part == 0) {
-      for (int d = threadIdx.x; d < D; d += kThreads) out_row[d] = from_float<T>(0.f);
+    if (part == 0 && has_head) {
+      for (int d = head_tid; d < D; d += kHeadThreads) out_row[d] = from_float<T>(0.f);
     }
     return;
   }
@@ -101,29 +139,29 @@ __global__ void __launch_bounds__(kThreads)
   const int end = min(context_len, start + partition_size);
   const int num_tiles = (end - start + kTile - 1) / kTile;
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int lane_in_group = tid % kLanes, group = tid / kLanes;
   const int32_t* table = block_tables + int64_t(s) * max_blocks;
-  const int64_t head_offset = int64_t(h) * D;
+  const int64_t block_offset = int64_t(blockIdx.x) * G * D;  // first head's column
   // Element offset of this lane's vector j inside a row of D.
   auto col = [&](int j) { return (lane_in_group + j * kLanes) * kVec; };
 
-  // Starts copying tile `tile` of the partition into its stage; past the partition's end the
+  // Starts copying tile `tile` of the partition into its stage: per token, the G heads' rows
+  // are one contiguous run of the cache. Past the partition's end (or past the last head) the
   // rows are zero-filled (their scores are masked). Every call commits one group, possibly
   // empty, so that cp_async_wait counts tiles.
   auto issue = [&](int tile) {
     if (tile < num_tiles) {
       T* k_dst = k_tiles[tile % kStages];
       T* v_dst = v_tiles[tile % kStages];
-      for (int i = tid; i < kTile * kVecs; i += kThreads) {
-        const int r = i / kVecs, c = (i % kVecs) * kVec;
+      for (int i = tid; i < kTile * G * kVecs; i += kThreads) {
+        const int r = i / (G * kVecs), e = i % (G * kVecs);  // token; vector in its G rows
         const int t = start + tile * kTile + r;
-        const bool valid = t < end;
-        const int64_t slot =
-            valid ? int64_t(__ldg(table + t / block_size)) * block_size + t % block_size : 0;
-        const int64_t src = slot * C + head_offset + c;
-        cp_async16(k_dst + r * D + c, k_cache + src, valid);
-        cp_async16(v_dst + r * D + c, v_cache + src, valid);
+        const bool valid = t < end && e / kVecs < heads_here;
+        const int b = block_shift >= 0 ? t >> block_shift : t / block_size;
+        const int offset = block_shift >= 0 ? t & (block_size - 1) : t % block_size;
+        const int64_t slot = valid ? int64_t(__ldg(table + b)) * block_size + offset : 0;
+        const int64_t src = slot * C + block_offset + e * kVec;
+        cp_async16(k_dst + i * kVec, k_cache + src, valid);
+        cp_async16(v_dst + i * kVec, v_cache + src, valid);
       }
     }
     cp_async_commit();
@@ -134,7 +172,7 @@ __global__ void __launch_bounds__(kThreads)
   // q, pre-scaled, in registers (loaded while the first tiles are in flight).
   float q[kVpl][kVec];
   {
-    const T* q_row = qkv + int64_t(s) * 3 * C + head_offset;
+    const T* q_row = qkv + int64_t(s) * 3 * C + int64_t(has_head ? h : 0) * D;
 #pragma unroll
     for (int j = 0; j < kVpl; ++j) {
       load_floats<T, kVec>(q_row + col(j), q[j]);
@@ -151,8 +189,9 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_wait<kStages - 2>();  // this thread's copies of `tile` have landed ...
     __syncthreads();               // ... and everyone's; the stage of tile - 1 is free
     issue(tile + kStages - 1);
-    const T* k_tile = k_tiles[tile % kStages];
-    const T* v_tile = v_tiles[tile % kStages];
+    if (!has_head) continue;  // a warp past the last head only copies
+    const T* k_tile = k_tiles[tile % kStages] + head_in_block * D;
+    const T* v_tile = v_tiles[tile % kStages] + head_in_block * D;
     const int first = start + tile * kTile;
 
     float score[L::kPerGroup];
@@ -163,7 +202,8 @@ __global__ void __launch_bounds__(kThreads)
       float dot = 0.f;
 #pragma unroll
       for (int j = 0; j < kVpl; ++j) {
-        const Vec<T, kVec> k = *reinterpret_cast<const Vec<T, kVec>*>(k_tile + r * D + col(j));
+        const Vec<T, kVec> k =
+            *reinterpret_cast<const Vec<T, kVec>*>(k_tile + r * G * D + col(j));
 #pragma unroll
         for (int e = 0; e < kVec; ++e) dot += q[j][e] * to_float(k.v[e]);
       }
@@ -185,7 +225,8 @@ __global__ void __launch_bounds__(kThreads)
       l += p;
 #pragma unroll
       for (int j = 0; j < kVpl; ++j) {
-        const Vec<T, kVec> v = *reinterpret_cast<const Vec<T, kVec>*>(v_tile + r * D + col(j));
+        const Vec<T, kVec> v =
+            *reinterpret_cast<const Vec<T, kVec>*>(v_tile + r * G * D + col(j));
 #pragma unroll
         for (int e = 0; e < kVec; ++e) acc[j * kVec + e] += p * to_float(v.v[e]);
       }
@@ -193,6 +234,7 @@ __global__ void __launch_bounds__(kThreads)
     m = m_new;
   }
   cp_async_wait<0>();  // no copy may outlive the block (the trailing groups are empty)
+  if (!has_head) return;  // whole warps (G == kWarps): no block-wide barrier follows
 
   // Merge the lane groups of a warp (lanes i and i ^ o hold the same slice of D).
 #pragma unroll
@@ -204,77 +246,94 @@ __global__ void __launch_bounds__(kThreads)
     const float l_o = __shfl_xor_sync(0xffffffffu, l, o);
     merge_state(m, l, acc, m_o, l_o, acc_o);
   }
-  if (lane < kLanes) {
-#pragma unroll
-    for (int j = 0; j < kVpl; ++j) {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) red_acc[warp][col(j) + e] = acc[j * kVec + e];
-    }
-    if (lane == 0) red_m[warp] = m, red_l[warp] = l;
-  }
-  __syncthreads();
-
-  // ... then the warps: weights exp2(m_w - max_m) (a warp with no token has m_w = -inf: 0).
-  float max_m = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) max_m = fmaxf(max_m, red_m[w]);
-  float weight[kWarps], sum = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    weight[w] = red_m[w] == -INFINITY ? 0.f : exp2f(red_m[w] - max_m);
-    sum += red_l[w] * weight[w];
-  }
-  auto merged = [&](int d) {
-    float o = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += red_acc[w][d] * weight[w];
-    return o;
-  };
-
-  if (num_parts == 1) {
-    const float inv = 1.f / sum;
-    for (int d = tid; d < D; d += kThreads) out_row[d] = from_float<T>(merged(d) * inv);
-    return;
-  }
-
-  // ---- split path: publish this partition, the last one to finish merges.
   const int64_t sh = int64_t(s) * H + h;
-  const int64_t row = sh * max_partitions + part;
-  for (int d = tid; d < D; d += kThreads) ws.partial_out[row * D + d] = merged(d);
-  if (tid == 0) {
-    ws.partial_max[row] = max_m;
-    ws.partial_sum[row] = sum;
-  }
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) is_last = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  const int64_t first_row = sh * max_partitions;
 
-  const int64_t first = sh * max_partitions;
-  float global_max = -INFINITY;
-  for (int p = 0; p < num_parts; ++p) {
-    global_max = fmaxf(global_max, __ldcg(ws.partial_max + first + p));
-  }
-  float total = 0.f;
-  for (int p = 0; p < num_parts; ++p) {
-    total += __ldcg(ws.partial_sum + first + p) *
-             exp2f(__ldcg(ws.partial_max + first + p) - global_max);
-  }
-  const float inv = 1.f / total;
-  for (int d = tid; d < D; d += kThreads) {
-    float o = 0.f;
-    for (int p = 0; p < num_parts; ++p) {
-      o += __ldcg(ws.partial_out + (first + p) * D + d) *
-           exp2f(__ldcg(ws.partial_max + first + p) - global_max);
+  if constexpr (kHeadWarps == 1) {
+    // A warp per head: its lanes hold the head's state ((m, l) everywhere, acc by column).
+    if (num_parts == 1) {
+      if (lane < kLanes) {
+        const float inv = 1.f / l;
+#pragma unroll
+        for (int j = 0; j < kVpl; ++j) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) out_row[col(j) + e] = from_float<T>(acc[j * kVec + e] * inv);
+        }
+      }
+      return;
     }
-    out_row[d] = from_float<T>(o * inv);
+    // ---- split path: publish this partition, the last one to finish merges.
+    const int64_t row = first_row + part;
+    if (lane < kLanes) {
+#pragma unroll
+      for (int j = 0; j < kVpl; ++j) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) ws.partial_out[row * D + col(j) + e] = acc[j * kVec + e];
+      }
+    }
+    if (lane == 0) {
+      ws.partial_max[row] = m;
+      ws.partial_sum[row] = l;
+    }
+    __threadfence();
+    __syncwarp();
+    bool last = false;
+    if (lane == 0) last = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
+    if (!__shfl_sync(0xffffffffu, last, 0)) return;
+    __threadfence();
+    merge_partitions(out_row, ws, first_row, num_parts, D, lane, 32);
+    if (lane == 0) ws.counters[sh] = 0;  // ready for the next launch (and graph replay)
+  } else {
+    // The block on one head: merge the warps through shared memory, weights exp2(m_w - max_m)
+    // (a warp with no token has m_w = -inf: 0).
+    if (lane < kLanes) {
+#pragma unroll
+      for (int j = 0; j < kVpl; ++j) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) red_acc[warp][col(j) + e] = acc[j * kVec + e];
+      }
+      if (lane == 0) red_m[warp] = m, red_l[warp] = l;
+    }
+    __syncthreads();
+    float max_m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) max_m = fmaxf(max_m, red_m[w]);
+    float weight[kWarps], sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      weight[w] = red_m[w] == -INFINITY ? 0.f : exp2f(red_m[w] - max_m);
+      sum += red_l[w] * weight[w];
+    }
+    auto merged = [&](int d) {
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) o += red_acc[w][d] * weight[w];
+      return o;
+    };
+    if (num_parts == 1) {
+      const float inv = 1.f / sum;
+      for (int d = tid; d < D; d += kThreads) out_row[d] = from_float<T>(merged(d) * inv);
+      return;
+    }
+    // ---- split path: publish this partition, the last one to finish merges.
+    const int64_t row = first_row + part;
+    for (int d = tid; d < D; d += kThreads) ws.partial_out[row * D + d] = merged(d);
+    if (tid == 0) {
+      ws.partial_max[row] = max_m;
+      ws.partial_sum[row] = sum;
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last[0] = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
+    __syncthreads();
+    if (!is_last[0]) return;
+    __threadfence();
+    merge_partitions(out_row, ws, first_row, num_parts, D, tid, kThreads);
+    if (tid == 0) ws.counters[sh] = 0;  // ready for the next launch (and graph replay)
   }
-  if (tid == 0) ws.counters[sh] = 0;  // ready for the next launch (and graph replay)
 }
 
-template <typename T, int D>
+template <typename T, int D, int G>
 void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
               const int32_t* context_lens, const int32_t* block_tables, int num_seqs,
               int max_blocks, int num_heads, int block_size, int max_context_len,
@@ -286,16 +345,45 @@ void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
     throw std::runtime_error("decode attention: split workspace too small for this batch");
   }
   const float q_scale = float(M_LOG2E / std::sqrt(double(D)));
-  launch_kernel(decode_attention_kernel<T, D>, dim3(num_heads, num_seqs, num_parts),
-                dim3(kThreads), 0, stream, pdl, out, qkv, k_cache, v_cache, context_lens,
-                block_tables, max_blocks, block_size, q_scale, partition_size, num_parts, ws);
+  int block_shift = -1;
+  if ((block_size & (block_size - 1)) == 0) {
+    for (block_shift = 0; (1 << block_shift) < block_size; ++block_shift) {
+    }
+  }
+  launch_kernel(decode_attention_kernel<T, D, G>,
+                dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,
+                pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, num_heads,
+                max_blocks, block_size, block_shift, q_scale, partition_size, num_parts, ws);
+}
+
+template <typename T, int D>
+void launch_heads(int heads_per_block, T* out, const T* qkv, const T* k_cache, const T* v_cache,
+                  const int32_t* context_lens, const int32_t* block_tables, int num_seqs,
+                  int max_blocks, int num_heads, int block_size, int max_context_len,
+                  int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl) {
+  auto launch = heads_per_block == 1 ? launch_d<T, D, 1> : launch_d<T, D, kWarps>;
+  launch(out, qkv, k_cache, v_cache, context_lens, block_tables, num_seqs, max_blocks, num_heads,
+         block_size, max_context_len, partition_size, ws, stream, pdl);
 }
 
 }  // namespace
 
-int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms) {
+int decode_heads_per_block(int num_seqs, int num_heads, int num_sms) {
+  // NOTE: a block per head streams 128-byte rows (gpt2) and pays its pipeline fill and merge per
+  // head; a warp per head reads four heads' rows as one run per token and pays those once for
+  // four heads, but each warp then scores a quarter of the tokens a block per head would. On an
+  // H200 it won only where four-head blocks still fill the GPU kTargetBlocksPerSm deep unsplit
+  // (batch 256 x 192: 70% -> 77% of copy bandwidth) and lost elsewhere (64 x 1024: 83% -> 71%;
+  // 25 heads, whose last block has one: 82% -> 80%). Figures: notes.md (seventh session).
+  if (num_heads % kWarps != 0) return 1;
+  const int64_t blocks = int64_t(num_seqs) * (num_heads / kWarps);
+  return blocks >= int64_t(kTargetBlocksPerSm) * num_sms ? kWarps : 1;
+}
+
+int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms,
+                           int heads_per_block) {
   max_context_len = std::max(max_context_len, 1);
-  const int64_t items = int64_t(num_seqs) * num_heads;
+  const int64_t items = int64_t(num_seqs) * ((num_heads + heads_per_block - 1) / heads_per_block);
   // NOTE: split until the grid holds kTargetBlocksPerSm blocks per SM, never below
   // kMinPartitionSize tokens per block. The one-pass kernel has no per-partition limit; a split
   // costs one partial row per block and a merge by the last block. Measured choices: notes.md.
@@ -304,9 +392,11 @@ int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int
   return std::min(parts, std::max(1, max_context_len / kMinPartitionSize));
 }
 
-int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms) {
+int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms,
+                          int heads_per_block) {
   max_context_len = std::max(max_context_len, 1);
-  const int parts = decode_partition_count(num_seqs, num_heads, max_context_len, num_sms);
+  const int parts =
+      decode_partition_count(num_seqs, num_heads, max_context_len, num_sms, heads_per_block);
   const int size = (max_context_len + parts - 1) / parts;
   return (size + kMinPartitionSize - 1) / kMinPartitionSize * kMinPartitionSize;
 }
@@ -324,13 +414,19 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
                              const int32_t* context_lens, const int32_t* block_tables,
                              int num_seqs, int max_blocks, int num_heads, int head_size,
                              int block_size, int max_context_len, int partition_size,
-                             const DecodeWorkspace& ws, cudaStream_t stream, bool pdl) {
+                             int heads_per_block, const DecodeWorkspace& ws,
+                             cudaStream_t stream, bool pdl) {
   if (num_seqs <= 0) return;
-#define CASE(D)                                                                                \
-  case D:                                                                                      \
-    return launch_d<T, D>(out, qkv, k_cache, v_cache, context_lens, block_tables, num_seqs,   \
-                          max_blocks, num_heads, block_size, max_context_len, partition_size, \
-                          ws, stream, pdl);
+  if (heads_per_block != 1 && heads_per_block != kWarps) {
+    throw std::invalid_argument("decode attention: heads_per_block must be 1 or " +
+                                std::to_string(kWarps) + ", got " +
+                                std::to_string(heads_per_block));
+  }
+#define CASE(D)                                                                                 \
+  case D:                                                                                       \
+    return launch_heads<T, D>(heads_per_block, out, qkv, k_cache, v_cache, context_lens,       \
+                              block_tables, num_seqs, max_blocks, num_heads, block_size,       \
+                              max_context_len, partition_size, ws, stream, pdl);
   switch (head_size) {
     CASE(16) CASE(32) CASE(48) CASE(64) CASE(80) CASE(96) CASE(128) CASE(256)
     default:
@@ -343,7 +439,7 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
 #define INSTANTIATE(T)                                                                       \
   template void launch_decode_attention<T>(T*, const T*, const T*, const T*, const int32_t*, \
                                            const int32_t*, int, int, int, int, int, int, int, \
-                                           const DecodeWorkspace&, cudaStream_t, bool);
+                                           int, const DecodeWorkspace&, cudaStream_t, bool);
 INSTANTIATE(float)
 INSTANTIATE(__half)
 INSTANTIATE(__nv_bfloat16)

@@ -1,8 +1,10 @@
 // Paged-attention decode: one query token per sequence attends to its whole cached context,
 // walking the block table. Reads K/V from the cache after write_kv (or the fused QKV epilogue).
 //
-// Work split: a thread block per (head, sequence, partition); a partition is `partition_size`
-// consecutive context tokens. With one partition per sequence it is a single pass; with several
+// Work split: a thread block per (group of heads, sequence, partition); a partition is
+// `partition_size` consecutive context tokens. A block covers one head with all its warps, or
+// four heads with a warp each (large batches: a block then reads a contiguous run of four heads'
+// rows per token, and pays its fixed costs once for four heads). With one partition per sequence it is a single pass; with several
 // (few sequences x heads, or long contexts) each block writes a partial (max, sum, unnormalized
 // output) and the last block of a (sequence, head) to finish merges them (flash-decoding, with
 // the reduce fused: no second launch). The grid is sized from an upper bound on the context so a
@@ -26,11 +28,16 @@ struct DecodeWorkspace {
   int64_t capacity_counters = 0;
 };
 
+// Heads per thread block for a batch of num_seqs (1 or 4).
+int decode_heads_per_block(int num_seqs, int num_heads, int num_sms);
+
 // How many partitions a context of max_context_len is split into (non-decreasing in
 // max_context_len: the model sizes DecodeWorkspace with it at n_positions), and the partition
 // length that gives (tokens per thread block, a multiple of 64).
-int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms);
-int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms);
+int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms,
+                           int heads_per_block);
+int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms,
+                          int heads_per_block);
 inline int decode_num_partitions(int max_context_len, int partition_size) {
   return (max_context_len + partition_size - 1) / partition_size;
 }
@@ -51,6 +58,7 @@ void launch_decode_attention(T* out,                       // [S, H * D]
                              int block_size,
                              int max_context_len,  // >= every context_lens[s]: sizes the grid
                              int partition_size,   // from decode_partition_size
+                             int heads_per_block,  // from decode_heads_per_block
                              const DecodeWorkspace& ws, cudaStream_t stream,
                              bool pdl = false);  // programmatic dependent launch (sm_90), as
                                                  // launch_skinny_gemm's: the kernel reads

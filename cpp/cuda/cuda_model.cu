@@ -193,7 +193,8 @@ struct Step {
   int num_decode_seqs = 0;
   int max_context_len = 0;    // bound on the decode sequences' context_lens (decode grid)
   int max_query_len = 0;      // longest query run of the other sequences (prefill grid)
-  int partition_size = 0;     // decode attention
+  int partition_size = 0;     // decode attention: tokens per thread block ...
+  int heads_per_block = 1;    // ... and heads
   const int32_t *token_ids, *positions, *slot_mapping, *query_start_loc, *context_lens,
       *block_tables, *logits_indices;
   DeviceSampling sampling;
@@ -521,7 +522,8 @@ void Engine<T>::allocate_activations() {
   int64_t partial_rows = 0;
   for (int s = 1; s <= std::max(max_seqs_, max_tokens_); ++s) {
     // Launches use ceil(context / size) <= this count partitions, for any context <= P_.
-    const int parts = decode_partition_count(s, H_, P_, num_sms_);
+    const int parts =
+        decode_partition_count(s, H_, P_, num_sms_, decode_heads_per_block(s, H_, num_sms_));
     if (parts > 1) partial_rows = std::max<int64_t>(partial_rows, int64_t(s) * H_ * parts);
   }
   const int64_t counter_rows = int64_t(std::max(max_seqs_, max_tokens_)) * H_;
@@ -712,8 +714,10 @@ Step Engine<T>::make_step(const StepLayout& layout, int num_decode_seqs, int max
   st.max_query_len = max_query_len;
   st.skinny = layout.T <= skinny_max_rows_ && skinny_gemm_supported(layout.T, C_) &&
               skinny_gemm_supported(layout.T, I_);
-  st.partition_size = decode_partition_size(std::max(st.num_decode_seqs, 1), H_,
-                                            std::max(max_context_len, 1), num_sms_);
+  const int nd = std::max(st.num_decode_seqs, 1);
+  st.heads_per_block = decode_heads_per_block(nd, H_, num_sms_);
+  st.partition_size = decode_partition_size(nd, H_, std::max(max_context_len, 1), num_sms_,
+                                            st.heads_per_block);
   auto ptr = [&](size_t offset) { return reinterpret_cast<const int32_t*>(step_dev_ + offset); };
   st.token_ids = ptr(layout.token_ids);
   st.positions = ptr(layout.positions);
@@ -831,8 +835,8 @@ void Engine<T>::enqueue_attention(const Step& st, const T* k, const T* v) {
     // NOTE: programmatic launch only after the fused QKV GEMV (a kernel); in the wide path
     // write_kv (also a kernel) comes before, so it holds there too.
     launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, nd, W, H_, D_,
-                               block_size, st.max_context_len, st.partition_size, decode_ws_,
-                               stream_, pdl_);
+                               block_size, st.max_context_len, st.partition_size,
+                               st.heads_per_block, decode_ws_, stream_, pdl_);
   }
   if (nd < S) {  // the prompt chunks, after the decode rows
     launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc + nd,

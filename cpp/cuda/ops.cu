@@ -116,6 +116,23 @@ int num_sms() {
   return sms;
 }
 
+// A decode launch's work split: what the caller asked for, the model's pick where it passed 0.
+struct DecodeSplit {
+  int partition_size, heads_per_block;
+};
+DecodeSplit decode_split(int num_seqs, int num_heads, int max_context_len, int partition_size,
+                         int heads_per_block) {
+  DecodeSplit split;
+  split.heads_per_block =
+      heads_per_block > 0 ? heads_per_block
+                          : cuda::decode_heads_per_block(num_seqs, num_heads, num_sms());
+  split.partition_size = partition_size > 0 ? partition_size
+                                            : decode_partition_size(num_seqs, num_heads,
+                                                                    max_context_len, num_sms(),
+                                                                    split.heads_per_block);
+  return split;
+}
+
 }  // namespace
 
 void layernorm(float* out, const float* in, const float* weight, const float* bias,
@@ -216,11 +233,15 @@ void write_kv(float* k_cache, float* v_cache, const float* qkv, const int32_t* s
   });
 }
 
+int decode_heads_per_block(int num_seqs, int num_heads) {
+  return cuda::decode_heads_per_block(num_seqs, num_heads, num_sms());
+}
+
 void paged_attention(float* out, const float* qkv, const float* k_cache, const float* v_cache,
                      const int32_t* positions, const int32_t* query_start_loc,
                      const int32_t* block_tables, int num_seqs, int max_blocks, int num_heads,
                      int head_size, int block_size, int64_t cache_elems, DType dtype,
-                     AttentionKernel kernel, int partition_size) {
+                     AttentionKernel kernel, int partition_size, int heads_per_block) {
   const int T_ = query_start_loc[num_seqs];
   bool decode = T_ == num_seqs;
   int max_query = 0;
@@ -251,13 +272,14 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
     if (use_decode) {
       auto ctx = upload_raw<int32_t>(context_lens.data(), num_seqs);
       const int max_ctx = std::max(1, *std::max_element(context_lens.begin(), context_lens.end()));
-      const int size = partition_size > 0 ? partition_size
-                                          : decode_partition_size(num_seqs, num_heads, max_ctx,
-                                                                  num_sms());
-      DecodeScratch scratch(num_seqs, num_heads, head_size, decode_num_partitions(max_ctx, size));
+      const DecodeSplit split =
+          decode_split(num_seqs, num_heads, max_ctx, partition_size, heads_per_block);
+      DecodeScratch scratch(num_seqs, num_heads, head_size,
+                            decode_num_partitions(max_ctx, split.partition_size));
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
                                  num_seqs, max_blocks, num_heads, head_size, block_size, max_ctx,
-                                 size, scratch.ws, kStream);
+                                 split.partition_size, split.heads_per_block, scratch.ws,
+                                 kStream);
       CUDA_CHECK(cudaDeviceSynchronize());
     } else {
       launch_prefill_attention<T>(y.get(), q->get(), k->get(), v->get(), pos->get(), qsl->get(),
@@ -348,7 +370,8 @@ std::vector<float> random_floats(size_t n, uint64_t seed) {
 }  // namespace
 
 double time_decode_attention(int num_seqs, int context_len, int num_heads, int head_size,
-                             int block_size, DType dtype, int iters, int partition_size) {
+                             int block_size, DType dtype, int iters, int partition_size,
+                             int heads_per_block) {
   const int C = num_heads * head_size;
   const int blocks_per_seq = (context_len + block_size - 1) / block_size;
   const int num_blocks = num_seqs * blocks_per_seq;
@@ -368,17 +391,54 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
     auto tables = upload_raw<int32_t>(ids.data(), ids.size());
     auto ctx = upload_raw<int32_t>(context_lens.data(), num_seqs);
     DevArray<T> y(size_t(num_seqs) * C);
-    const int size = partition_size > 0
-                         ? partition_size
-                         : decode_partition_size(num_seqs, num_heads, context_len, num_sms());
-    DecodeScratch scratch(num_seqs, num_heads, head_size, decode_num_partitions(context_len, size));
+    const DecodeSplit split =
+        decode_split(num_seqs, num_heads, context_len, partition_size, heads_per_block);
+    DecodeScratch scratch(num_seqs, num_heads, head_size,
+                          decode_num_partitions(context_len, split.partition_size));
     ms = median_ms(iters, [&] {
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
                                  num_seqs, blocks_per_seq, num_heads, head_size, block_size,
-                                 context_len, size, scratch.ws, kStream);
+                                 context_len, split.partition_size, split.heads_per_block,
+                                 scratch.ws, kStream);
     });
   });
   return ms;
+}
+
+double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters) {
+  using T = __half;
+  const size_t w_elems = size_t(out_features) * in_features;
+  // Enough weight copies that a chain of 64 never finds its weights in L2 (50-60 MB on Hopper).
+  chain = std::max(chain, int(std::min<size_t>(64, (size_t(256) << 20) / (w_elems * sizeof(T)) + 1)));
+  DevArray<T> w(w_elems * chain);
+  CUDA_CHECK(cudaMemset(w.get(), 0x3c, w.size() * sizeof(T)));  // 1.0 + small: finite sums
+  auto x = upload<T>(random_floats(size_t(rows) * in_features, 4).data(),
+                     size_t(rows) * in_features);
+  auto b = upload<T>(random_floats(size_t(out_features), 5).data(), size_t(out_features));
+  DevArray<T> y(size_t(rows) * out_features);
+  SkinnyParams<T> p;
+  p.x = x->get(), p.bias = b->get(), p.out = y.get();
+  p.rows = rows, p.N = out_features, p.K = in_features;
+  // The chain is replayed from a CUDA graph, as the model's steps are: the host's launch rate
+  // (a few us a launch) does not bound it.
+  cudaStream_t capture;  // the legacy stream cannot be captured
+  CUDA_CHECK(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  const int sms = num_sms();
+  CUDA_CHECK(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < chain; ++i) {
+    p.weight = w.get() + size_t(i) * w_elems;
+    launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBias, sms, capture,
+                          /*pdl=*/true);
+  }
+  CUDA_CHECK(cudaStreamEndCapture(capture, &graph));
+  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double ms = median_ms(iters, [&] { CUDA_CHECK(cudaGraphLaunch(exec, kStream)); });
+  CUDA_CHECK(cudaGraphExecDestroy(exec));
+  CUDA_CHECK(cudaGraphDestroy(graph));
+  CUDA_CHECK(cudaStreamDestroy(capture));
+  return ms / chain;
 }
 
 double copy_bandwidth_gbs(int64_t bytes, int iters) {

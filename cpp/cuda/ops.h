@@ -26,7 +26,7 @@ void matmul(float* out,           // [T, N]
 
 // The skinny GEMV (T <= 8): out = [gelu](LN?(in) @ weight^T + bias) [+ residual].
 //   ln_weight/ln_bias given: `in` is float32 and normalized in the kernel (else cast to dtype);
-//   bias nullptr: float32 logits, no bias; residual given: out = residual + in @ W^T + bias.
+//   bias nullptr: float32 logits, no bias; residual given: out = residual + in @ W^T + bias;
 void skinny_matmul(float* out,              // [T, N]
                    const float* in,         // [T, K]
                    const float* weight,     // [N, K]
@@ -49,7 +49,7 @@ void write_kv(float* k_cache,               // [num_blocks, block_size, H, D]
 enum class AttentionKernel { kAuto, kDecode, kPrefill };
 
 // kAuto: the decode kernel when every sequence has one query token (and the head size has a
-// decode template), else prefill. partition_size 0: as the model picks it.
+// decode template), else prefill. partition_size, heads_per_block 0: as the model picks them.
 void paged_attention(float* out,                      // [T, H * D]
                      const float* qkv,                // [T, 3 * H * D]
                      const float* k_cache,            // [num_blocks, block_size, H, D]
@@ -59,7 +59,10 @@ void paged_attention(float* out,                      // [T, H * D]
                      const int32_t* block_tables,     // [S, max_blocks_per_seq]
                      int num_seqs, int max_blocks_per_seq, int num_heads, int head_size,
                      int block_size, int64_t cache_elems, DType dtype, AttentionKernel kernel,
-                     int partition_size);
+                     int partition_size, int heads_per_block);
+
+// Heads per decode thread block the model picks for a batch of num_seqs on this GPU (1 or 4).
+int decode_heads_per_block(int num_seqs, int num_heads);
 
 // logits are rounded to dtype and, for fp16/bf16, laid out in rows padded to a multiple of 8
 // with huge values the sampler must not read, as the LM head leaves them in the model.
@@ -79,9 +82,15 @@ void copy_blocks(float* cache,       // [num_blocks, block_size, H, D]
 // ---------------------------------------------------------------------------------------------
 
 // Milliseconds per launch of the decode-attention kernel over num_seqs sequences of context_len
-// tokens each, with shuffled block tables; partition_size 0: as the model picks it.
+// tokens each, with shuffled block tables; partition_size, heads_per_block 0: as the model
+// picks them.
 double time_decode_attention(int num_seqs, int context_len, int num_heads, int head_size,
-                             int block_size, DType dtype, int iters, int partition_size = 0);
+                             int block_size, DType dtype, int iters, int partition_size = 0,
+                             int heads_per_block = 0);
+// Milliseconds per skinny GEMV (float16, bias epilogue) of rows x in_features by
+// [out_features, in_features], in a chain of `chain` launched programmatically one after the
+// other as a step's are (from a CUDA graph), each on weights not in L2.
+double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters);
 // Device-to-device copy bandwidth in GB/s (bytes read + bytes written), buffers of `bytes`.
 double copy_bandwidth_gbs(int64_t bytes, int iters);
 

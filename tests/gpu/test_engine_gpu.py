@@ -211,6 +211,24 @@ def test_small_batch_decode_logits_match_hf(hf_model_dirs, monkeypatch, dtype, b
         assert outs[1].token_ids == hf_greedy(model, prompts[1], 12)
 
 
+def test_large_batch_decode_logits_match_hf(model_dirs_of):
+    """A decode batch large enough that attention runs a warp per head (four heads of head size
+    64 a block), teacher-forced through shuffled block tables, against HF fp32 at every position
+    (fp32: the kernel tests cover the half types against the CPU reference)."""
+    from pagedgpt2 import _cuda
+
+    model, _, engine_dir = model_dirs_of((1, 1024, 16, 256, 1000), "h16")
+    model = hf_on_gpu(model)
+    n = next(b for b in range(1, 4096) if _cuda.ops.decode_heads_per_block(b, 16) == 4) + 3
+    eng = Engine(engine_dir, device="cuda", dtype="float32", block_size=16, num_blocks=n * 6,
+                 max_num_seqs=n)
+    rng = np.random.default_rng(23)
+    seqs = [rng.integers(0, 1000, size=int(k)).tolist() for k in rng.integers(8, 80, size=n)]
+    got = _decode_teacher_forced(eng.backend, seqs, 4, 16, rng)
+    for seq, logits in zip(seqs, got):
+        np.testing.assert_allclose(logits, hf_logits(model, seq)[4:], rtol=0, atol=LOGIT_ATOL["float32"])
+
+
 def test_paged_equals_contiguous_on_gpu(hf_model_dirs):
     engine_dir = hf_model_dirs["d48"][2]
     rng = np.random.default_rng(13)

@@ -245,15 +245,38 @@ def decode_contexts(block_size):
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("head_size", DECODE_HEAD_SIZES)
 @pytest.mark.parametrize("partition_size", [0, 32])  # 32: many partitions, the merge path
-def test_decode_attention(rng, dtype, block_size, head_size, partition_size):
-    num_heads = max(1, 256 // head_size)
+@pytest.mark.parametrize("heads_per_block", [1, 4])  # a block per head; a warp per head
+def test_decode_attention(rng, dtype, block_size, head_size, partition_size, heads_per_block):
+    num_heads = max(1, 256 // head_size)  # head size 256: one head, three idle warps at 4
     ctx = decode_contexts(block_size)
     qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads,
                                                     head_size, block_size, dtype)
     want = cpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads)
     got = gpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads, dtype=dtype,
-                              kernel="decode", partition_size=partition_size)
+                              kernel="decode", partition_size=partition_size,
+                              heads_per_block=heads_per_block)
     np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("partition_size", [0, 64])
+def test_decode_attention_heads_not_divisible_by_four(rng, dtype, partition_size):
+    """gpt2-xl's 25 heads, four a block: the last block has one head (and three idle warps)."""
+    num_heads, head_size, block_size = 25, 64, 16
+    ctx = [1, 17, 200, 63, 300]
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads,
+                                                    head_size, block_size, dtype)
+    want = cpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads)
+    got = gpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads, dtype=dtype,
+                              kernel="decode", partition_size=partition_size, heads_per_block=4)
+    np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
+
+
+def test_decode_attention_rejects_other_heads_per_block(rng):
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, [5], [1], 4, 64, 16, "float32")
+    with pytest.raises(ValueError, match="heads_per_block must be 1 or 4, got 2"):
+        gpu.paged_attention(qkv, k, v, positions, qsl, tables, 4, kernel="decode",
+                            heads_per_block=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
