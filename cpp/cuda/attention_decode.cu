@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(16) T v_tiles[kStages][kTile * G * D];
   __shared__ float red_acc[kHeadWarps > 1 ? kWarps : 1][D];
   __shared__ float red_m[kWarps], red_l[kWarps];
-  __shared__ bool is_last[G];
+  __shared__ bool is_last;  // the block-per-head split path's last-arriver flag
 
   pdl_launch_dependents();  // the proj GEMV may start streaming its weights
   const int s = blockIdx.y, part = blockIdx.z;
@@ -257,7 +257,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < kVpl; ++j) {
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) out_row[col(j) + e] = from_float<T>(acc[j * kVec + e] * inv);
+          for (int e = 0; e < kVec; ++e) {
+            out_row[col(j) + e] = from_float<T>(acc[j * kVec + e] * inv);
+          }
         }
       }
       return;
@@ -324,9 +326,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __threadfence();
     __syncthreads();
-    if (tid == 0) is_last[0] = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
+    if (tid == 0) is_last = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
     __syncthreads();
-    if (!is_last[0]) return;
+    if (!is_last) return;
     __threadfence();
     merge_partitions(out_row, ws, first_row, num_parts, D, tid, kThreads);
     if (tid == 0) ws.counters[sh] = 0;  // ready for the next launch (and graph replay)
@@ -345,10 +347,9 @@ void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
     throw std::runtime_error("decode attention: split workspace too small for this batch");
   }
   const float q_scale = float(M_LOG2E / std::sqrt(double(D)));
-  int block_shift = -1;
-  if ((block_size & (block_size - 1)) == 0) {
-    for (block_shift = 0; (1 << block_shift) < block_size; ++block_shift) {
-    }
+  int block_shift = -1;  // log2(block_size) when it is a power of two
+  for (int b = 0; b < 31 && block_shift < 0; ++b) {
+    if (block_size == 1 << b) block_shift = b;
   }
   launch_kernel(decode_attention_kernel<T, D, G>,
                 dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,

@@ -409,7 +409,8 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
   using T = __half;
   const size_t w_elems = size_t(out_features) * in_features;
   // Enough weight copies that a chain of 64 never finds its weights in L2 (50-60 MB on Hopper).
-  chain = std::max(chain, int(std::min<size_t>(64, (size_t(256) << 20) / (w_elems * sizeof(T)) + 1)));
+  const size_t copies_for_256mb = (size_t(256) << 20) / (w_elems * sizeof(T)) + 1;
+  chain = std::max(chain, int(std::min<size_t>(64, copies_for_256mb)));
   DevArray<T> w(w_elems * chain);
   CUDA_CHECK(cudaMemset(w.get(), 0x3c, w.size() * sizeof(T)));  // 1.0 + small: finite sums
   auto x = upload<T>(random_floats(size_t(rows) * in_features, 4).data(),
