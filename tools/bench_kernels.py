@@ -2,8 +2,10 @@
 
 1. Device-to-device copy bandwidth (bytes read + written): the roofline for memory-bound kernels.
 2. The paged-attention decode kernel alone: batch x context, K/V bytes read per launch over the
-   copy bandwidth, for several block sizes and for the contiguous layout (one block per sequence).
-3. A whole decode step of the engine against context length, paged vs contiguous.
+   copy bandwidth, for several block sizes and for the contiguous layout (one block per sequence);
+   then one head a thread block against four (a warp each).
+3. The skinny GEMV alone at gpt2's and gpt2-xl's layer shapes, weight bytes over copy bandwidth.
+4. A whole decode step of the engine against context length, paged vs contiguous.
 
     python tools/bench_kernels.py --json out.json
 """
