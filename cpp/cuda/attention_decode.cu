@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
                             int num_heads, int max_blocks, int block_size,
                             int block_shift,  // log2(block_size), or -1 if not a power of 2
                             float q_scale, int partition_size, int max_partitions,
-                            DecodeWorkspace ws) {
+                            DecodeWorkspace ws, L2Range prefetch) {
   using L = DecodeLayout<T, D, G>;
   constexpr int kVec = L::kVec, kVecs = L::kVecs, kLanes = L::kLanes, kVpl = L::kVecsPerLane;
   constexpr int kGroups = L::kGroups, kTile = L::kTile, kStages = L::kStages;
@@ -116,6 +116,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ bool is_last;  // the block-per-head split path's last-arriver flag
 
   pdl_launch_dependents();  // the proj GEMV may start streaming its weights
+  prefetch_l2_share(prefetch, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z),
+                    gridDim.x * gridDim.y * gridDim.z);
   const int s = blockIdx.y, part = blockIdx.z;
   const int H = num_heads, C = H * D;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -339,7 +341,8 @@ template <typename T, int D, int G>
 void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
               const int32_t* context_lens, const int32_t* block_tables, int num_seqs,
               int max_blocks, int num_heads, int block_size, int max_context_len,
-              int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl) {
+              int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
+              L2Range prefetch) {
   const int num_parts = decode_num_partitions(max_context_len, partition_size);
   if (num_parts > 1 &&
       (int64_t(num_seqs) * num_heads * num_parts > ws.capacity_rows ||
@@ -354,17 +357,19 @@ void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
   launch_kernel(decode_attention_kernel<T, D, G>,
                 dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,
                 pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, num_heads,
-                max_blocks, block_size, block_shift, q_scale, partition_size, num_parts, ws);
+                max_blocks, block_size, block_shift, q_scale, partition_size, num_parts, ws,
+                prefetch);
 }
 
 template <typename T, int D>
 void launch_heads(int heads_per_block, T* out, const T* qkv, const T* k_cache, const T* v_cache,
                   const int32_t* context_lens, const int32_t* block_tables, int num_seqs,
                   int max_blocks, int num_heads, int block_size, int max_context_len,
-                  int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl) {
+                  int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
+                  L2Range prefetch) {
   auto launch = heads_per_block == 1 ? launch_d<T, D, 1> : launch_d<T, D, kWarps>;
   launch(out, qkv, k_cache, v_cache, context_lens, block_tables, num_seqs, max_blocks, num_heads,
-         block_size, max_context_len, partition_size, ws, stream, pdl);
+         block_size, max_context_len, partition_size, ws, stream, pdl, prefetch);
 }
 
 }  // namespace
@@ -416,7 +421,7 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
                              int num_seqs, int max_blocks, int num_heads, int head_size,
                              int block_size, int max_context_len, int partition_size,
                              int heads_per_block, const DecodeWorkspace& ws,
-                             cudaStream_t stream, bool pdl) {
+                             cudaStream_t stream, bool pdl, L2Range prefetch) {
   if (num_seqs <= 0) return;
   if (heads_per_block != 1 && heads_per_block != kWarps) {
     throw std::invalid_argument("decode attention: heads_per_block must be 1 or " +
@@ -427,7 +432,7 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
   case D:                                                                                       \
     return launch_heads<T, D>(heads_per_block, out, qkv, k_cache, v_cache, context_lens,       \
                               block_tables, num_seqs, max_blocks, num_heads, block_size,       \
-                              max_context_len, partition_size, ws, stream, pdl);
+                              max_context_len, partition_size, ws, stream, pdl, prefetch);
   switch (head_size) {
     CASE(16) CASE(32) CASE(48) CASE(64) CASE(80) CASE(96) CASE(128) CASE(256)
     default:
@@ -440,7 +445,8 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
 #define INSTANTIATE(T)                                                                       \
   template void launch_decode_attention<T>(T*, const T*, const T*, const T*, const int32_t*, \
                                            const int32_t*, int, int, int, int, int, int, int, \
-                                           int, const DecodeWorkspace&, cudaStream_t, bool);
+                                           int, const DecodeWorkspace&, cudaStream_t, bool,   \
+                                           L2Range);
 INSTANTIATE(float)
 INSTANTIATE(__half)
 INSTANTIATE(__nv_bfloat16)

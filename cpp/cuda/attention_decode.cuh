@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "cuda/cuda_common.cuh"
+
 namespace pagedgpt2::cuda {
 
 // Scratch of the split path, sized once by the model.
@@ -60,8 +62,9 @@ void launch_decode_attention(T* out,                       // [S, H * D]
                              int partition_size,   // from decode_partition_size
                              int heads_per_block,  // from decode_heads_per_block
                              const DecodeWorkspace& ws, cudaStream_t stream,
-                             bool pdl = false);  // programmatic dependent launch (sm_90), as
-                                                 // launch_skinny_gemm's: the kernel reads
-                                                 // context_lens before it waits
+                             bool pdl = false,  // programmatic dependent launch (sm_90), as
+                                                // launch_skinny_gemm's: the kernel reads
+                                                // context_lens before it waits
+                             L2Range prefetch = {});  // asked of L2 for the next kernels
 
 }  // namespace pagedgpt2::cuda

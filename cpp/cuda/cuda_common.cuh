@@ -138,6 +138,41 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// Asks L2 to fetch [ptr, ptr + bytes) from memory and returns at once (no thread waits for
+// it). ptr 16-byte aligned. sm_90: one bulk prefetch by thread 0; before: a line a thread.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, size_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x == 0 && bytes >= 16) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr),
+                 "r"(static_cast<unsigned>(bytes / 16 * 16))
+                 : "memory");
+  }
+#else
+  const char* p = static_cast<const char*>(ptr);
+  for (size_t i = size_t(threadIdx.x) * 128; i < bytes; i += size_t(blockDim.x) * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + i));
+  }
+#endif
+}
+
+// Memory a kernel asks L2 for on behalf of the kernels after it (their weights); bytes 0: none.
+struct L2Range {
+  const void* ptr = nullptr;  // 16-byte aligned
+  size_t bytes = 0;
+};
+
+// Asks L2 for share `block` of `blocks` of range (128-byte-aligned shares; by default this
+// block's of a 1-D grid) and returns at once. No thread waits for the data; a later load of it
+// hits L2.
+__device__ __forceinline__ void prefetch_l2_share(L2Range range, size_t block = blockIdx.x,
+                                                  size_t blocks = gridDim.x) {
+  if (range.bytes == 0) return;
+  const size_t share = (range.bytes / blocks + 127) / 128 * 128;
+  const size_t begin = share * block;
+  if (begin >= range.bytes) return;
+  prefetch_l2(static_cast<const char*>(range.ptr) + begin, min(share, range.bytes - begin));
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization when
 // pdl: the kernel may start while the one before it in the stream still runs (it must call
 // pdl_wait before touching that kernel's outputs).

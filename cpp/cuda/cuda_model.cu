@@ -54,6 +54,8 @@ namespace pagedgpt2::cuda {
 namespace {
 
 constexpr size_t kAlign = 256;
+// Wide steps of at most this many tokens ask L2 for the next GEMM's weights (l2_lookahead_).
+constexpr int kWidePrefetchMaxRows = 16;
 // decode_steps replays graphs for up to this many steps per call (more: one by one).
 constexpr int kMaxDecodeSteps = 64;
 
@@ -90,6 +92,7 @@ class DeviceBuffer {
     bytes_ = bytes;
   }
   char* get() const { return static_cast<char*>(ptr_); }
+  size_t size() const { return bytes_; }
 
  private:
   void release() {
@@ -273,7 +276,7 @@ class Engine final : public CudaModel::Impl {
   // Enqueue (device, on stream_; also what graphs capture).
   void enqueue_upload(const Step& st);
   void enqueue_layers(const Step& st);
-  void enqueue_attention(const Step& st, const T* k, const T* v);
+  void enqueue_attention(const Step& st, const T* k, const T* v, L2Range prefetch = {});
   // LM head on rows [r0, r0 + rows) into logits_ (float32), or into logits_t_ (T, rows of
   // padded_vocab()) for sampling in fp16/bf16 models; returns whether it was logits_t_. exact:
   // float32 output for every dtype.
@@ -301,6 +304,15 @@ class Engine final : public CudaModel::Impl {
   // cuBLASLt, batch 4 0.63 against 0.52, batch 8 0.87 against 0.53. PAGEDGPT2_SKINNY_MAX_ROWS
   // (0-8) overrides it, for such measurements.
   int skinny_max_rows_ = 2;
+  // Each GEMV of a skinny step asks L2 for this many bytes of the weights after its own, so
+  // that the next GEMV's first loads hit L2 (l2_ahead); in wide steps of up to
+  // kWidePrefetchMaxRows tokens our kernels before each cuBLASLt GEMM but fc_proj ask for its
+  // first bytes. NOTE: 4 MiB, measured (H200): batch 1 gpt2-xl 2.69 -> 2.48 ms a step, gpt2
+  // 0.41 -> 0.38; batch 8 gpt2-xl 2.75 -> 2.65; 8 MiB gained less, 16 none, 32 lost; batch 64
+  // gained nothing, batch 256 lost in one run (docs/notes.md, eighth session).
+  // PAGEDGPT2_L2_PREFETCH_MB overrides it (0: off).
+  size_t l2_lookahead_ = size_t(4) << 20;
+  L2Range l2_ahead(const void* weight_end) const;
   // Tables of the persistent decode kernel (Impl::persistent; on with PAGEDGPT2_PERSISTENT=1).
   DeviceBuffer persistent_layers_;  // [L] DecodeLayerWeights<T>
   PersistentScratch persistent_scratch_;
@@ -379,6 +391,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   pdl_ = prop.major >= 9 && !(pdl_env && std::string(pdl_env) == "0");
   if (const char* rows_env = std::getenv("PAGEDGPT2_SKINNY_MAX_ROWS")) {
     skinny_max_rows_ = std::clamp(std::atoi(rows_env), 0, kSkinnyMaxRows);
+  }
+  if (const char* mb = std::getenv("PAGEDGPT2_L2_PREFETCH_MB")) {
+    l2_lookahead_ = size_t(std::max(std::atoi(mb), 0)) << 20;
   }
   device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -829,14 +844,14 @@ void Engine<T>::enqueue_upload(const Step& st) {
 }
 
 template <typename T>
-void Engine<T>::enqueue_attention(const Step& st, const T* k, const T* v) {
+void Engine<T>::enqueue_attention(const Step& st, const T* k, const T* v, L2Range prefetch) {
   const int S = st.layout.S, W = st.layout.width, nd = st.num_decode_seqs;
   if (nd > 0) {
     // NOTE: programmatic launch only after the fused QKV GEMV (a kernel); in the wide path
     // write_kv (also a kernel) comes before, so it holds there too.
     launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, nd, W, H_, D_,
                                block_size, st.max_context_len, st.partition_size,
-                               st.heads_per_block, decode_ws_, stream_, pdl_);
+                               st.heads_per_block, decode_ws_, stream_, pdl_, prefetch);
   }
   if (nd < S) {  // the prompt chunks, after the decode rows
     launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc + nd,
@@ -860,34 +875,41 @@ void Engine<T>::enqueue_layers(const Step& st) {
       p.weight = w.qkv_w, p.bias = w.qkv_b, p.out = qkv_;
       p.k_cache = k, p.v_cache = v, p.slot_mapping = st.slot_mapping;
       p.rows = n, p.N = 3 * C_, p.K = C_;
+      p.prefetch = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
       launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                             pdl_);
     } else {
       gemm_qkv(w, n);
       launch_write_kv<T>(k, v, qkv_, st.slot_mapping, n, C_, stream_);
     }
-    enqueue_attention(st, k, v);
+    // NOTE: cuBLASLt's GEMMs ask L2 for nothing; in small wide steps the kernels of ours before
+    // them do. In the skinny path the QKV GEMV already asked for the proj weights.
+    const bool ahead = !st.skinny && n <= kWidePrefetchMaxRows;
+    enqueue_attention(st, k, v, ahead ? l2_ahead(w.qkv_w + size_t(3) * C_ * C_) : L2Range{});
     if (st.skinny) {
       SkinnyParams<T> p;
       p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
       p.rows = n, p.N = C_, p.K = C_;
+      p.prefetch = l2_ahead(w.proj_w + size_t(C_) * C_);
       launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                             stream_, pdl_);
       SkinnyParams<T> f;
       f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_bias = w.ln_2_b, f.eps = eps_;
       f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
       f.rows = n, f.N = I_, f.K = C_;
+      f.prefetch = l2_ahead(w.fc_w + size_t(I_) * C_);
       launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
                             pdl_);
       SkinnyParams<T> g;
       g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
       g.rows = n, g.N = C_, g.K = I_;
+      g.prefetch = l2_ahead(l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
       launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                             stream_, pdl_);
     } else {
       gemm_proj(w, n);
       launch_add_layernorm<T>(residual_, tmp_, ln_out_, w.ln_2_w, w.ln_2_b, nullptr, n, C_, eps_,
-                              stream_);
+                              stream_, ahead ? l2_ahead(w.proj_w + size_t(C_) * C_) : L2Range{});
       gemm_fc(w, n);
       gemm_fc_proj(w, n);
       const bool last = l + 1 == L_;
@@ -896,7 +918,9 @@ void Engine<T>::enqueue_layers(const Step& st) {
       launch_add_layernorm<T>(residual_, tmp_, last ? nullptr : ln_out_,
                               last ? nullptr : layers_[l + 1].ln_1_w,
                               last ? nullptr : layers_[l + 1].ln_1_b, nullptr, n, C_, eps_,
-                              stream_);
+                              stream_,
+                              ahead ? l2_ahead(last ? nullptr : w.fc_proj_w + size_t(C_) * I_)
+                                    : L2Range{});
     }
   }
 }
@@ -916,6 +940,19 @@ bool Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
   launch_add_layernorm<T>(residual_, nullptr, final_x_, ln_f_w_, ln_f_b_, idx, rows, C_, eps_,
                           stream_);
   return gemm_lm_head(rows, exact);
+}
+
+// The weights are stored in the order a decode step reads them (each layer's qkv, proj, fc,
+// fc_proj with their biases and LayerNorm parameters between), except the LM head's wte, which
+// comes first. So the l2_lookahead_ bytes after the end of a layer GEMV's W are the next GEMVs'
+// weights; after the last layer (weight_end nullptr) they are the start of wte.
+template <typename T>
+L2Range Engine<T>::l2_ahead(const void* weight_end) const {
+  const char* from = weight_end ? static_cast<const char*>(weight_end)
+                                : reinterpret_cast<const char*>(wte_);
+  from = weights_.get() + align_up(size_t(from - weights_.get()), 16);
+  const size_t left = size_t(weights_.get() + weights_.size() - from);
+  return {from, std::min(l2_lookahead_, left)};
 }
 
 template <typename T>

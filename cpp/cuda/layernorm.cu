@@ -21,8 +21,9 @@ __global__ void __launch_bounds__(kThreads)
                          const float* weight,  // [C]
                          const float* bias,    // [C]
                          const int32_t* rows,  // [num_rows] or nullptr
-                         int C, float eps) {
+                         int C, float eps, L2Range prefetch) {
   __shared__ float scratch[32];
+  prefetch_l2_share(prefetch);
   const int r = blockIdx.x;
   const int64_t row = rows ? rows[r] : r;
   float* x = residual + row * C;
@@ -65,7 +66,8 @@ template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
     add_layernorm_wide_kernel(float* residual, const T* delta, T* out, const float* weight,
                               const float* bias, const int32_t* rows, int num_rows, int C,
-                              float eps) {
+                              float eps, L2Range prefetch) {
+  prefetch_l2_share(prefetch);
   const int r = blockIdx.x * kWarps + threadIdx.x / 32;
   if (r >= num_rows) return;
   const int64_t row = rows ? rows[r] : r;
@@ -82,25 +84,25 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <typename T>
 void launch_add_layernorm(float* residual, const T* delta, T* out, const float* weight,
                           const float* bias, const int32_t* rows, int num_rows, int C, float eps,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, L2Range prefetch) {
   if (num_rows <= 0) return;
   if (C <= kThreads * kPerThread) {
     add_layernorm_kernel<T><<<num_rows, kThreads, 0, stream>>>(residual, delta, out, weight, bias,
-                                                                rows, C, eps);
+                                                                rows, C, eps, prefetch);
   } else {
     add_layernorm_wide_kernel<T><<<ceil_div(num_rows, kWarps), kWarps * 32, 0, stream>>>(
-        residual, delta, out, weight, bias, rows, num_rows, C, eps);
+        residual, delta, out, weight, bias, rows, num_rows, C, eps, prefetch);
   }
   CUDA_CHECK_LAUNCH();
 }
 
 template void launch_add_layernorm<float>(float*, const float*, float*, const float*, const float*,
-                                          const int32_t*, int, int, float, cudaStream_t);
+                                          const int32_t*, int, int, float, cudaStream_t, L2Range);
 template void launch_add_layernorm<__half>(float*, const __half*, __half*, const float*,
                                            const float*, const int32_t*, int, int, float,
-                                           cudaStream_t);
+                                           cudaStream_t, L2Range);
 template void launch_add_layernorm<__nv_bfloat16>(float*, const __nv_bfloat16*, __nv_bfloat16*,
                                                   const float*, const float*, const int32_t*, int,
-                                                  int, float, cudaStream_t);
+                                                  int, float, cudaStream_t, L2Range);
 
 }  // namespace pagedgpt2::cuda

@@ -70,6 +70,7 @@ void launch_add_layernorm(float* residual,       // [T, C] (in/out)
                           const float* weight,   // [C]
                           const float* bias,     // [C]
                           const int32_t* rows,   // [num_rows] or nullptr
-                          int num_rows, int C, float eps, cudaStream_t stream);
+                          int num_rows, int C, float eps, cudaStream_t stream,
+                          L2Range prefetch = {});  // asked of L2 for the next kernels
 
 }  // namespace pagedgpt2::cuda

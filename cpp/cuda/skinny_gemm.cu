@@ -8,6 +8,8 @@
 // NOTE: the first batch of weight loads is issued before x is staged, so the DRAM latency of W
 // overlaps the LayerNorm prologue. The grid never exceeds what is resident at once: blocks loop
 // over row groups (x staged once per block, no second wave waiting to start its loads).
+// NOTE: the blocks also ask L2 for p.prefetch (a few MB of the next GEMVs' weights, see
+// l2_ahead in cuda_model.cu) before they wait: the next kernel's first loads then hit L2.
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -136,6 +138,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   pdl_launch_dependents();
   Vec<T, V> w[kUnroll];
   load_first(blockIdx.x, w);
+  prefetch_l2_share(p.prefetch);
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
   stage_x<T, M, IN>(xs, p);
   __syncthreads();

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/dtype.h"
 
 namespace pagedgpt2::cuda {
@@ -48,6 +49,9 @@ struct SkinnyParams {
   T* v_cache = nullptr;               // kBiasQkv: [num_blocks, block_size, H, D]
   const int32_t* slot_mapping = nullptr;  // kBiasQkv: [rows], -1 = padding (not written)
   int rows = 0, N = 0, K = 0;
+  // Asked of L2 by the blocks together, after their first weight loads and before waiting on
+  // the previous kernel (the weights of the GEMVs after this one; never waited for).
+  L2Range prefetch;
 };
 
 // Whether the skinny kernel takes a product of `rows` rows over K inputs: rows <= 8, K a

@@ -275,3 +275,26 @@ def test_kv_pool_is_sized_from_free_memory_and_steps_allocate_nothing(hf_model_d
     free_after_first = torch.cuda.mem_get_info()[0]
     eng.generate([[4, 5, 6, 7]] * 8, params)
     assert torch.cuda.mem_get_info()[0] == free_after_first
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_l2_prefetch_changes_no_result(hf_model_dirs, monkeypatch, dtype):
+    """Decode steps ask L2 for the weights ahead (PAGEDGPT2_L2_PREFETCH_MB, default 4): a hint
+    that must change no bit of the result. Steps of 4 and 3 rows (cuBLASLt, attention and the
+    LayerNorms ask) then 2 and 1 (the GEMVs ask); off, the default, and 1 GiB (clamped to the end
+    of the weights, the last layer's range wrapping to the LM head) give identical logits."""
+    _, _, engine_dir = hf_model_dirs["d64"]
+    monkeypatch.setenv("PAGEDGPT2_PERSISTENT", "0")
+    rng = np.random.default_rng(29)
+    seqs = [rng.integers(0, 50257, size=n).tolist() for n in (70, 41, 30, 19)]
+    got = {}
+    for mb in ("0", None, "1024"):
+        if mb is None:
+            monkeypatch.delenv("PAGEDGPT2_L2_PREFETCH_MB", raising=False)
+        else:
+            monkeypatch.setenv("PAGEDGPT2_L2_PREFETCH_MB", mb)
+        eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=16)
+        got[mb] = _decode_teacher_forced(eng.backend, seqs, 8, 16, np.random.default_rng(31))
+    for mb in (None, "1024"):
+        for a, b in zip(got["0"], got[mb]):
+            np.testing.assert_array_equal(a, b)
