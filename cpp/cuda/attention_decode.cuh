@@ -4,12 +4,12 @@
 // Work split: a thread block per (group of heads, sequence, partition); a partition is
 // `partition_size` consecutive context tokens. A block covers one head with all its warps, or
 // four heads with a warp each (large batches: a block then reads a contiguous run of four heads'
-// rows per token, and pays its fixed costs once for four heads). With one partition per sequence it is a single pass; with several
-// (few sequences x heads, or long contexts) each block writes a partial (max, sum, unnormalized
-// output) and the last block of a (sequence, head) to finish merges them (flash-decoding, with
-// the reduce fused: no second launch). The grid is sized from an upper bound on the context so a
-// CUDA graph can replay it for any context up to that bound; blocks past a sequence's context
-// return at once.
+// rows per token, and pays its fixed costs once for four heads). With one partition per
+// sequence it is a single pass; with several (few sequences x heads, or long contexts) each
+// block writes a partial (max, sum, unnormalized output) and the last block of a (sequence,
+// head) to finish merges them (flash-decoding, with the reduce fused: no second launch). The
+// grid is sized from an upper bound on the context so a CUDA graph can replay it for any context
+// up to that bound; blocks past a sequence's context return at once.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -869,13 +869,18 @@ void Engine<T>::enqueue_layers(const Step& st) {
     const Layer& w = layers_[l];
     T* k = k_cache(l);
     T* v = v_cache(l);
+    // What the kernels ask L2 for: the weights after each GEMM's W (see l2_ahead).
+    const L2Range after_qkv = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
+    const L2Range after_proj = l2_ahead(w.proj_w + size_t(C_) * C_);
+    const L2Range after_fc = l2_ahead(w.fc_w + size_t(I_) * C_);
+    const L2Range after_fc_proj = l2_ahead(l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
     if (st.skinny) {
       SkinnyParams<T> p;
       p.x = residual_, p.ln_weight = w.ln_1_w, p.ln_bias = w.ln_1_b, p.eps = eps_;
       p.weight = w.qkv_w, p.bias = w.qkv_b, p.out = qkv_;
       p.k_cache = k, p.v_cache = v, p.slot_mapping = st.slot_mapping;
       p.rows = n, p.N = 3 * C_, p.K = C_;
-      p.prefetch = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
+      p.prefetch = after_qkv;
       launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                             pdl_);
     } else {
@@ -885,31 +890,31 @@ void Engine<T>::enqueue_layers(const Step& st) {
     // NOTE: cuBLASLt's GEMMs ask L2 for nothing; in small wide steps the kernels of ours before
     // them do. In the skinny path the QKV GEMV already asked for the proj weights.
     const bool ahead = !st.skinny && n <= kWidePrefetchMaxRows;
-    enqueue_attention(st, k, v, ahead ? l2_ahead(w.qkv_w + size_t(3) * C_ * C_) : L2Range{});
+    enqueue_attention(st, k, v, ahead ? after_qkv : L2Range{});
     if (st.skinny) {
       SkinnyParams<T> p;
       p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
       p.rows = n, p.N = C_, p.K = C_;
-      p.prefetch = l2_ahead(w.proj_w + size_t(C_) * C_);
+      p.prefetch = after_proj;
       launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                             stream_, pdl_);
       SkinnyParams<T> f;
       f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_bias = w.ln_2_b, f.eps = eps_;
       f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
       f.rows = n, f.N = I_, f.K = C_;
-      f.prefetch = l2_ahead(w.fc_w + size_t(I_) * C_);
+      f.prefetch = after_fc;
       launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
                             pdl_);
       SkinnyParams<T> g;
       g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
       g.rows = n, g.N = C_, g.K = I_;
-      g.prefetch = l2_ahead(l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
+      g.prefetch = after_fc_proj;
       launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                             stream_, pdl_);
     } else {
       gemm_proj(w, n);
       launch_add_layernorm<T>(residual_, tmp_, ln_out_, w.ln_2_w, w.ln_2_b, nullptr, n, C_, eps_,
-                              stream_, ahead ? l2_ahead(w.proj_w + size_t(C_) * C_) : L2Range{});
+                              stream_, ahead ? after_proj : L2Range{});
       gemm_fc(w, n);
       gemm_fc_proj(w, n);
       const bool last = l + 1 == L_;
@@ -918,9 +923,7 @@ void Engine<T>::enqueue_layers(const Step& st) {
       launch_add_layernorm<T>(residual_, tmp_, last ? nullptr : ln_out_,
                               last ? nullptr : layers_[l + 1].ln_1_w,
                               last ? nullptr : layers_[l + 1].ln_1_b, nullptr, n, C_, eps_,
-                              stream_,
-                              ahead ? l2_ahead(last ? nullptr : w.fc_proj_w + size_t(C_) * I_)
-                                    : L2Range{});
+                              stream_, ahead ? after_fc_proj : L2Range{});
     }
   }
 }

@@ -26,7 +26,7 @@ void matmul(float* out,           // [T, N]
 
 // The skinny GEMV (T <= 8): out = [gelu](LN?(in) @ weight^T + bias) [+ residual].
 //   ln_weight/ln_bias given: `in` is float32 and normalized in the kernel (else cast to dtype);
-//   bias nullptr: float32 logits, no bias; residual given: out = residual + in @ W^T + bias;
+//   bias nullptr: float32 logits, no bias; residual given: out = residual + in @ W^T + bias.
 void skinny_matmul(float* out,              // [T, N]
                    const float* in,         // [T, K]
                    const float* weight,     // [N, K]
