@@ -84,16 +84,19 @@ def heads_table(ops, copy_gbs, dtype, iters):
     return rows
 
 
+# The GEMV shapes of a layer (qkv, proj, fc, fc_proj) and of the LM head, N x K.
+GEMV_SHAPES = {"gpt2": [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50304, 768)],
+               "gpt2-xl": [(4800, 1600), (1600, 1600), (6400, 1600), (1600, 6400), (50304, 1600)]}
+
+
 def gemv_table(ops, copy_gbs):
     """The skinny GEMV alone (float16) at the layer shapes of gpt2 and gpt2-xl, replayed from a
     graph of programmatic launches (as in a step) on weights not in L2: weight bytes per launch
     over the copy bandwidth."""
-    shapes = {"gpt2": [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50304, 768)],
-              "gpt2-xl": [(4800, 1600), (1600, 1600), (6400, 1600), (1600, 6400), (50304, 1600)]}
     rows = []
     print("skinny GEMV alone, float16 (N x K weights), of copy bandwidth")
     print(f"{'model':>8} {'N':>6} {'K':>5} {'MB':>6} {'rows':>4} {'us':>7} {'GB/s':>6} {'of copy':>8}")
-    for model, mats in shapes.items():
+    for model, mats in GEMV_SHAPES.items():
         for n, k in mats:
             for r in (1, 2):
                 ms = ops.time_skinny_gemm(r, n, k)
@@ -101,6 +104,28 @@ def gemv_table(ops, copy_gbs):
                 rows.append(dict(model=model, N=n, K=k, rows=r, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
                 print(f"{model:>8} {n:>6} {k:>5} {2 * n * k / 1e6:>6.1f} {r:>4} {ms * 1e3:>7.2f} {gbs:>6.0f} "
                       f"{gbs / copy_gbs:>8.1%}")
+    return rows
+
+
+def gemv_split_sweep(ops):
+    """The skinny GEMV (batch 1 and 2) against its K split: 1, 2, 4 or 8 warps per output row
+    (0 = as the launcher picks), without and with the 4 MB L2 prefetch of the next GEMV's
+    weights a step's GEMVs ask for. Microseconds per GEMV, as in gemv_table."""
+    splits = (0, 1, 2, 4, 8)
+    rows = []
+    print("skinny GEMV against warps per row (us; 0 = the launcher's pick), float16")
+    print(f"{'model':>8} {'N':>6} {'K':>5} {'rows':>4} {'L2 MB':>5} " + " ".join(f"{'w=' + str(w):>7}" for w in splits))
+    for model, mats in GEMV_SHAPES.items():
+        for n, k in mats:
+            for r in (1, 2):
+                for mb in (0, 4):
+                    us = {}
+                    for w in splits:
+                        if k // 8 >= 32 * w:  # at least one 16-byte vector per lane
+                            us[w] = ops.time_skinny_gemm(r, n, k, warps_per_row=w, prefetch_mb=mb) * 1e3
+                    rows.append(dict(model=model, N=n, K=k, rows=r, prefetch_mb=mb, us=us))
+                    cells = " ".join(f"{us[w]:>7.2f}" if w in us else f"{'-':>7}" for w in splits)
+                    print(f"{model:>8} {n:>6} {k:>5} {r:>4} {mb:>5} {cells}")
     return rows
 
 
@@ -148,6 +173,8 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/pagedgpt2-bench")
     p.add_argument("--json", default=None)
     p.add_argument("--sweep", action="store_true", help="also time the decode kernel at fixed partition sizes")
+    p.add_argument("--gemv-splits", action="store_true",
+                   help="also time the skinny GEMV at every K split (warps per output row)")
     args = p.parse_args()
 
     from pagedgpt2 import _cuda
@@ -159,12 +186,14 @@ def main() -> None:
     sweep = partition_sweep(ops, copy_gbs, args.dtype, args.iters) if args.sweep else []
     heads = heads_table(ops, copy_gbs, args.dtype, args.iters)
     gemv = gemv_table(ops, copy_gbs)
+    gemv_splits = gemv_split_sweep(ops) if args.gemv_splits else []
     model_dir = make_model_dir("gpt2", Path(args.workdir))
     steps = step_vs_context(model_dir, args.dtype, args.step_batch, [128, 256, 512, 768, 1024])
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card_name("cuda"), dtype=args.dtype, copy_gbs=copy_gbs,
                                                    attention=attention, partition_sweep=sweep, heads_per_block=heads,
-                                                   gemv=gemv, steps=steps), indent=1))
+                                                   gemv=gemv, gemv_splits=gemv_splits, steps=steps),
+                                              indent=1))
 
 
 if __name__ == "__main__":

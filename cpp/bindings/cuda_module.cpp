@@ -34,6 +34,35 @@ namespace {
 
 cuda::DType dt(const std::string& name) { return cuda::parse_dtype(name); }
 
+// paged_attention and decode_attention_write_kv: shape checks, then ops::paged_attention.
+nb::ndarray<nb::numpy, float> attention_op(FloatTensor qkv, FloatTensor k_cache,
+                                           FloatTensor v_cache, IntArray positions,
+                                           const int32_t* query_start_loc, int S,
+                                           IntMatrix block_tables,
+                                           int num_heads, const std::string& dtype,
+                                           cuda::ops::AttentionKernel which, int partition_size,
+                                           int heads_per_block, const int32_t* slot_mapping,
+                                           float* k_out, float* v_out) {
+  if (k_cache.ndim() != 4 || qkv.ndim() != 2) {
+    throw std::invalid_argument(
+        "paged_attention: caches [num_blocks, block_size, H, D], qkv [T, 3C]");
+  }
+  const int T = int(qkv.shape(0)), C = int(qkv.shape(1)) / 3, D = C / num_heads;
+  check_len("positions", positions.shape(0), T);
+  check_len("block_tables rows", block_tables.shape(0), S);
+  check_len("v_cache", v_cache.size(), k_cache.size());
+  if (query_start_loc[S] != T) {
+    throw std::invalid_argument("paged_attention: query_start_loc[-1] != num tokens");
+  }
+  auto out = owned_array<float>({size_t(T), size_t(C)});
+  cuda::ops::paged_attention(out.data(), qkv.data(), k_cache.data(), v_cache.data(),
+                             positions.data(), query_start_loc, block_tables.data(), S,
+                             int(block_tables.shape(1)), num_heads, D, int(k_cache.shape(1)),
+                             int64_t(k_cache.size()), dt(dtype), which, partition_size,
+                             heads_per_block, slot_mapping, k_out, v_out);
+  return out;
+}
+
 void bind_ops(nb::module_& m) {
   nb::module_ ops = m.def_submodule(
       "ops", "CUDA kernels over float32 numpy arrays (cast to `dtype` on the device).");
@@ -127,29 +156,14 @@ void bind_ops(nb::module_& m) {
       [](FloatTensor qkv, FloatTensor k_cache, FloatTensor v_cache, IntArray positions,
          IntArray query_start_loc, IntMatrix block_tables, int num_heads, std::string dtype,
          std::string kernel, int partition_size, int heads_per_block) {
-        if (k_cache.ndim() != 4 || qkv.ndim() != 2) {
-          throw std::invalid_argument(
-              "paged_attention: caches [num_blocks, block_size, H, D], qkv [T, 3C]");
-        }
-        const int T = int(qkv.shape(0)), C = int(qkv.shape(1)) / 3, D = C / num_heads;
-        const int S = int(query_start_loc.shape(0)) - 1;
-        check_len("positions", positions.shape(0), T);
-        check_len("block_tables rows", block_tables.shape(0), S);
-        if (query_start_loc.data()[S] != T) {
-          throw std::invalid_argument("paged_attention: query_start_loc[-1] != num tokens");
-        }
         cuda::ops::AttentionKernel which;
         if (kernel == "auto") which = cuda::ops::AttentionKernel::kAuto;
         else if (kernel == "decode") which = cuda::ops::AttentionKernel::kDecode;
         else if (kernel == "prefill") which = cuda::ops::AttentionKernel::kPrefill;
         else throw std::invalid_argument("kernel must be 'auto', 'decode' or 'prefill'");
-        auto out = owned_array<float>({size_t(T), size_t(C)});
-        cuda::ops::paged_attention(out.data(), qkv.data(), k_cache.data(), v_cache.data(),
-                                   positions.data(), query_start_loc.data(), block_tables.data(),
-                                   S, int(block_tables.shape(1)), num_heads, D,
-                                   int(k_cache.shape(1)), int64_t(k_cache.size()), dt(dtype),
-                                   which, partition_size, heads_per_block);
-        return out;
+        return attention_op(qkv, k_cache, v_cache, positions, query_start_loc.data(),
+                            int(query_start_loc.shape(0)) - 1, block_tables, num_heads, dtype,
+                            which, partition_size, heads_per_block, nullptr, nullptr, nullptr);
       },
       "qkv"_a, "k_cache"_a, "v_cache"_a, "positions"_a, "query_start_loc"_a, "block_tables"_a,
       "num_heads"_a, nb::kw_only(), "dtype"_a = "float32", "kernel"_a = "auto",
@@ -157,6 +171,27 @@ void bind_ops(nb::module_& m) {
       "kernel: 'auto' (decode kernel when every sequence has one query), 'decode', 'prefill'; "
       "partition_size: tokens per decode thread block; heads_per_block: heads per decode thread "
       "block, 1 or 4 (0 = as the model picks).");
+  ops.def(
+      "decode_attention_write_kv",
+      [](FloatTensor qkv, FloatTensor k_cache, FloatTensor v_cache, IntArray positions,
+         IntArray slot_mapping, IntMatrix block_tables, int num_heads, std::string dtype,
+         int partition_size, int heads_per_block) {
+        const size_t S = positions.shape(0);
+        check_len("slot_mapping", slot_mapping.shape(0), S);
+        std::vector<int32_t> query_start_loc(S + 1);  // one query per sequence
+        for (size_t i = 0; i <= S; ++i) query_start_loc[i] = int32_t(i);
+        auto k = copy_of(k_cache), v = copy_of(v_cache);
+        auto out = attention_op(qkv, k_cache, v_cache, positions, query_start_loc.data(), int(S),
+                                block_tables, num_heads, dtype, cuda::ops::AttentionKernel::kDecode,
+                                partition_size, heads_per_block, slot_mapping.data(), k.data(),
+                                v.data());
+        return nb::make_tuple(out, k, v);
+      },
+      "qkv"_a, "k_cache"_a, "v_cache"_a, "positions"_a, "slot_mapping"_a, "block_tables"_a,
+      "num_heads"_a, nb::kw_only(), "dtype"_a = "float32", "partition_size"_a = 0,
+      "heads_per_block"_a = 0,
+      "The decode kernel doing write_kv itself, as in a wide decode step: returns (out, k_cache, "
+      "v_cache), sequence s's new K/V (its qkv row) written to slot_mapping[s] (-1: not).");
   ops.def(
       "sample",
       [](FloatTensor logits, FloatArray temperature, IntArray top_k, FloatArray top_p,
@@ -214,13 +249,21 @@ void bind_ops(nb::module_& m) {
       "Median ms per launch of the decode-attention kernel (random data, shuffled blocks).");
   ops.def(
       "time_skinny_gemm",
-      [](int rows, int out_features, int in_features, int chain, int iters) {
+      [](int rows, int out_features, int in_features, int chain, int iters, int warps_per_row,
+         int prefetch_mb) {
+        if (warps_per_row != 0 && warps_per_row != 1 && warps_per_row != 2 &&
+            warps_per_row != 4 && warps_per_row != 8) {
+          throw std::invalid_argument("warps_per_row must be 0 (auto), 1, 2, 4 or 8, got " +
+                                      std::to_string(warps_per_row));
+        }
         nb::gil_scoped_release release;
-        return cuda::ops::time_skinny_gemm(rows, out_features, in_features, chain, iters);
+        return cuda::ops::time_skinny_gemm(rows, out_features, in_features, chain, iters,
+                                           warps_per_row, prefetch_mb);
       },
       "rows"_a, "out_features"_a, "in_features"_a, "chain"_a = 16, "iters"_a = 20,
+      "warps_per_row"_a = 0, "prefetch_mb"_a = 0,
       "Median ms per skinny GEMV (float16) in a chain of programmatic launches, weights not in "
-      "L2.");
+      "L2 (unless prefetch_mb asks for the next one's); warps_per_row 0: as the launcher picks.");
   ops.def(
       "copy_bandwidth_gbs",
       [](int64_t bytes, int iters) {

@@ -10,6 +10,9 @@
 // acc (fp32; scores in the log2 domain: q is pre-scaled by log2(e) / sqrt(D)); at the end the
 // groups of a head merge (shuffles inside a warp, then shared memory across warps when the
 // whole block is on one head).
+// NOTE: given slot_mapping, the kernel also does write_kv for its rows: the block holding a
+// sequence's last token stores its heads' new K and V rows into their cache slot, and scores
+// that token from qkv (not from the slot it is writing). A wide decode step saves a launch.
 #include <cmath>
 
 #include "cuda/attention_decode.cuh"
@@ -96,10 +99,11 @@ template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads)
     decode_attention_kernel(T* __restrict__ out,                      // [S, H * D]
                             const T* __restrict__ qkv,                // [S, 3 * H * D]
-                            const T* __restrict__ k_cache,            // [num_blocks, bs, H, D]
-                            const T* __restrict__ v_cache,            // [num_blocks, bs, H, D]
+                            T* k_cache,                               // [num_blocks, bs, H, D]
+                            T* v_cache,                               // [num_blocks, bs, H, D]
                             const int32_t* __restrict__ context_lens, // [S]
                             const int32_t* __restrict__ block_tables, // [S, max_blocks]
+                            const int32_t* __restrict__ slot_mapping, // [S] or nullptr
                             int num_heads, int max_blocks, int block_size,
                             int block_shift,  // log2(block_size), or -1 if not a power of 2
                             float q_scale, int partition_size, int max_partitions,
@@ -143,6 +147,20 @@ __global__ void __launch_bounds__(kThreads)
 
   const int32_t* table = block_tables + int64_t(s) * max_blocks;
   const int64_t block_offset = int64_t(blockIdx.x) * G * D;  // first head's column
+  // With slot_mapping, the newest token's K and V come from qkv (this kernel writes them).
+  const int fresh = slot_mapping ? context_len - 1 : -1;
+  const T* k_fresh = qkv + int64_t(s) * 3 * C + C + block_offset;
+  const T* v_fresh = k_fresh + C;
+  if (slot_mapping && part == num_parts - 1) {
+    const int64_t slot = slot_mapping[s];
+    for (int i = tid; i < heads_here * kVecs && slot >= 0; i += kThreads) {
+      const int64_t dst = slot * C + block_offset + i * kVec;
+      *reinterpret_cast<Vec<T, kVec>*>(k_cache + dst) =
+          *reinterpret_cast<const Vec<T, kVec>*>(k_fresh + i * kVec);
+      *reinterpret_cast<Vec<T, kVec>*>(v_cache + dst) =
+          *reinterpret_cast<const Vec<T, kVec>*>(v_fresh + i * kVec);
+    }
+  }
   // Element offset of this lane's vector j inside a row of D.
   auto col = [&](int j) { return (lane_in_group + j * kLanes) * kVec; };
 
@@ -160,10 +178,11 @@ __global__ void __launch_bounds__(kThreads)
         const bool valid = t < end && e / kVecs < heads_here;
         const int b = block_shift >= 0 ? t >> block_shift : t / block_size;
         const int offset = block_shift >= 0 ? t & (block_size - 1) : t % block_size;
-        const int64_t slot = valid ? int64_t(__ldg(table + b)) * block_size + offset : 0;
+        const int64_t slot = valid && t != fresh ? int64_t(__ldg(table + b)) * block_size + offset
+                                                 : 0;
         const int64_t src = slot * C + block_offset + e * kVec;
-        cp_async16(k_dst + i * kVec, k_cache + src, valid);
-        cp_async16(v_dst + i * kVec, v_cache + src, valid);
+        cp_async16(k_dst + i * kVec, t == fresh ? k_fresh + e * kVec : k_cache + src, valid);
+        cp_async16(v_dst + i * kVec, t == fresh ? v_fresh + e * kVec : v_cache + src, valid);
       }
     }
     cp_async_commit();
@@ -338,8 +357,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int D, int G>
-void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
-              const int32_t* context_lens, const int32_t* block_tables, int num_seqs,
+void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* context_lens,
+              const int32_t* block_tables, const int32_t* slot_mapping, int num_seqs,
               int max_blocks, int num_heads, int block_size, int max_context_len,
               int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
               L2Range prefetch) {
@@ -356,20 +375,21 @@ void launch_d(T* out, const T* qkv, const T* k_cache, const T* v_cache,
   }
   launch_kernel(decode_attention_kernel<T, D, G>,
                 dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,
-                pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, num_heads,
-                max_blocks, block_size, block_shift, q_scale, partition_size, num_parts, ws,
-                prefetch);
+                pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping,
+                num_heads, max_blocks, block_size, block_shift, q_scale, partition_size, num_parts,
+                ws, prefetch);
 }
 
 template <typename T, int D>
-void launch_heads(int heads_per_block, T* out, const T* qkv, const T* k_cache, const T* v_cache,
-                  const int32_t* context_lens, const int32_t* block_tables, int num_seqs,
-                  int max_blocks, int num_heads, int block_size, int max_context_len,
-                  int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
-                  L2Range prefetch) {
+void launch_heads(int heads_per_block, T* out, const T* qkv, T* k_cache, T* v_cache,
+                  const int32_t* context_lens, const int32_t* block_tables,
+                  const int32_t* slot_mapping, int num_seqs, int max_blocks, int num_heads,
+                  int block_size, int max_context_len, int partition_size,
+                  const DecodeWorkspace& ws, cudaStream_t stream, bool pdl, L2Range prefetch) {
   auto launch = heads_per_block == 1 ? launch_d<T, D, 1> : launch_d<T, D, kWarps>;
-  launch(out, qkv, k_cache, v_cache, context_lens, block_tables, num_seqs, max_blocks, num_heads,
-         block_size, max_context_len, partition_size, ws, stream, pdl, prefetch);
+  launch(out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping, num_seqs,
+         max_blocks, num_heads, block_size, max_context_len, partition_size, ws, stream, pdl,
+         prefetch);
 }
 
 }  // namespace
@@ -416,11 +436,11 @@ bool decode_attention_supported(int head_size, int elem_size) {
 }
 
 template <typename T>
-void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_cache,
+void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
                              const int32_t* context_lens, const int32_t* block_tables,
-                             int num_seqs, int max_blocks, int num_heads, int head_size,
-                             int block_size, int max_context_len, int partition_size,
-                             int heads_per_block, const DecodeWorkspace& ws,
+                             const int32_t* slot_mapping, int num_seqs, int max_blocks,
+                             int num_heads, int head_size, int block_size, int max_context_len,
+                             int partition_size, int heads_per_block, const DecodeWorkspace& ws,
                              cudaStream_t stream, bool pdl, L2Range prefetch) {
   if (num_seqs <= 0) return;
   if (heads_per_block != 1 && heads_per_block != kWarps) {
@@ -431,8 +451,9 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
 #define CASE(D)                                                                                 \
   case D:                                                                                       \
     return launch_heads<T, D>(heads_per_block, out, qkv, k_cache, v_cache, context_lens,       \
-                              block_tables, num_seqs, max_blocks, num_heads, block_size,       \
-                              max_context_len, partition_size, ws, stream, pdl, prefetch);
+                              block_tables, slot_mapping, num_seqs, max_blocks, num_heads,     \
+                              block_size, max_context_len, partition_size, ws, stream, pdl,    \
+                              prefetch);
   switch (head_size) {
     CASE(16) CASE(32) CASE(48) CASE(64) CASE(80) CASE(96) CASE(128) CASE(256)
     default:
@@ -443,10 +464,10 @@ void launch_decode_attention(T* out, const T* qkv, const T* k_cache, const T* v_
 }
 
 #define INSTANTIATE(T)                                                                       \
-  template void launch_decode_attention<T>(T*, const T*, const T*, const T*, const int32_t*, \
-                                           const int32_t*, int, int, int, int, int, int, int, \
-                                           int, const DecodeWorkspace&, cudaStream_t, bool,   \
-                                           L2Range);
+  template void launch_decode_attention<T>(T*, const T*, T*, T*, const int32_t*,             \
+                                           const int32_t*, const int32_t*, int, int, int, int, \
+                                           int, int, int, int, const DecodeWorkspace&,         \
+                                           cudaStream_t, bool, L2Range);
 INSTANTIATE(float)
 INSTANTIATE(__half)
 INSTANTIATE(__nv_bfloat16)

@@ -1,5 +1,6 @@
 // Paged-attention decode: one query token per sequence attends to its whole cached context,
-// walking the block table. Reads K/V from the cache after write_kv (or the fused QKV epilogue).
+// walking the block table. Reads K/V from the cache after write_kv (or the fused QKV epilogue),
+// or does write_kv itself (slot_mapping given): the new token's K/V then come from qkv.
 //
 // Work split: a thread block per (group of heads, sequence, partition); a partition is
 // `partition_size` consecutive context tokens. A block covers one head with all its warps, or
@@ -49,13 +50,16 @@ bool decode_attention_supported(int head_size, int elem_size);
 
 // out[s, h*D:(h+1)*D] = softmax(q . K^T / sqrt(D)) V over the first context_lens[s] cached
 // tokens of sequence s (q = qkv[s, h*D:(h+1)*D]). context_lens[s] == 0: padding, out row zeroed.
+// slot_mapping given: K/V of token context_lens[s] - 1 (row s of qkv) are written to cache slot
+// slot_mapping[s] (-1: not written) by this kernel, as write_kv would; nullptr: already there.
 template <typename T>
 void launch_decode_attention(T* out,                       // [S, H * D]
                              const T* qkv,                 // [S, 3 * H * D]
-                             const T* k_cache,             // [num_blocks, block_size, H, D]
-                             const T* v_cache,             // [num_blocks, block_size, H, D]
+                             T* k_cache,                   // [num_blocks, block_size, H, D]
+                             T* v_cache,                   // [num_blocks, block_size, H, D]
                              const int32_t* context_lens,  // [S]
                              const int32_t* block_tables,  // [S, max_blocks_per_seq]
+                             const int32_t* slot_mapping,  // [S] or nullptr
                              int num_seqs, int max_blocks_per_seq, int num_heads, int head_size,
                              int block_size,
                              int max_context_len,  // >= every context_lens[s]: sizes the grid

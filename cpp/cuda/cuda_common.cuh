@@ -226,6 +226,27 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// A warp writes a row: store(c, value(c)) for c = lane, lane + 32, ... < C, in batches of 8
+// whose loads all come before their stores. NOTE: store may write where value reads as far as
+// the compiler knows, so one element at a time would wait a memory latency each (10 us a row
+// at C = 768 in the embedding gather, ~10 us in the GEMV's LayerNorm prologue).
+template <class Value, class Store>
+__device__ __forceinline__ void warp_write_row(int C, Value value, Store store) {
+  constexpr int kBatch = 8;
+  for (int c0 = threadIdx.x % 32; c0 < C; c0 += 32 * kBatch) {
+    float v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int c = c0 + 32 * u;
+      v[u] = c < C ? value(c) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (c0 + 32 * u < C) store(c0 + 32 * u, v[u]);
+    }
+  }
+}
+
 // Sum over the block; every thread gets the result. scratch: >= 32 floats of shared memory.
 template <int kThreads>
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

@@ -276,7 +276,7 @@ class Engine final : public CudaModel::Impl {
   // Enqueue (device, on stream_; also what graphs capture).
   void enqueue_upload(const Step& st);
   void enqueue_layers(const Step& st);
-  void enqueue_attention(const Step& st, const T* k, const T* v, L2Range prefetch = {});
+  void enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch = {});
   // LM head on rows [r0, r0 + rows) into logits_ (float32), or into logits_t_ (T, rows of
   // padded_vocab()) for sampling in fp16/bf16 models; returns whether it was logits_t_. exact:
   // float32 output for every dtype.
@@ -312,6 +312,9 @@ class Engine final : public CudaModel::Impl {
   // gained nothing, batch 256 lost in one run (docs/notes.md, eighth session).
   // PAGEDGPT2_L2_PREFETCH_MB overrides it (0: off).
   size_t l2_lookahead_ = size_t(4) << 20;
+  // Wide steps: decode attention writes the decode rows' K/V (write_kv takes only the prompt
+  // rows). PAGEDGPT2_ATTENTION_WRITES_KV=0 leaves every row to write_kv, for comparison.
+  bool attention_writes_kv_ = true;
   L2Range l2_ahead(const void* weight_end) const;
   // Tables of the persistent decode kernel (Impl::persistent; on with PAGEDGPT2_PERSISTENT=1).
   DeviceBuffer persistent_layers_;  // [L] DecodeLayerWeights<T>
@@ -394,6 +397,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* mb = std::getenv("PAGEDGPT2_L2_PREFETCH_MB")) {
     l2_lookahead_ = size_t(std::max(std::atoi(mb), 0)) << 20;
+  }
+  if (const char* fused = std::getenv("PAGEDGPT2_ATTENTION_WRITES_KV")) {
+    attention_writes_kv_ = std::string(fused) != "0";
   }
   device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -844,13 +850,15 @@ void Engine<T>::enqueue_upload(const Step& st) {
 }
 
 template <typename T>
-void Engine<T>::enqueue_attention(const Step& st, const T* k, const T* v, L2Range prefetch) {
+void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch) {
   const int S = st.layout.S, W = st.layout.width, nd = st.num_decode_seqs;
   if (nd > 0) {
-    // NOTE: programmatic launch only after the fused QKV GEMV (a kernel); in the wide path
-    // write_kv (also a kernel) comes before, so it holds there too.
-    launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, nd, W, H_, D_,
-                               block_size, st.max_context_len, st.partition_size,
+    // In wide steps the decode rows' K/V are written here (the skinny QKV GEMV writes its own).
+    // NOTE: programmatic launch after the skinny GEMV or a cuBLASLt GEMM (kernels both): the
+    // kernel waits for it before reading q, the cache or out.
+    const int32_t* write_slots = !st.skinny && attention_writes_kv_ ? st.slot_mapping : nullptr;
+    launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, write_slots,
+                               nd, W, H_, D_, block_size, st.max_context_len, st.partition_size,
                                st.heads_per_block, decode_ws_, stream_, pdl_, prefetch);
   }
   if (nd < S) {  // the prompt chunks, after the decode rows
@@ -885,7 +893,10 @@ void Engine<T>::enqueue_layers(const Step& st) {
                             pdl_);
     } else {
       gemm_qkv(w, n);
-      launch_write_kv<T>(k, v, qkv_, st.slot_mapping, n, C_, stream_);
+      // The prompt rows' K/V; decode attention writes those of the decode rows before them.
+      const int nd = attention_writes_kv_ ? st.num_decode_seqs : 0;
+      launch_write_kv<T>(k, v, qkv_ + size_t(nd) * 3 * C_, st.slot_mapping + nd, n - nd, C_,
+                         stream_);
     }
     // NOTE: cuBLASLt's GEMMs ask L2 for nothing; in small wide steps the kernels of ours before
     // them do. In the skinny path the QKV GEMV already asked for the proj weights.

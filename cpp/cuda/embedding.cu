@@ -25,21 +25,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* te = wte + int64_t(token_ids[t]) * C;
   const T* pe = wpe + int64_t(positions[t]) * C;
   float* x = residual + int64_t(t) * C;
-  // NOTE: a batch's loads all come before its stores (x may alias wte and wpe as far as the
-  // compiler knows): one element at a time waited a memory latency each, 10 us a row at C = 768.
-  constexpr int kBatch = 8;
-  for (int c0 = threadIdx.x % 32; c0 < C; c0 += 32 * kBatch) {
-    float v[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int c = c0 + 32 * u;
-      v[u] = c < C ? to_float(te[c]) + to_float(pe[c]) : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      if (c0 + 32 * u < C) x[c0 + 32 * u] = v[u];
-    }
-  }
+  warp_write_row(
+      C, [&](int c) { return to_float(te[c]) + to_float(pe[c]); },
+      [&](int c, float v) { x[c] = v; });
   if (ln_out) warp_layernorm_row(ln_out + int64_t(t) * C, x, ln_weight, ln_bias, C, eps);
 }
 

@@ -31,22 +31,7 @@ __device__ __forceinline__ void warp_layernorm_row(const float* x,  // [C]
     var += d * d;
   }
   const float rstd = 1.f / sqrtf(warp_sum(var) / C + eps);
-  // NOTE: a batch's loads all come before its stores. store may write where x, w and b live as
-  // far as the compiler knows, so one element at a time would wait a memory latency each (the
-  // skinny GEMV's LayerNorm prologue spent ~10 µs so at C = 768).
-  constexpr int kBatch = 8;
-  for (int c0 = lane; c0 < C; c0 += 32 * kBatch) {
-    float y[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int c = c0 + 32 * u;
-      y[u] = c < C ? (x[c] - mean) * rstd * w[c] + b[c] : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      if (c0 + 32 * u < C) store(c0 + 32 * u, y[u]);
-    }
-  }
+  warp_write_row(C, [&](int c) { return (x[c] - mean) * rstd * w[c] + b[c]; }, store);
 }
 
 // ... into out in T.

@@ -241,7 +241,8 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
                      const int32_t* positions, const int32_t* query_start_loc,
                      const int32_t* block_tables, int num_seqs, int max_blocks, int num_heads,
                      int head_size, int block_size, int64_t cache_elems, DType dtype,
-                     AttentionKernel kernel, int partition_size, int heads_per_block) {
+                     AttentionKernel kernel, int partition_size, int heads_per_block,
+                     const int32_t* slot_mapping, float* k_out, float* v_out) {
   const int T_ = query_start_loc[num_seqs];
   bool decode = T_ == num_seqs;
   int max_query = 0;
@@ -252,11 +253,11 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
     max_query = std::max(max_query, q);
     context_lens[s] = q > 0 ? positions[query_start_loc[s + 1] - 1] + 1 : 0;
   }
-  if (kernel == AttentionKernel::kDecode && !decode) {
+  if ((kernel == AttentionKernel::kDecode || slot_mapping) && !decode) {
     throw std::invalid_argument("paged_attention: kernel='decode' needs one query per sequence");
   }
   const bool use_decode =
-      kernel == AttentionKernel::kDecode ||
+      kernel == AttentionKernel::kDecode || slot_mapping ||
       (kernel == AttentionKernel::kAuto && decode &&
        decode_attention_supported(head_size, int(dtype_size(dtype))));
   dispatch_dtype(dtype, [&](auto tag) {
@@ -271,16 +272,19 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
     poison(y);
     if (use_decode) {
       auto ctx = upload_raw<int32_t>(context_lens.data(), num_seqs);
+      auto slots = upload_raw<int32_t>(slot_mapping, slot_mapping ? num_seqs : 0);
       const int max_ctx = std::max(1, *std::max_element(context_lens.begin(), context_lens.end()));
       const DecodeSplit split =
           decode_split(num_seqs, num_heads, max_ctx, partition_size, heads_per_block);
       DecodeScratch scratch(num_seqs, num_heads, head_size,
                             decode_num_partitions(max_ctx, split.partition_size));
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
-                                 num_seqs, max_blocks, num_heads, head_size, block_size, max_ctx,
-                                 split.partition_size, split.heads_per_block, scratch.ws,
-                                 kStream);
+                                 slot_mapping ? slots->get() : nullptr, num_seqs, max_blocks,
+                                 num_heads, head_size, block_size, max_ctx, split.partition_size,
+                                 split.heads_per_block, scratch.ws, kStream);
       CUDA_CHECK(cudaDeviceSynchronize());
+      if (k_out) download(k_out, k->get(), size_t(cache_elems));
+      if (v_out) download(v_out, v->get(), size_t(cache_elems));
     } else {
       launch_prefill_attention<T>(y.get(), q->get(), k->get(), v->get(), pos->get(), qsl->get(),
                                   tables->get(), num_seqs, max_blocks, num_heads, head_size,
@@ -397,15 +401,16 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
                           decode_num_partitions(context_len, split.partition_size));
     ms = median_ms(iters, [&] {
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
-                                 num_seqs, blocks_per_seq, num_heads, head_size, block_size,
-                                 context_len, split.partition_size, split.heads_per_block,
-                                 scratch.ws, kStream);
+                                 nullptr, num_seqs, blocks_per_seq, num_heads, head_size,
+                                 block_size, context_len, split.partition_size,
+                                 split.heads_per_block, scratch.ws, kStream);
     });
   });
   return ms;
 }
 
-double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters) {
+double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters,
+                        int warps_per_row, int prefetch_mb) {
   using T = __half;
   const size_t w_elems = size_t(out_features) * in_features;
   // Enough weight copies that a chain of 64 never finds its weights in L2 (50-60 MB on Hopper).
@@ -420,6 +425,7 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
   SkinnyParams<T> p;
   p.x = x->get(), p.bias = b->get(), p.out = y.get();
   p.rows = rows, p.N = out_features, p.K = in_features;
+  p.warps_per_row = warps_per_row;
   // The chain is replayed from a CUDA graph, as the model's steps are: the host's launch rate
   // (a few us a launch) does not bound it.
   cudaStream_t capture;  // the legacy stream cannot be captured
@@ -430,6 +436,8 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
   CUDA_CHECK(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal));
   for (int i = 0; i < chain; ++i) {
     p.weight = w.get() + size_t(i) * w_elems;
+    if (i + 1 < chain) p.prefetch = {p.weight + w_elems, size_t(prefetch_mb) << 20};
+    p.prefetch.bytes = std::min(p.prefetch.bytes, w_elems * sizeof(T) * (chain - 1 - i));
     launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBias, sms, capture,
                           /*pdl=*/true);
   }

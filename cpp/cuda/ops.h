@@ -50,6 +50,8 @@ enum class AttentionKernel { kAuto, kDecode, kPrefill };
 
 // kAuto: the decode kernel when every sequence has one query token (and the head size has a
 // decode template), else prefill. partition_size, heads_per_block 0: as the model picks them.
+// slot_mapping given (decode only): the decode kernel also writes each sequence's new K/V (its
+// qkv row) to that slot, as in a wide decode step; the caches after it go to k_out, v_out.
 void paged_attention(float* out,                      // [T, H * D]
                      const float* qkv,                // [T, 3 * H * D]
                      const float* k_cache,            // [num_blocks, block_size, H, D]
@@ -59,7 +61,10 @@ void paged_attention(float* out,                      // [T, H * D]
                      const int32_t* block_tables,     // [S, max_blocks_per_seq]
                      int num_seqs, int max_blocks_per_seq, int num_heads, int head_size,
                      int block_size, int64_t cache_elems, DType dtype, AttentionKernel kernel,
-                     int partition_size, int heads_per_block);
+                     int partition_size, int heads_per_block,
+                     const int32_t* slot_mapping = nullptr,  // [S] or nullptr
+                     float* k_out = nullptr,                 // [cache_elems] (with slot_mapping)
+                     float* v_out = nullptr);
 
 // Heads per decode thread block the model picks for a batch of num_seqs on this GPU (1 or 4).
 int decode_heads_per_block(int num_seqs, int num_heads);
@@ -90,7 +95,10 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
 // Milliseconds per skinny GEMV (float16, bias epilogue) of rows x in_features by
 // [out_features, in_features], in a chain of `chain` launched programmatically one after the
 // other as a step's are (from a CUDA graph), each on weights not in L2.
-double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters);
+// warps_per_row 0: as the launcher picks; prefetch_mb: each GEMV asks L2 for that many MB of
+// the next one's weights, as a step's do.
+double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters,
+                        int warps_per_row = 0, int prefetch_mb = 0);
 // Device-to-device copy bandwidth in GB/s (bytes read + bytes written), buffers of `bytes`.
 double copy_bandwidth_gbs(int64_t bytes, int iters);
 

@@ -230,11 +230,13 @@ int resident_blocks_per_sm(Kernel kernel, size_t smem) {
 
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
 void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, bool pdl) {
-  int warps_per_row = 1;
-  while (warps_per_row < kWarps &&
-         ceil_div(p.N, kWarps / warps_per_row) < 2 * num_sms &&
-         p.K / kVec16<T> >= 64 * warps_per_row) {
-    warps_per_row *= 2;
+  int warps_per_row = p.warps_per_row;
+  if (warps_per_row == 0) {
+    warps_per_row = 1;
+    while (warps_per_row < kWarps && ceil_div(p.N, kWarps / warps_per_row) < 2 * num_sms &&
+           p.K / kVec16<T> >= 64 * warps_per_row) {
+      warps_per_row *= 2;
+    }
   }
   const size_t smem = smem_bytes(M, p.K);
   auto kernel = skinny_gemm_kernel<T, M, IN, OUT>;

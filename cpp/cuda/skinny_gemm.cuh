@@ -49,6 +49,8 @@ struct SkinnyParams {
   T* v_cache = nullptr;               // kBiasQkv: [num_blocks, block_size, H, D]
   const int32_t* slot_mapping = nullptr;  // kBiasQkv: [rows], -1 = padding (not written)
   int rows = 0, N = 0, K = 0;
+  // Warps sharing each output row (splitting K): 1, 2, 4 or 8; 0 = picked per launch.
+  int warps_per_row = 0;
   // Asked of L2 by the blocks together, after their first weight loads and before waiting on
   // the previous kernel (the weights of the GEMVs after this one; never waited for).
   L2Range prefetch;

@@ -278,6 +278,29 @@ def test_kv_pool_is_sized_from_free_memory_and_steps_allocate_nothing(hf_model_d
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_wide_step_fusions_change_no_result(hf_model_dirs, monkeypatch, dtype):
+    """In wide decode steps (4 and 3 rows here) decode attention writes the new K/V itself and
+    is launched programmatically after the cuBLASLt QKV GEMM. Neither may change a bit: the
+    logits equal those of write_kv in its own kernel (PAGEDGPT2_ATTENTION_WRITES_KV=0) and of
+    ordinary launches (PAGEDGPT2_PDL=0)."""
+    _, _, engine_dir = hf_model_dirs["d64"]
+    monkeypatch.setenv("PAGEDGPT2_PERSISTENT", "0")
+    rng = np.random.default_rng(37)
+    seqs = [rng.integers(0, 50257, size=n).tolist() for n in (70, 41, 30, 19)]
+    got = {}
+    for name in ("default", "PAGEDGPT2_ATTENTION_WRITES_KV", "PAGEDGPT2_PDL"):
+        for var in ("PAGEDGPT2_ATTENTION_WRITES_KV", "PAGEDGPT2_PDL"):
+            monkeypatch.delenv(var, raising=False)
+        if name != "default":
+            monkeypatch.setenv(name, "0")
+        eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=16)
+        got[name] = _decode_teacher_forced(eng.backend, seqs, 8, 16, np.random.default_rng(41))
+    for name in ("PAGEDGPT2_ATTENTION_WRITES_KV", "PAGEDGPT2_PDL"):
+        for a, b in zip(got["default"], got[name]):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_l2_prefetch_changes_no_result(hf_model_dirs, monkeypatch, dtype):
     """Decode steps ask L2 for the weights ahead (PAGEDGPT2_L2_PREFETCH_MB, default 4): a hint
     that must change no bit of the result. Steps of 4 and 3 rows (cuBLASLt, attention and the

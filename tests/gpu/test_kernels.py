@@ -272,6 +272,33 @@ def test_decode_attention_heads_not_divisible_by_four(rng, dtype, partition_size
     np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_size", [64, 32])
+@pytest.mark.parametrize("partition_size", [0, 32])
+@pytest.mark.parametrize("heads_per_block", [1, 4])
+def test_decode_attention_writes_kv(rng, dtype, block_size, head_size, partition_size,
+                                    heads_per_block):
+    """The decode kernel as a wide decode step runs it: it also writes each sequence's new K/V
+    (its qkv row) to the slot of its last position, and takes that token from qkv. The caches
+    must equal write_kv's exactly, the output attention over them."""
+    num_heads = 256 // head_size
+    ctx = decode_contexts(block_size)
+    qkv, k, v, positions, _, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads, head_size,
+                                                  block_size, dtype)
+    slots = (tables[np.arange(len(ctx)), positions // block_size] * block_size
+             + positions % block_size).astype(np.int32)
+    want_k, want_v = cpu.write_kv(k, v, qkv, slots, num_heads)
+    qsl = np.arange(len(ctx) + 1, dtype=np.int32)
+    want = cpu.paged_attention(qkv, want_k, want_v, positions, qsl, tables, num_heads)
+    got, got_k, got_v = gpu.decode_attention_write_kv(
+        qkv, k, v, positions, slots, tables, num_heads, dtype=dtype,
+        partition_size=partition_size, heads_per_block=heads_per_block)
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
+    np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
+
+
 def test_decode_attention_rejects_other_heads_per_block(rng):
     qkv, k, v, positions, qsl, tables = paged_batch(rng, [5], [1], 4, 64, 16, "float32")
     with pytest.raises(ValueError, match="heads_per_block must be 1 or 4, got 2"):
