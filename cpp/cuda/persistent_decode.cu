@@ -48,7 +48,8 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 }
 
 // Arrives and announces `bytes` of bulk copies that will complete on this phase.
-[[maybe_unused]] __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+[[maybe_unused]] __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar,
+                                                                      unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
                "r"(bytes)
                : "memory");
@@ -69,8 +70,9 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 
 // bytes (a multiple of 16, both addresses 16-aligned) from global to this block's shared memory;
 // completion is counted on bar.
-[[maybe_unused]] __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes,
-                                                    uint64_t* bar) {
+[[maybe_unused]] __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src,
+                                                                    unsigned bytes,
+                                                                    uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
           "r"(smem_addr(dst)),

@@ -277,47 +277,47 @@ def test_kv_pool_is_sized_from_free_memory_and_steps_allocate_nothing(hf_model_d
     assert torch.cuda.mem_get_info()[0] == free_after_first
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_wide_step_fusions_change_no_result(hf_model_dirs, monkeypatch, dtype):
-    """In wide decode steps (4 and 3 rows here) decode attention writes the new K/V itself and
-    is launched programmatically after the cuBLASLt QKV GEMM. Neither may change a bit: the
-    logits equal those of write_kv in its own kernel (PAGEDGPT2_ATTENTION_WRITES_KV=0) and of
-    ordinary launches (PAGEDGPT2_PDL=0)."""
+def _logits_under(hf_model_dirs, monkeypatch, dtype, env: dict[str, str | None]) -> list:
+    """Teacher-forced logits of four sequences (decode steps of 4 and 3 rows through cuBLASLt,
+    then 2 and 1 through the GEMVs) from an engine built with env set (None: unset)."""
     _, _, engine_dir = hf_model_dirs["d64"]
     monkeypatch.setenv("PAGEDGPT2_PERSISTENT", "0")
-    rng = np.random.default_rng(37)
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    rng = np.random.default_rng(29)
     seqs = [rng.integers(0, 50257, size=n).tolist() for n in (70, 41, 30, 19)]
-    got = {}
-    for name in ("default", "PAGEDGPT2_ATTENTION_WRITES_KV", "PAGEDGPT2_PDL"):
-        for var in ("PAGEDGPT2_ATTENTION_WRITES_KV", "PAGEDGPT2_PDL"):
-            monkeypatch.delenv(var, raising=False)
-        if name != "default":
-            monkeypatch.setenv(name, "0")
-        eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=16)
-        got[name] = _decode_teacher_forced(eng.backend, seqs, 8, 16, np.random.default_rng(41))
-    for name in ("PAGEDGPT2_ATTENTION_WRITES_KV", "PAGEDGPT2_PDL"):
-        for a, b in zip(got["default"], got[name]):
-            np.testing.assert_array_equal(a, b)
+    eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=16)
+    return _decode_teacher_forced(eng.backend, seqs, 8, 16, np.random.default_rng(31))
+
+
+def _assert_same_logits(a: list, b: list) -> None:
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_wide_step_fusions_change_no_result(hf_model_dirs, monkeypatch, dtype):
+    """In wide decode steps decode attention writes the new K/V itself and is launched
+    programmatically after the cuBLASLt QKV GEMM. Neither may change a bit: the logits equal
+    those of write_kv in its own kernel (PAGEDGPT2_ATTENTION_WRITES_KV=0) and of ordinary
+    launches (PAGEDGPT2_PDL=0)."""
+    default = {"PAGEDGPT2_ATTENTION_WRITES_KV": None, "PAGEDGPT2_PDL": None}
+    want = _logits_under(hf_model_dirs, monkeypatch, dtype, default)
+    for name in default:
+        _assert_same_logits(want, _logits_under(hf_model_dirs, monkeypatch, dtype,
+                                                {**default, name: "0"}))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_l2_prefetch_changes_no_result(hf_model_dirs, monkeypatch, dtype):
     """Decode steps ask L2 for the weights ahead (PAGEDGPT2_L2_PREFETCH_MB, default 4): a hint
-    that must change no bit of the result. Steps of 4 and 3 rows (cuBLASLt, attention and the
-    LayerNorms ask) then 2 and 1 (the GEMVs ask); off, the default, and 1 GiB (clamped to the end
-    of the weights, the last layer's range wrapping to the LM head) give identical logits."""
-    _, _, engine_dir = hf_model_dirs["d64"]
-    monkeypatch.setenv("PAGEDGPT2_PERSISTENT", "0")
-    rng = np.random.default_rng(29)
-    seqs = [rng.integers(0, 50257, size=n).tolist() for n in (70, 41, 30, 19)]
-    got = {}
-    for mb in ("0", None, "1024"):
-        if mb is None:
-            monkeypatch.delenv("PAGEDGPT2_L2_PREFETCH_MB", raising=False)
-        else:
-            monkeypatch.setenv("PAGEDGPT2_L2_PREFETCH_MB", mb)
-        eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=16)
-        got[mb] = _decode_teacher_forced(eng.backend, seqs, 8, 16, np.random.default_rng(31))
+    that must change no bit of the result. In the wide steps attention and the LayerNorms ask,
+    in the skinny ones the GEMVs; off, the default, and 1 GiB (clamped to the end of the
+    weights, the last layer's range wrapping to the LM head) give identical logits."""
+    off = _logits_under(hf_model_dirs, monkeypatch, dtype, {"PAGEDGPT2_L2_PREFETCH_MB": "0"})
     for mb in (None, "1024"):
-        for a, b in zip(got["0"], got[mb]):
-            np.testing.assert_array_equal(a, b)
+        _assert_same_logits(off, _logits_under(hf_model_dirs, monkeypatch, dtype,
+                                               {"PAGEDGPT2_L2_PREFETCH_MB": mb}))

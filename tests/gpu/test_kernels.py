@@ -365,16 +365,6 @@ def test_uniform_from_counter_matches_cpu():
         assert gpu.uniform_from_counter(seed, counter) == cpu.uniform_from_counter(seed, counter)
 
 
-def rounded(x, dtype):
-    """x rounded to dtype (to nearest, ties to even, as the GPU converts) and back to float32."""
-    if dtype == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    if dtype == "bfloat16":
-        u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-        return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
-    return x
-
-
 # fp16/bf16: the sampler reads the LM head's half-precision rows (padded to a multiple of 8 with
 # huge values it must not read); it must pick what the CPU picks from the same rounded logits.
 @pytest.mark.parametrize("dtype", DTYPES)
