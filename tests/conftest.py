@@ -31,6 +31,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def decode_run_arrays(num_seqs: int, num_steps: int, position: int, block_size: int = 16,
+                      seed: int = 0, first_block: int = 0) -> dict:
+    """Arguments of a backend's decode_steps / launch_decode_steps: num_seqs sequences at one
+    position, each in its own two blocks (from first_block on), every step writing the slot of
+    its own position (so runs never read a slot they did not write first, whatever ran before).
+    Seeded sampling."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = np.arange(num_seqs, dtype=np.int32)
+    tables = first_block + np.arange(2 * num_seqs, dtype=np.int32).reshape(num_seqs, 2)[:, ::-1]
+    positions = position + np.arange(num_steps, dtype=np.int32)[:, None] + np.zeros(num_seqs, dtype=np.int32)
+    slots = tables[rows, positions // block_size] * block_size + positions % block_size
+    return dict(
+        token_ids=rng.integers(0, 1000, num_seqs).astype(np.int32),
+        positions=np.full(num_seqs, position, dtype=np.int32), slot_mappings=slots.astype(np.int32),
+        query_start_loc=np.arange(num_seqs + 1, dtype=np.int32),
+        context_lens=np.full(num_seqs, position + 1, dtype=np.int32), block_tables=tables,
+        logits_indices=rows, temperature=np.ones(num_seqs, dtype=np.float32),
+        top_k=np.zeros(num_seqs, dtype=np.int32), top_p=np.ones(num_seqs, dtype=np.float32),
+        seeds=rng.integers(0, 2**63, num_seqs).astype(np.uint64), counters=np.zeros(num_seqs, dtype=np.int64))
+
+
+def later_steps(arrays: dict, steps: int) -> dict:
+    """The arguments of the rest of the run `arrays` describes, from its step `steps` on (the
+    token ids are left as they were: a continued run does not read them)."""
+    out = dict(arrays, slot_mappings=arrays["slot_mappings"][steps:].copy())
+    for name in ("positions", "context_lens", "counters"):
+        out[name] = arrays[name] + steps
+    return out
+
+
 def hf_logits(model, ids: list[int]):
     """HF's float32 logits [T, V] (numpy) of one sequence."""
     import torch

@@ -11,6 +11,7 @@ first token cancel out, for both engines alike. Prints a table with the ratio to
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -27,6 +28,20 @@ CONFIGS = {  # the released shapes
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
 }
+
+
+def parse_setting(text: str) -> dict[str, str]:
+    """Space-separated NAME=VALUE pairs: upper-case names are environment variables, lower-case
+    ones Engine arguments (see engine_args)."""
+    pairs = dict(item.split("=", 1) for item in text.split())
+    if not pairs:
+        raise SystemExit(f"empty setting {text!r}: give NAME=VALUE pairs")
+    return pairs
+
+
+def engine_args(setting: dict[str, str]) -> dict:
+    """The Engine arguments of a setting, their values read as Python literals."""
+    return {name: ast.literal_eval(value) for name, value in setting.items() if not name.isupper()}
 
 
 def make_model_dir(name: str, root: Path) -> Path:
@@ -72,12 +87,12 @@ def decode_rate(run, batch: int, new_tokens: int, repeats: int) -> tuple[float, 
     return batch / step, step * 1e3
 
 
-def make_engine(model_dir, device, dtype, kv_cache, max_batch):
+def make_engine(model_dir, device, dtype, kv_cache, max_batch, **engine_args):
     from pagedgpt2 import Engine
 
     # A pool of one full context per sequence (in blocks of 16): both cache modes fit the batch.
     return Engine(model_dir, device=device, dtype=dtype, kv_cache=kv_cache, block_size=16,
-                  num_blocks=max_batch * 1024 // 16, max_num_seqs=max_batch)
+                  num_blocks=max_batch * 1024 // 16, max_num_seqs=max_batch, **engine_args)
 
 
 def bench_engine(eng, batch, prompts, new_tokens, repeats):

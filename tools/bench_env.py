@@ -1,9 +1,11 @@
-"""A/B decode throughput of engine settings read from the environment, in one process.
+"""A/B decode throughput of engine settings, in one process.
 
-Each setting is a space-separated list of NAME=VALUE pairs (e.g. "PAGEDGPT2_L2_PREFETCH_MB=16").
-One engine is built per setting and model (the engine reads its tuning variables when it is
-constructed), then the settings are timed in turn, round after round, so that slow drifts of the
-host hit them alike. Prints the median decode tokens/s of each and its ratio to the first.
+Each setting is a space-separated list of NAME=VALUE pairs: upper-case names are environment
+variables the engine reads when it is built (e.g. "PAGEDGPT2_L2_PREFETCH_MB=16"), lower-case ones
+Engine arguments, as Python literals (e.g. "async_decode=False max_num_batched_tokens=8192").
+One engine is built per setting and model, then the settings are timed in turn, round after
+round, so that slow drifts of the host hit them alike. Prints the median decode tokens/s of each
+and its ratio to the first.
 
     python tools/bench_env.py --model gpt2 gpt2-xl --batch-sizes 1 \\
         --setting "PAGEDGPT2_L2_PREFETCH_MB=0" --setting "PAGEDGPT2_L2_PREFETCH_MB=16"
@@ -17,21 +19,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import CONFIGS, bench_engine, card_name, make_engine, make_model_dir  # noqa: E402
-
-
-def parse_setting(text: str) -> dict[str, str]:
-    pairs = dict(item.split("=", 1) for item in text.split())
-    if not pairs:
-        raise SystemExit(f"empty setting {text!r}: give NAME=VALUE pairs")
-    return pairs
+from bench import (CONFIGS, bench_engine, card_name, engine_args, make_engine,  # noqa: E402
+                   make_model_dir, parse_setting)
 
 
 def build_engine(model_dir, setting: dict[str, str], dtype: str, max_batch: int):
-    saved = {name: os.environ.get(name) for name in setting}
-    os.environ.update(setting)
+    env = {name: value for name, value in setting.items() if name.isupper()}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
-        return make_engine(model_dir, "cuda", dtype, "paged", max_batch)
+        return make_engine(model_dir, "cuda", dtype, "paged", max_batch, **engine_args(setting))
     finally:
         for name, value in saved.items():
             if value is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import CONFIGS, card_name, make_model_dir  # noqa: E402
+from bench import CONFIGS, card_name, engine_args, make_model_dir, parse_setting  # noqa: E402
 
 
 def workload(num_requests: int, n_positions: int, seed: int) -> list[tuple[list[int], int]]:
@@ -121,6 +121,8 @@ def main() -> None:
                    help="more KV budgets (GiB) at which to run paged and contiguous")
     p.add_argument("--more-block-sizes", type=int, nargs="*", default=[],
                    help="block sizes at which to repeat the paged run (waste falls with the block)")
+    p.add_argument("--engine-args", default="",
+                   help='Engine arguments for every pagedgpt2 run, e.g. "async_decode=False"')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="/tmp/pagedgpt2-bench")
     p.add_argument("--json", default=None)
@@ -134,9 +136,11 @@ def main() -> None:
     requests = workload(args.requests, 1024, args.seed)
     num_blocks = kv_blocks(args.model, dtype, args.kv_gib, args.block_size)
 
+    extra = engine_args(parse_setting(args.engine_args)) if args.engine_args else {}
+
     def engine(mode, blocks=num_blocks, block_size=args.block_size, **kw):
         return Engine(model_dir, device=args.device, dtype=dtype, kv_cache=mode, block_size=block_size,
-                      num_blocks=blocks, max_num_seqs=args.max_num_seqs, **kw)
+                      num_blocks=blocks, max_num_seqs=args.max_num_seqs, **extra, **kw)
 
     results = {"card": card_name(args.device), "dtype": dtype, "model": args.model, "requests": args.requests,
                "kv_gib": args.kv_gib, "block_size": args.block_size,

@@ -103,6 +103,40 @@ inline SamplingInputs make_sampling_inputs(int num_rows, FloatArray temperature,
   return s;
 }
 
+// The step-0 inputs of a decode run of k = slot_mappings.shape(0) steps, checked: one token and
+// one logits row per sequence, in order, and room for k more tokens in every sequence.
+inline StepInputs decode_run_inputs(const Model& m, const std::string& what, IntArray token_ids,
+                                    IntArray positions, IntMatrix slot_mappings,
+                                    IntArray query_start_loc, IntArray context_lens,
+                                    IntMatrix block_tables, IntArray logits_indices) {
+  const size_t k = slot_mappings.shape(0);
+  if (k < 1) throw std::invalid_argument(what + ": slot_mappings has no step");
+  StepInputs in = make_step_inputs(token_ids, positions, slot_mappings.data(),
+                                   slot_mappings.shape(1), query_start_loc, context_lens,
+                                   block_tables, logits_indices);
+  check_len("token_ids (one per sequence)", in.num_tokens, in.num_seqs);
+  check_len("logits_indices (one per sequence)", in.num_logits, in.num_seqs);
+  for (int q = 0; q < in.num_seqs; ++q) {
+    if (query_start_loc.data()[q] != q || logits_indices.data()[q] != q) {
+      throw std::invalid_argument(
+          what + ": a decode batch has one token and one logits row per sequence, in order");
+    }
+  }
+  const int n_positions = m.config().n_positions;
+  const int64_t table_tokens = int64_t(in.max_blocks_per_seq) * m.block_size();
+  for (int q = 0; q < in.num_seqs; ++q) {
+    if (positions.data()[q] + int64_t(k) > n_positions ||
+        context_lens.data()[q] - 1 + int64_t(k) > table_tokens) {
+      throw std::invalid_argument(
+          what + ": sequence " + std::to_string(q) + " at position " +
+          std::to_string(positions.data()[q]) + " cannot take " + std::to_string(k) +
+          " more tokens (n_positions " + std::to_string(n_positions) + ", block table of " +
+          std::to_string(table_tokens) + " slots)");
+    }
+  }
+  return in;
+}
+
 // dict[str, numpy float32 C-contiguous array] -> HostWeights (views: keep the dict alive).
 inline HostWeights weights_from_dict(const nb::dict& tensors) {
   using Any = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
@@ -175,39 +209,16 @@ void bind_model_methods(nb::class_<M>& cls) {
          IntArray query_start_loc, IntArray context_lens, IntMatrix block_tables,
          IntArray logits_indices, FloatArray temperature, IntArray top_k, FloatArray top_p,
          U64Array seeds, I64Array counters) {
-        const size_t k = slot_mappings.shape(0);
-        if (k < 1) throw std::invalid_argument("decode_steps: slot_mappings has no step");
-        const int32_t* slots0 = slot_mappings.data();
-        StepInputs in = make_step_inputs(token_ids, positions, slots0, slot_mappings.shape(1),
-                                         query_start_loc, context_lens, block_tables,
-                                         logits_indices);
-        check_len("token_ids (one per sequence)", in.num_tokens, in.num_seqs);
-        check_len("logits_indices (one per sequence)", in.num_logits, in.num_seqs);
-        for (int q = 0; q < in.num_seqs; ++q) {
-          if (query_start_loc.data()[q] != q || logits_indices.data()[q] != q) {
-            throw std::invalid_argument(
-                "decode_steps: a decode batch has one token and one logits row per sequence, "
-                "in order");
-          }
-        }
-        const int n_positions = m.config().n_positions;
-        const int64_t table_tokens = int64_t(in.max_blocks_per_seq) * m.block_size();
-        for (int q = 0; q < in.num_seqs; ++q) {
-          if (positions.data()[q] + int64_t(k) > n_positions ||
-              context_lens.data()[q] - 1 + int64_t(k) > table_tokens) {
-            throw std::invalid_argument(
-                "decode_steps: sequence " + std::to_string(q) + " at position " +
-                std::to_string(positions.data()[q]) + " cannot take " + std::to_string(k) +
-                " more tokens (n_positions " + std::to_string(n_positions) +
-                ", block table of " + std::to_string(table_tokens) + " slots)");
-          }
-        }
+        const StepInputs in =
+            decode_run_inputs(m, "decode_steps", token_ids, positions, slot_mappings,
+                              query_start_loc, context_lens, block_tables, logits_indices);
         const SamplingInputs s =
             make_sampling_inputs(in.num_logits, temperature, top_k, top_p, seeds, counters);
+        const size_t k = slot_mappings.shape(0);
         auto next = owned_array<int32_t>({k, static_cast<size_t>(in.num_seqs)});
         {
           nb::gil_scoped_release release;
-          m.decode_steps(in, s, static_cast<int>(k), slots0, next.data());
+          m.decode_steps(in, s, static_cast<int>(k), slot_mappings.data(), next.data());
         }
         return next;
       },
@@ -216,6 +227,42 @@ void bind_model_methods(nb::class_<M>& cls) {
       "counters"_a,
       "k decode steps in one call (k = rows of slot_mappings [k, S]): step i feeds step i-1's "
       "tokens at positions + i, context_lens + i, counters + i. Returns int32 [k, S].");
+  cls.def(
+      "launch_decode_steps",
+      [](M& m, IntArray token_ids, IntArray positions, IntMatrix slot_mappings,
+         IntArray query_start_loc, IntArray context_lens, IntMatrix block_tables,
+         IntArray logits_indices, FloatArray temperature, IntArray top_k, FloatArray top_p,
+         U64Array seeds, I64Array counters, bool continue_run) {
+        const StepInputs in =
+            decode_run_inputs(m, "launch_decode_steps", token_ids, positions, slot_mappings,
+                              query_start_loc, context_lens, block_tables, logits_indices);
+        const SamplingInputs s =
+            make_sampling_inputs(in.num_logits, temperature, top_k, top_p, seeds, counters);
+        nb::gil_scoped_release release;
+        m.launch_decode_steps(in, s, static_cast<int>(slot_mappings.shape(0)),
+                              slot_mappings.data(), continue_run);
+      },
+      "token_ids"_a, "positions"_a, "slot_mappings"_a, "query_start_loc"_a, "context_lens"_a,
+      "block_tables"_a, "logits_indices"_a, "temperature"_a, "top_k"_a, "top_p"_a, "seeds"_a,
+      "counters"_a, "continue_run"_a = false,
+      "Starts decode_steps' work and returns (the CUDA backend does not wait for it); "
+      "collect_decode_steps() returns its tokens. With continue_run=True step 0 feeds the last "
+      "tokens the previous launched run sampled, which the caller need not have seen "
+      "(token_ids is not read). At most one run may be uncollected when another starts.");
+  cls.def(
+      "collect_decode_steps",
+      [](M& m) {
+        const auto [k, S] = m.oldest_run_shape();
+        auto next = owned_array<int32_t>({static_cast<size_t>(k), static_cast<size_t>(S)});
+        {
+          nb::gil_scoped_release release;
+          m.collect_decode_steps(next.data());
+        }
+        return next;
+      },
+      "Waits for the oldest launched decode run; its tokens, int32 [k, S].");
+  cls.def_prop_ro("runs_in_flight", &M::runs_in_flight,
+                  "Decode runs launched and not yet collected.");
   cls.def(
       "copy_blocks",
       [](M& m, IntArray src, IntArray dst) {

@@ -17,6 +17,7 @@
 
 #include "cuda/attention_decode.cuh"
 #include "cuda/cuda_common.cuh"
+#include "cuda/write_kv.cuh"
 
 namespace pagedgpt2::cuda {
 namespace {
@@ -95,6 +96,37 @@ __device__ void merge_partitions(T* out_row, const DecodeWorkspace& ws, int64_t 
   }
 }
 
+// Split path, once the threads of one (sequence, head) (thread `t` of `n`: one warp, or the
+// whole block with kWholeBlock) have written this partition's partial_out row: publishes its max
+// m and sum l and counts it; the last of the num_parts partitions to do so merges them all into
+// out_row and resets the count. is_last: a shared flag, for the whole block.
+template <bool kWholeBlock, typename T>
+__device__ void publish_partition(T* out_row, const DecodeWorkspace& ws, int64_t sh,
+                                  int64_t first_row, int part, int num_parts, float m, float l,
+                                  int D, int t, int n, bool* is_last) {
+  const int64_t row = first_row + part;
+  if (t == 0) {
+    ws.partial_max[row] = m;
+    ws.partial_sum[row] = l;
+  }
+  __threadfence();
+  bool last = false;
+  if constexpr (kWholeBlock) {
+    __syncthreads();
+    if (t == 0) *is_last = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
+    __syncthreads();
+    last = *is_last;
+  } else {
+    __syncwarp();
+    if (t == 0) last = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
+    last = __shfl_sync(0xffffffffu, last, 0);
+  }
+  if (!last) return;
+  __threadfence();
+  merge_partitions(out_row, ws, first_row, num_parts, D, t, n);
+  if (t == 0) ws.counters[sh] = 0;  // ready for the next launch (and graph replay)
+}
+
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads)
     decode_attention_kernel(T* __restrict__ out,                      // [S, H * D]
@@ -107,7 +139,8 @@ __global__ void __launch_bounds__(kThreads)
                             int num_heads, int max_blocks, int block_size,
                             int block_shift,  // log2(block_size), or -1 if not a power of 2
                             float q_scale, int partition_size, int max_partitions,
-                            DecodeWorkspace ws, L2Range prefetch) {
+                            DecodeWorkspace ws, L2Range prefetch,
+                            bool early_loads) {  // launched programmatically: load before pdl_wait
   using L = DecodeLayout<T, D, G>;
   constexpr int kVec = L::kVec, kVecs = L::kVecs, kLanes = L::kLanes, kVpl = L::kVecsPerLane;
   constexpr int kGroups = L::kGroups, kTile = L::kTile, kStages = L::kStages;
@@ -130,37 +163,22 @@ __global__ void __launch_bounds__(kThreads)
   const int heads_here = min(G, H - int(blockIdx.x) * G);  // the last block may have fewer
   const bool has_head = head_in_block < heads_here;
   const int lane_in_group = head_tid % kLanes, group = head_tid / kLanes;
-  const int context_len = context_lens[s];  // a step input: written before the step's kernels
-  pdl_wait();  // q, the cache and out belong to the kernels before
-  T* out_row = out + int64_t(s) * C + int64_t(h) * D;
-  if (context_len <= 0) {  // padding row of a graph bucket
-    if (part == 0 && has_head) {
-      for (int d = head_tid; d < D; d += kHeadThreads) out_row[d] = from_float<T>(0.f);
-    }
-    return;
-  }
-  const int num_parts = (context_len + partition_size - 1) / partition_size;
-  if (part >= num_parts) return;
+  // Step inputs (context_lens, block_tables, slot_mapping) are written before the step's kernels;
+  // the cache rows of earlier tokens by earlier steps. So the partition and its first tiles are
+  // known, and copied, before the kernel before this one has finished (pdl_wait).
+  const int context_len = context_lens[s];
+  const int num_parts = context_len > 0 ? (context_len + partition_size - 1) / partition_size : 0;
   const int start = part * partition_size;
   const int end = min(context_len, start + partition_size);
   const int num_tiles = (end - start + kTile - 1) / kTile;
-
   const int32_t* table = block_tables + int64_t(s) * max_blocks;
   const int64_t block_offset = int64_t(blockIdx.x) * G * D;  // first head's column
-  // With slot_mapping, the newest token's K and V come from qkv (this kernel writes them).
-  const int fresh = slot_mapping ? context_len - 1 : -1;
+  // The newest token's K and V are this step's: from qkv when this kernel writes them
+  // (slot_mapping given), else from the slot the QKV GEMV wrote. Either way after pdl_wait.
+  const int newest = context_len - 1;
+  const int fresh = slot_mapping ? newest : -1;
   const T* k_fresh = qkv + int64_t(s) * 3 * C + C + block_offset;
   const T* v_fresh = k_fresh + C;
-  if (slot_mapping && part == num_parts - 1) {
-    const int64_t slot = slot_mapping[s];
-    for (int i = tid; i < heads_here * kVecs && slot >= 0; i += kThreads) {
-      const int64_t dst = slot * C + block_offset + i * kVec;
-      *reinterpret_cast<Vec<T, kVec>*>(k_cache + dst) =
-          *reinterpret_cast<const Vec<T, kVec>*>(k_fresh + i * kVec);
-      *reinterpret_cast<Vec<T, kVec>*>(v_cache + dst) =
-          *reinterpret_cast<const Vec<T, kVec>*>(v_fresh + i * kVec);
-    }
-  }
   // Element offset of this lane's vector j inside a row of D.
   auto col = [&](int j) { return (lane_in_group + j * kLanes) * kVec; };
 
@@ -187,8 +205,34 @@ __global__ void __launch_bounds__(kThreads)
     }
     cp_async_commit();
   };
+  // The first tiles before waiting, when they stop short of the newest token. NOTE: H200, 128 +
+  // 128 tokens: gpt2 batch 1 +3% (0.387 -> 0.375 ms a step), gpt2-xl batch 1 +1%; wider steps
+  // alike (cuBLASLt's GEMMs before them do not let it start early). notes.md, tenth session.
+  const bool early = early_loads && part < num_parts && start + (kStages - 1) * kTile <= newest;
+  if (early) {
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i);
+    for (int i = 0; i < kStages - 1; ++i) issue(i);
+  }
+  pdl_wait();  // q, the newest K/V and out belong to the kernels before
+  T* out_row = out + int64_t(s) * C + int64_t(h) * D;
+  if (context_len <= 0) {  // padding row of a graph bucket
+    if (part == 0 && has_head) {
+      for (int d = head_tid; d < D; d += kHeadThreads) out_row[d] = from_float<T>(0.f);
+    }
+    return;
+  }
+  if (part >= num_parts) return;
+  if (slot_mapping && part == num_parts - 1) {
+    const int64_t slot = slot_mapping[s];  // -1: not written
+    if (slot >= 0) {
+      store_kv_row<T, kVec>(k_cache, v_cache, slot, C, block_offset, k_fresh, v_fresh,
+                            heads_here * kVecs, tid, kThreads);
+    }
+  }
+  if (!early) {
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) issue(i);
+  }
 
   // q, pre-scaled, in registers (loaded while the first tiles are in flight).
   float q[kVpl][kVec];
@@ -294,18 +338,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < kVec; ++e) ws.partial_out[row * D + col(j) + e] = acc[j * kVec + e];
       }
     }
-    if (lane == 0) {
-      ws.partial_max[row] = m;
-      ws.partial_sum[row] = l;
-    }
-    __threadfence();
-    __syncwarp();
-    bool last = false;
-    if (lane == 0) last = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
-    if (!__shfl_sync(0xffffffffu, last, 0)) return;
-    __threadfence();
-    merge_partitions(out_row, ws, first_row, num_parts, D, lane, 32);
-    if (lane == 0) ws.counters[sh] = 0;  // ready for the next launch (and graph replay)
+    publish_partition<false>(out_row, ws, sh, first_row, part, num_parts, m, l, D, lane, 32,
+                             nullptr);
   } else {
     // The block on one head: merge the warps through shared memory, weights exp2(m_w - max_m)
     // (a warp with no token has m_w = -inf: 0).
@@ -341,18 +375,8 @@ __global__ void __launch_bounds__(kThreads)
     // ---- split path: publish this partition, the last one to finish merges.
     const int64_t row = first_row + part;
     for (int d = tid; d < D; d += kThreads) ws.partial_out[row * D + d] = merged(d);
-    if (tid == 0) {
-      ws.partial_max[row] = max_m;
-      ws.partial_sum[row] = sum;
-    }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) is_last = atomicAdd(&ws.counters[sh], 1u) == unsigned(num_parts - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    merge_partitions(out_row, ws, first_row, num_parts, D, tid, kThreads);
-    if (tid == 0) ws.counters[sh] = 0;  // ready for the next launch (and graph replay)
+    publish_partition<true>(out_row, ws, sh, first_row, part, num_parts, max_m, sum, D, tid,
+                            kThreads, &is_last);
   }
 }
 
@@ -377,7 +401,7 @@ void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* conte
                 dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,
                 pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping,
                 num_heads, max_blocks, block_size, block_shift, q_scale, partition_size, num_parts,
-                ws, prefetch);
+                ws, prefetch, pdl);
 }
 
 template <typename T, int D>

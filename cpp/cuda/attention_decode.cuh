@@ -67,8 +67,9 @@ void launch_decode_attention(T* out,                       // [S, H * D]
                              int heads_per_block,  // from decode_heads_per_block
                              const DecodeWorkspace& ws, cudaStream_t stream,
                              bool pdl = false,  // programmatic dependent launch (sm_90), as
-                                                // launch_skinny_gemm's: the kernel reads
-                                                // context_lens before it waits
+                                                // launch_skinny_gemm's: before it waits, the
+                                                // kernel reads the step inputs and starts
+                                                // copying the cache rows of older tokens
                              L2Range prefetch = {});  // asked of L2 for the next kernels
 
 }  // namespace pagedgpt2::cuda

@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <numeric>
 #include <stdexcept>
@@ -56,8 +57,9 @@ namespace {
 constexpr size_t kAlign = 256;
 // Wide steps of at most this many tokens ask L2 for the next GEMM's weights (l2_lookahead_).
 constexpr int kWidePrefetchMaxRows = 16;
-// decode_steps replays graphs for up to this many steps per call (more: one by one).
+// A decode run replays graphs for up to this many steps (more: one by one).
 constexpr int kMaxDecodeSteps = 64;
+constexpr int kRunsInFlight = 2;  // decode runs launched and not waited for (Model's limit)
 
 size_t align_up(size_t n, size_t a = kAlign) { return (n + a - 1) / a * a; }
 
@@ -214,9 +216,11 @@ struct CudaModel::Impl {
   virtual void forward(const StepInputs& in, float* logits) = 0;
   virtual void forward_and_sample(const StepInputs& in, const SamplingInputs& s,
                                   int32_t* next_tokens) = 0;
-  // False when these steps cannot replay a graph (the caller then runs them one by one).
-  virtual bool decode_steps(const StepInputs& in, const SamplingInputs& s, int num_steps,
-                            const int32_t* slot_mappings, int32_t* next_tokens) = 0;
+  // Model::enqueue_decode_run / wait_decode_run: a run of graph replays that the host does not
+  // wait for (false when these steps cannot replay a graph: the caller runs them one by one).
+  virtual bool enqueue_decode_run(const StepInputs& in, const SamplingInputs& s, int num_steps,
+                                  const int32_t* slot_mappings, bool continue_run) = 0;
+  virtual void wait_decode_run(int32_t* next_tokens) = 0;
   virtual void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) = 0;
 
   ModelConfig cfg;
@@ -244,8 +248,9 @@ class Engine final : public CudaModel::Impl {
   void forward(const StepInputs& in, float* logits) override;
   void forward_and_sample(const StepInputs& in, const SamplingInputs& s,
                           int32_t* next_tokens) override;
-  bool decode_steps(const StepInputs& in, const SamplingInputs& s, int num_steps,
-                    const int32_t* slot_mappings, int32_t* next_tokens) override;
+  bool enqueue_decode_run(const StepInputs& in, const SamplingInputs& s, int num_steps,
+                          const int32_t* slot_mappings, bool continue_run) override;
+  void wait_decode_run(int32_t* next_tokens) override;
   void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) override;
 
  private:
@@ -288,7 +293,10 @@ class Engine final : public CudaModel::Impl {
   void gemm_fc(const Layer& w, int n);       // ln_out_ -> mlp_ (GELU)
   void gemm_fc_proj(const Layer& w, int n);  // mlp_ -> tmp_
   bool gemm_lm_head(int rows, bool exact);   // final_x_ -> logits_ or logits_t_ (as above)
-  void enqueue_decode_step(const Step& st, bool sample);
+  // The step's layers (or the persistent kernel), then, logits_rows_ rows at a time, the LM head
+  // and either sampling or the download of the float32 logits into logits_host (nullptr: left
+  // in logits_, as a graph leaves them); sampled ids are downloaded into tokens_host_.
+  void enqueue_forward(const Step& st, bool sample, float* logits_host);
   // Decode steps of 1-2 sequences run as one persistent kernel (layers and LM head).
   bool use_persistent(const Step& st) const;
   void enqueue_persistent(const Step& st);
@@ -359,11 +367,24 @@ class Engine final : public CudaModel::Impl {
 
   PinnedBuffer step_host_;    // packed step inputs
   PinnedBuffer tokens_host_;  // [max_tokens] sampled ids
-  // Multi-step decode (decode_steps): slots of steps 1.. and the ids every step sampled.
+  // Multi-step decode runs: slots of steps 1.. and the ids every step sampled.
   int32_t* step_slots_ = nullptr;     // [kMaxDecodeSteps, max_seqs] device
   int32_t* token_history_ = nullptr;  // [kMaxDecodeSteps, max_seqs] device
   PinnedBuffer step_slots_host_;
-  PinnedBuffer token_history_host_;
+  // Runs the host has not waited for (at most kRunsInFlight): each downloads its ids into its
+  // own pinned buffer and records its event after. step_host_ and step_slots_host_ are written
+  // again only once uploads_read_ (recorded after a run's uploads) has passed.
+  struct RunInFlight {
+    int num_steps, num_seqs, buffer;
+  };
+  std::deque<RunInFlight> runs_;
+  PinnedBuffer token_history_host_[kRunsInFlight];
+  cudaEvent_t run_done_[kRunsInFlight] = {};
+  cudaEvent_t uploads_read_ = nullptr;
+  int next_buffer_ = 0;
+  // next_tokens_ holds the last step of the newest run, for a run that continues it.
+  bool next_tokens_from_run_ = false;
+  void wait_uploads_read() const { CUDA_CHECK(cudaEventSynchronize(uploads_read_)); }
 
   DeviceBuffer kv_pool_;
   size_t cache_bytes_ = 0;  // one layer's K (or V): num_blocks * block_size * C * sizeof(T)
@@ -403,6 +424,8 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  for (cudaEvent_t& e : run_done_) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&uploads_read_, cudaEventDisableTiming));
 
   for (int b = 1; b < max_num_seqs; b *= 2) buckets_.push_back(b);
   buckets_.push_back(max_num_seqs);
@@ -433,6 +456,10 @@ Engine<T>::~Engine() {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
   }
+  for (cudaEvent_t e : run_done_) {
+    if (e) cudaEventDestroy(e);
+  }
+  if (uploads_read_) cudaEventDestroy(uploads_read_);
 }
 
 // One line per block: its clock64 marks (persistent_decode.cuh), then the SM clock in kHz.
@@ -597,7 +624,9 @@ void Engine<T>::allocate_activations() {
   step_host_.reset(step_bytes_);
   tokens_host_.reset(Tn * sizeof(int32_t));
   step_slots_host_.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
-  token_history_host_.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
+  for (PinnedBuffer& b : token_history_host_) {
+    b.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
+  }
 }
 
 // Makes (and, for decode-sized buckets, times) the cuBLASLt plans of every row bucket a step
@@ -1044,23 +1073,32 @@ void Engine<T>::enqueue_persistent(const Step& st) {
 }
 
 template <typename T>
-void Engine<T>::enqueue_decode_step(const Step& st, bool sample) {
-  bool half_logits = false;
-  if (use_persistent(st)) {
+void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host) {
+  const int R = st.layout.R;
+  const bool fused = use_persistent(st);  // the persistent kernel computes the logits rows too
+  if (fused) {
     enqueue_persistent(st);
   } else {
     enqueue_layers(st);
-    half_logits = enqueue_logits(st, 0, st.layout.R, !sample);
+  }
+  for (int r0 = 0; r0 < R; r0 += logits_rows_) {
+    const int rows = std::min(logits_rows_, R - r0);
+    const bool half_logits = !fused && enqueue_logits(st, r0, rows, !sample);
+    if (sample) {
+      enqueue_sample(st, r0, rows, half_logits);
+    } else if (logits_host) {
+      CUDA_CHECK(cudaMemcpyAsync(logits_host + size_t(r0) * V_, logits_, 4 * size_t(rows) * V_,
+                                 cudaMemcpyDeviceToHost, stream_));
+    }
   }
   if (sample) {
-    enqueue_sample(st, 0, st.layout.R, half_logits);
-    CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(st.layout.R),
+    CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(R),
                                cudaMemcpyDeviceToHost, stream_));
   }
 }
 
 // Replays the graph of st's bucket over the inputs already in step_dev_ (the upload is not part
-// of the graph, so that decode_steps can advance them on the GPU), without waiting for it. The
+// of the graph, so that a decode run can advance them on the GPU), without waiting for it. The
 // first step of a bucket runs eagerly (warming plans and attributes) and is then captured.
 template <typename T>
 void Engine<T>::launch_decode_graph(const Step& st, bool sample) {
@@ -1070,12 +1108,12 @@ void Engine<T>::launch_decode_graph(const Step& st, bool sample) {
     CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
     return;
   }
-  enqueue_decode_step(st, sample);
+  enqueue_forward(st, sample, nullptr);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   cudaGraph_t graph = nullptr;
   CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
-    enqueue_decode_step(st, sample);
+    enqueue_forward(st, sample, nullptr);
   } catch (...) {
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
@@ -1090,14 +1128,23 @@ void Engine<T>::launch_decode_graph(const Step& st, bool sample) {
   num_graphs = int(graphs_.size());
 }
 
+// A run of num_steps graph replays: the inputs of step 0 are uploaded (with continue_run its
+// tokens are the last ones the previous run sampled, already on the GPU), each later step is
+// advanced on the GPU, and the ids of all steps are downloaded at the end. Nothing waits.
 template <typename T>
-bool Engine<T>::decode_steps(const StepInputs& in, const SamplingInputs& s, int num_steps,
-                             const int32_t* slot_mappings, int32_t* next_tokens) {
+bool Engine<T>::enqueue_decode_run(const StepInputs& in, const SamplingInputs& s, int num_steps,
+                                   const int32_t* slot_mappings, bool continue_run) {
   CUDA_CHECK(cudaSetDevice(device));
   check_inputs(in);
   const int S = in.num_seqs;
   const int bucket = use_graphs && is_decode(in) ? bucket_for(S) : -1;
   if (bucket <= 0 || bucket > logits_rows_ || num_steps > kMaxDecodeSteps) return false;
+  if (continue_run && !next_tokens_from_run_) return false;  // a step ran in between
+  if (int(runs_.size()) >= kRunsInFlight) {
+    throw std::logic_error("enqueue_decode_run: " + std::to_string(kRunsInFlight) +
+                           " runs are in flight");
+  }
+  wait_uploads_read();
   const Step st = pack_graph(in, &s, bucket);
   const size_t row_bytes = 4 * size_t(S);
   if (num_steps > 1) {
@@ -1107,6 +1154,11 @@ bool Engine<T>::decode_steps(const StepInputs& in, const SamplingInputs& s, int 
   }
   enqueue_upload(st);
   auto ints = [&](const int32_t* p) { return const_cast<int32_t*>(p); };
+  if (continue_run) {
+    CUDA_CHECK(cudaMemcpyAsync(ints(st.token_ids), next_tokens_, row_bytes,
+                               cudaMemcpyDeviceToDevice, stream_));
+  }
+  CUDA_CHECK(cudaEventRecord(uploads_read_, stream_));
   for (int i = 0; i < num_steps; ++i) {
     if (i > 0) {
       launch_advance_decode_step(ints(st.token_ids), ints(st.positions), ints(st.slot_mapping),
@@ -1116,13 +1168,26 @@ bool Engine<T>::decode_steps(const StepInputs& in, const SamplingInputs& s, int 
     }
     launch_decode_graph(st, true);
   }
+  const int buffer = next_buffer_;
+  next_buffer_ = (next_buffer_ + 1) % kRunsInFlight;
   CUDA_CHECK(cudaMemcpyAsync(token_history_ + size_t(num_steps - 1) * S, next_tokens_, row_bytes,
                              cudaMemcpyDeviceToDevice, stream_));
-  CUDA_CHECK(cudaMemcpyAsync(token_history_host_.get(), token_history_, row_bytes * num_steps,
-                             cudaMemcpyDeviceToHost, stream_));
-  CUDA_CHECK(cudaStreamSynchronize(stream_));
-  std::memcpy(next_tokens, token_history_host_.get(), row_bytes * num_steps);
+  CUDA_CHECK(cudaMemcpyAsync(token_history_host_[buffer].get(), token_history_,
+                             row_bytes * num_steps, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaEventRecord(run_done_[buffer], stream_));
+  runs_.push_back({num_steps, S, buffer});
+  next_tokens_from_run_ = true;
   return true;
+}
+
+template <typename T>
+void Engine<T>::wait_decode_run(int32_t* next_tokens) {
+  if (runs_.empty()) throw std::logic_error("wait_decode_run: no run in flight");
+  const RunInFlight run = runs_.front();
+  CUDA_CHECK(cudaEventSynchronize(run_done_[run.buffer]));
+  std::memcpy(next_tokens, token_history_host_[run.buffer].get(),
+              4 * size_t(run.num_steps) * run.num_seqs);
+  runs_.pop_front();
 }
 
 template <typename T>
@@ -1130,6 +1195,8 @@ void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits
                     int32_t* next_tokens) {
   CUDA_CHECK(cudaSetDevice(device));
   check_inputs(in);
+  wait_uploads_read();
+  next_tokens_from_run_ = false;
   const int R = in.num_logits;
   if (in.num_tokens == 0) return;
   const int bucket = (use_graphs && is_decode(in)) ? bucket_for(in.num_seqs) : -1;
@@ -1149,26 +1216,7 @@ void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits
   }
   const Step st = pack_eager(in, s);
   enqueue_upload(st);
-  const bool fused = use_persistent(st);  // the persistent kernel computes the logits rows too
-  if (fused) {
-    enqueue_persistent(st);
-  } else {
-    enqueue_layers(st);
-  }
-  for (int r0 = 0; r0 < R; r0 += logits_rows_) {
-    const int rows = std::min(logits_rows_, R - r0);
-    const bool half_logits = !fused && enqueue_logits(st, r0, rows, s == nullptr);
-    if (s) {
-      enqueue_sample(st, r0, rows, half_logits);
-    } else {
-      CUDA_CHECK(cudaMemcpyAsync(logits + size_t(r0) * V_, logits_, 4 * size_t(rows) * V_,
-                                 cudaMemcpyDeviceToHost, stream_));
-    }
-  }
-  if (s) {
-    CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(R),
-                               cudaMemcpyDeviceToHost, stream_));
-  }
+  enqueue_forward(st, s != nullptr, logits);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   if (s) std::memcpy(next_tokens, tokens_host_.get(), 4 * size_t(R));
 }
@@ -1194,6 +1242,7 @@ void Engine<T>::copy_blocks(const int32_t* src, const int32_t* dst, int num_copi
     }
   }
   const int chunk = int(step_bytes_ / 8);
+  wait_uploads_read();
   for (int i0 = 0; i0 < num_copies; i0 += chunk) {
     const int n = std::min(chunk, num_copies - i0);
     int32_t* h = reinterpret_cast<int32_t*>(step_host_.get());
@@ -1264,12 +1313,12 @@ void CudaModel::forward_and_sample(const StepInputs& in, const SamplingInputs& s
                                    int32_t* next_tokens) {
   impl_->forward_and_sample(in, sampling, next_tokens);
 }
-void CudaModel::decode_steps(const StepInputs& in, const SamplingInputs& sampling,
-                             int num_steps, const int32_t* slot_mappings, int32_t* next_tokens) {
-  if (!impl_->decode_steps(in, sampling, num_steps, slot_mappings, next_tokens)) {
-    Model::decode_steps(in, sampling, num_steps, slot_mappings, next_tokens);
-  }
+bool CudaModel::enqueue_decode_run(const StepInputs& in, const SamplingInputs& sampling,
+                                   int num_steps, const int32_t* slot_mappings,
+                                   bool continue_run) {
+  return impl_->enqueue_decode_run(in, sampling, num_steps, slot_mappings, continue_run);
 }
+void CudaModel::wait_decode_run(int32_t* next_tokens) { impl_->wait_decode_run(next_tokens); }
 void CudaModel::copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) {
   impl_->copy_blocks(src, dst, num_copies);
 }

@@ -29,9 +29,6 @@ class CudaModel : public Model {
   void forward(const StepInputs& in, float* logits) override;
   void forward_and_sample(const StepInputs& in, const SamplingInputs& sampling,
                           int32_t* next_tokens) override;
-  // Replays the decode graph num_steps times, the sampled tokens fed back on the GPU; one sync.
-  void decode_steps(const StepInputs& in, const SamplingInputs& sampling, int num_steps,
-                    const int32_t* slot_mappings, int32_t* next_tokens) override;
   void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) override;
 
   const ModelConfig& config() const override;
@@ -49,6 +46,13 @@ class CudaModel : public Model {
   bool persistent_decode() const;
 
   struct Impl;
+
+ protected:
+  // A decode run replays the decode graph num_steps times, the sampled tokens fed back on the
+  // GPU, and downloads all of them at the end; the host waits only in wait_decode_run.
+  bool enqueue_decode_run(const StepInputs& in, const SamplingInputs& sampling, int num_steps,
+                          const int32_t* slot_mappings, bool continue_run) override;
+  void wait_decode_run(int32_t* next_tokens) override;
 
  private:
   std::unique_ptr<Impl> impl_;

@@ -281,7 +281,8 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
                                  slot_mapping ? slots->get() : nullptr, num_seqs, max_blocks,
                                  num_heads, head_size, block_size, max_ctx, split.partition_size,
-                                 split.heads_per_block, scratch.ws, kStream);
+                                 split.heads_per_block, scratch.ws, kStream,
+                                 /*pdl=*/true);  // as in a step: the first tiles load early
       CUDA_CHECK(cudaDeviceSynchronize());
       if (k_out) download(k_out, k->get(), size_t(cache_elems));
       if (v_out) download(v_out, v->get(), size_t(cache_elems));
@@ -436,8 +437,9 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
   CUDA_CHECK(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal));
   for (int i = 0; i < chain; ++i) {
     p.weight = w.get() + size_t(i) * w_elems;
-    if (i + 1 < chain) p.prefetch = {p.weight + w_elems, size_t(prefetch_mb) << 20};
-    p.prefetch.bytes = std::min(p.prefetch.bytes, w_elems * sizeof(T) * (chain - 1 - i));
+    // The next GEMVs' weights, as a step's GEMVs ask for theirs (none after the last).
+    const size_t bytes_after = w_elems * sizeof(T) * (chain - 1 - i);
+    p.prefetch = {p.weight + w_elems, std::min(size_t(prefetch_mb) << 20, bytes_after)};
     launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBias, sms, capture,
                           /*pdl=*/true);
   }

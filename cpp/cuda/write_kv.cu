@@ -15,13 +15,9 @@ __global__ void write_kv_kernel(T* k_cache,                   // [num_blocks, bl
   const int t = blockIdx.x;
   const int64_t slot = slot_mapping[t];
   if (slot < 0) return;
-  // NOTE: int64 offsets: slot * C exceeds 2^31 elements on a large pool.
   const T* row = qkv + int64_t(t) * 3 * C;
-  for (int i = threadIdx.x; i < 2 * C / N; i += blockDim.x) {
-    const int c = i * N;  // 0 <= c < 2C: keys then values
-    T* dst = (c < C ? k_cache : v_cache) + slot * C + (c < C ? c : c - C);
-    *reinterpret_cast<Vec<T, N>*>(dst) = *reinterpret_cast<const Vec<T, N>*>(row + C + c);
-  }
+  store_kv_row<T, N>(k_cache, v_cache, slot, C, 0, row + C, row + 2 * C, C / N, threadIdx.x,
+                     blockDim.x);
 }
 
 }  // namespace

@@ -13,9 +13,11 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/config.h"
@@ -70,9 +72,23 @@ class Model {
   // i - 1 sampled, at positions + i with context_lens + i and sampling counters + i, and writes
   // its keys/values to slot_mappings[i]. block_tables must hold the blocks of every step.
   // slot_mappings: [num_steps, S] (row 0 = in.slot_mapping); next_tokens: [num_steps, S].
-  // This default runs the steps one by one; a backend may overlap or fuse them.
-  virtual void decode_steps(const StepInputs& in, const SamplingInputs& sampling, int num_steps,
-                            const int32_t* slot_mappings, int32_t* next_tokens);
+  // No launched run may be uncollected.
+  void decode_steps(const StepInputs& in, const SamplingInputs& sampling, int num_steps,
+                    const int32_t* slot_mappings, int32_t* next_tokens);
+
+  // Decode runs launched ahead: the host prepares run i + 1, and reads run i's tokens, while the
+  // backend computes (the CUDA backend returns at once; the CPU backend computes at launch).
+  // launch_decode_steps starts a run as decode_steps describes; with continue_run, step 0 feeds
+  // the tokens the last step of the previous launched run sampled, which the host need not have
+  // seen (in.token_ids is not read). At most one run may be uncollected when a run is launched.
+  // collect_decode_steps waits for the oldest uncollected run: next_tokens [num_steps, S].
+  void launch_decode_steps(const StepInputs& in, const SamplingInputs& sampling, int num_steps,
+                           const int32_t* slot_mappings, bool continue_run);
+  void collect_decode_steps(int32_t* next_tokens);
+  int runs_in_flight() const { return int(runs_.size()); }
+  // (num_steps, num_seqs) of the run collect_decode_steps returns next.
+  std::pair<int, int> oldest_run_shape() const;
+
   // Copies whole blocks of every layer's K and V cache: dst[i] <- src[i] (copy-on-write).
   virtual void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) = 0;
 
@@ -81,26 +97,26 @@ class Model {
   virtual int block_size() const = 0;
   virtual int64_t kv_bytes_per_block() const = 0;
   virtual std::string device_name() const = 0;
-};
 
-inline void Model::decode_steps(const StepInputs& in, const SamplingInputs& sampling,
-                                int num_steps, const int32_t* slot_mappings,
-                                int32_t* next_tokens) {
-  const int S = in.num_seqs;
-  std::vector<int32_t> positions(in.positions, in.positions + S);
-  std::vector<int32_t> context_lens(in.context_lens, in.context_lens + S);
-  std::vector<int64_t> counters(sampling.counters, sampling.counters + S);
-  StepInputs step = in;
-  SamplingInputs s = sampling;
-  step.positions = positions.data();
-  step.context_lens = context_lens.data();
-  s.counters = counters.data();
-  for (int i = 0; i < num_steps; ++i) {
-    step.slot_mapping = slot_mappings + int64_t(i) * S;
-    forward_and_sample(step, s, next_tokens + int64_t(i) * S);
-    step.token_ids = next_tokens + int64_t(i) * S;
-    for (int q = 0; q < S; ++q) ++positions[q], ++context_lens[q], ++counters[q];
-  }
-}
+ protected:
+  // A backend that computes decode runs without blocking the host enqueues one here and returns
+  // true (false: run it now, one step at a time); continue_run as in launch_decode_steps.
+  virtual bool enqueue_decode_run(const StepInputs& in, const SamplingInputs& sampling,
+                                  int num_steps, const int32_t* slot_mappings,
+                                  bool continue_run);
+  // Waits for the oldest run enqueue_decode_run accepted: next_tokens [num_steps, S].
+  virtual void wait_decode_run(int32_t* next_tokens);
+
+ private:
+  struct DecodeRun {
+    int num_steps = 0, num_seqs = 0;
+    bool enqueued = false;        // computing on the backend; else done, tokens below
+    std::vector<int32_t> tokens;  // [num_steps, num_seqs]
+  };
+  void run_steps_now(const StepInputs& in, const SamplingInputs& sampling, int num_steps,
+                     const int32_t* slot_mappings, int32_t* next_tokens);
+  std::deque<DecodeRun> runs_;  // launched, not collected, oldest first
+  std::vector<int32_t> last_tokens_;  // [S] last row of the newest run, once collected
+};
 
 }  // namespace pagedgpt2

@@ -24,7 +24,7 @@ from pagedgpt2 import _core
 from pagedgpt2.kv_cache import KV_CACHE_MODES, KVCache
 from pagedgpt2.model_runner import ModelRunner
 from pagedgpt2.sampling import SamplingParams, is_int
-from pagedgpt2.scheduler import Scheduler
+from pagedgpt2.scheduler import ScheduledSeq, Scheduler
 from pagedgpt2.sequence import Sequence
 from pagedgpt2.tokenizer import get_tokenizer
 from pagedgpt2.weights import BUNDLED_MODEL, load_model_dir
@@ -33,6 +33,12 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU; the memory is touched only when used
 MAX_DECODE_STEPS = 64  # decode steps one backend call may run (the CUDA backend's graph limit)
+# Tokens one step may run, by device, when max_num_batched_tokens is None (never below the
+# context). NOTE: the GPU's budget is vLLM's on large GPUs: bigger prefill chunks admit more
+# prompts a step. On an H200 (gpt2, 256 prompts of 128 tokens) 8,192 against 2,048 gave 244k
+# against 218k decode tok/s, and the HF-subset serving run 153-159k against 124-142k; a decode
+# that shares a step with a full chunk waits for it (docs/notes.md, sixth and tenth sessions).
+DEFAULT_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 
 Prompt = str | Seq[int]
 
@@ -123,7 +129,7 @@ class Engine:
                  kv_cache: str = "paged", block_size: int = 16, num_blocks: int | None = None, *,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = False, gpu_memory_fraction: float = 0.9,
-                 num_threads: int | None = None, decode_steps: int = 8):
+                 num_threads: int | None = None, decode_steps: int = 8, async_decode: bool = True):
         _check_choice("device", device, DEVICES)
         _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
         if dtype is not None:
@@ -143,6 +149,9 @@ class Engine:
         if not is_int(decode_steps) or not 1 <= decode_steps <= MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be an integer in [1, {MAX_DECODE_STEPS}], got {decode_steps!r}")
         self.decode_steps = int(decode_steps)
+        if not isinstance(async_decode, bool):
+            raise ValueError(f"async_decode must be True or False, got {async_decode!r}")
+        self.async_decode = async_decode
 
         self.device = _resolve_device(device)
         self.dtype = dtype or ("float16" if self.device == "cuda" else "float32")
@@ -151,8 +160,8 @@ class Engine:
         self.model_path = Path(model) if model is not None else BUNDLED_MODEL
         self.config, tensors = load_model_dir(self.model_path)
         n_positions = self.config["n_positions"]
-        # NOTE: long prompts are chunked, so the token budget may be below the context length.
-        self.max_num_batched_tokens = max_num_batched_tokens or max(2048, n_positions)
+        # NOTE: long prompts are chunked, so a given token budget may be below the context length.
+        self.max_num_batched_tokens = max_num_batched_tokens or max(DEFAULT_BATCHED_TOKENS[self.device], n_positions)
         self.tokenizer = get_tokenizer()
 
         # contiguous: one n_positions-long buffer per sequence, carved from the same budget.
@@ -167,6 +176,8 @@ class Engine:
         self.runner = ModelRunner(self.backend, self.kv)
         self._seq_ids = itertools.count()
         self._requests: dict[int, Request] = {}  # live requests by id
+        # A decode run launched ahead and not yet read: its batch and steps.
+        self._running_ahead: tuple[list[ScheduledSeq], int] | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -206,17 +217,20 @@ class Engine:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
-            bad = [t for t in prompt if not is_int(t)]
-            if bad:
-                raise TypeError(f"prompt {index}: token ids must be integers, got {bad[0]!r}")
-            ids = [int(t) for t in prompt]
+            if set(map(type, prompt)) == {int}:  # the common case, checked in C
+                ids = list(prompt)
+            else:
+                bad = [t for t in prompt if not is_int(t)]
+                if bad:
+                    raise TypeError(f"prompt {index}: token ids must be integers, got {bad[0]!r}")
+                ids = [int(t) for t in prompt]
         else:
             raise TypeError(f"prompt {index}: expected a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError(f"prompt {index} is empty")
-        bad_ids = [t for t in ids if not 0 <= t < vocab_size]
-        if bad_ids:
-            raise ValueError(f"prompt {index}: token id {bad_ids[0]} is outside the vocabulary [0, {vocab_size})")
+        if not 0 <= min(ids) <= max(ids) < vocab_size:
+            bad = next(t for t in ids if not 0 <= t < vocab_size)
+            raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {vocab_size})")
         if len(ids) > self.config["n_positions"]:
             raise ValueError(f"prompt {index} has {len(ids)} tokens, more than the model's context "
                              f"(n_positions={self.config['n_positions']})")
@@ -265,29 +279,51 @@ class Engine:
         """One forward over every scheduled sequence: the new tokens of each, and which finished.
 
         When every running sequence decodes and no request can start, one step runs up to
-        decode_steps forwards in one backend call, and a sequence may get several tokens. A
-        finished request leaves the engine in the step it finishes."""
+        decode_steps forwards in one backend call, and a sequence may get several tokens. With
+        async_decode, such a step launches the next run before it reads its own tokens, so the
+        GPU computes while the host reads them; the next step() returns that run. A finished
+        request leaves the engine in the step it finishes."""
+        if self._running_ahead is not None:
+            (batch, num_steps), self._running_ahead = self._running_ahead, None
+            return self._read_run(batch, num_steps)
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        outputs = []
-        finished = []
         num_steps = self.scheduler.decode_run_length(self.decode_steps)
         if num_steps > 1:
-            for item, tokens in zip(batch, self.runner.sample_steps(batch, num_steps)):
+            self.runner.launch_steps(batch, num_steps)
+            return self._read_run(batch, num_steps)
+        outputs = []
+        finished = []
+        for item, tokens in zip(batch, self.runner.sample(batch)):
+            if not tokens:
+                continue
+            if len(tokens) > 1:  # the prompt forks into n samples
+                for j, token in enumerate(tokens[1:], start=1):
+                    outputs.append(self._fork(item.seq, j, token, finished))
+            outputs.append(self._advance(item.seq, tokens[:1], finished))
+        self._forget_finished(finished)
+        return outputs
+
+    def _read_run(self, batch: list[ScheduledSeq], num_steps: int) -> list[StepOutput]:
+        """The outputs of the oldest launched decode run (num_steps tokens per sequence of
+        batch). With async_decode the next run of the same batch is launched first, when the
+        scheduler says nothing can change it."""
+        num_ahead = self.scheduler.next_run_length(self.decode_steps, num_steps) if self.async_decode else 0
+        if num_ahead > 0:
+            self.runner.launch_steps(batch, num_ahead, continues=True)
+            self._running_ahead = (batch, num_ahead)
+        outputs, finished = [], []
+        for item, tokens in zip(batch, self.runner.collect_steps()):
+            if not item.seq.is_finished:  # else it stopped (or was aborted) during this run
                 outputs.append(self._advance(item.seq, tokens, finished))
-        else:
-            for item, tokens in zip(batch, self.runner.sample(batch)):
-                if not tokens:
-                    continue
-                if len(tokens) > 1:  # the prompt forks into n samples
-                    for j, token in enumerate(tokens[1:], start=1):
-                        outputs.append(self._fork(item.seq, j, token, finished))
-                outputs.append(self._advance(item.seq, tokens[:1], finished))
+        self._forget_finished(finished)
+        return outputs
+
+    def _forget_finished(self, finished: list[int]) -> None:
         for request_id in set(finished):
             if self._requests[request_id].is_finished:
                 del self._requests[request_id]
-        return outputs
 
     def _advance(self, seq: Sequence, tokens: list[int], finished: list[int]) -> StepOutput:
         """Appends seq's new tokens (up to where it finishes); a finished seq leaves the
@@ -315,11 +351,15 @@ class Engine:
 
     # -- whole requests -----------------------------------------------------------------------
 
+    def _text_ids(self, ids: list[int]) -> list[int]:
+        """ids without those past the tokenizer's vocabulary (a model's padded rows have no text)."""
+        n_vocab = self.tokenizer.n_vocab
+        return ids if not ids or max(ids) < n_vocab else [t for t in ids if t < n_vocab]
+
     def _completion(self, seq: Sequence) -> Completion:
         ids = seq.output_ids
         text_ids = ids[:-1] if seq.finish_reason == "stop" else ids
-        return Completion(list(ids), self.tokenizer.decode([t for t in text_ids if t < self.tokenizer.n_vocab]),
-                          seq.finish_reason)
+        return Completion(list(ids), self.tokenizer.decode(self._text_ids(text_ids)), seq.finish_reason)
 
     def _output(self, request: Request) -> RequestOutput:
         samples = sorted(request.samples, key=lambda s: s.sample_index)
@@ -373,7 +413,7 @@ class Engine:
                 num_seen = len(seq.output_ids)
                 if seq.finish_reason == "stop":
                     new_ids = new_ids[:-1]
-                piece = decoder.decode(self.tokenizer.decode_bytes([t for t in new_ids if t < self.tokenizer.n_vocab]))
+                piece = decoder.decode(self.tokenizer.decode_bytes(self._text_ids(new_ids)))
                 if piece:
                     yield piece
             tail = decoder.decode(b"", final=True)

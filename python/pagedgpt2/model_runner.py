@@ -101,18 +101,21 @@ class ModelRunner:
         self._last_tokens = tokens
         return [[t] for t in tokens.tolist()]
 
-    def sample_steps(self, batch: list[ScheduledSeq], num_steps: int) -> list[list[int]]:
-        """Runs num_steps decode steps of an all-decode batch in one backend call (each step
-        feeds the tokens the step before sampled); returns num_steps tokens per sequence. The
-        cache slots of all the steps are taken now; a sequence that finishes early leaves the
-        rest to be freed with it."""
+    def launch_steps(self, batch: list[ScheduledSeq], num_steps: int, continues: bool = False) -> None:
+        """Starts num_steps decode steps of an all-decode batch in one backend call (each step
+        feeds the tokens the step before sampled); collect_steps() returns them. The cache slots
+        of all the steps are taken now; a sequence that finishes early leaves the rest to be freed
+        with it. continues: the batch is the one of the run launched last, whose tokens need not
+        have been read: the backend feeds its last ones itself."""
         seqs = [item.seq for item in batch]
         S, k = len(seqs), num_steps
-        if self._repeats_last_decode(batch):
+        if continues or self._repeats_last_decode(batch):
             first, counters = self._last_tokens, self._last_counters + 1
         else:
             first = np.fromiter((seq.output_ids[-1] for seq in seqs), dtype=np.int32, count=S)
             counters = np.fromiter((len(seq.output_ids) for seq in seqs), dtype=np.int64, count=S)
+        if continues:  # not read by the backend
+            first = np.zeros(S, dtype=np.int32)
         starts = np.fromiter((seq.num_cached for seq in seqs), dtype=np.int32, count=S)
         # NOTE: the ids of steps 1.. are unknown yet; the manager keeps token ids only for
         # prefix caching, which the scheduler rules out for these runs.
@@ -121,13 +124,17 @@ class ModelRunner:
         slot_mapping, block_tables, _ = self._take_slots(seqs, starts, np.full(S, k, dtype=np.int32),
                                                          placeholder.reshape(-1))
         rows = np.arange(S, dtype=np.int32)
-        tokens = self.backend.decode_steps(
+        self.backend.launch_decode_steps(
             token_ids=first, positions=starts, slot_mappings=np.ascontiguousarray(slot_mapping.reshape(S, k).T),
             query_start_loc=np.arange(S + 1, dtype=np.int32), context_lens=starts + 1,
             block_tables=block_tables, logits_indices=rows,
-            **self._sampling_arrays([(seq, 0) for seq in seqs]), counters=counters)  # [k, S]
-        self._last_decode, self._last_tokens = batch, tokens[-1].copy()
-        self._last_counters = counters + (k - 1)
+            **self._sampling_arrays([(seq, 0) for seq in seqs]), counters=counters, continue_run=continues)
+        self._last_decode, self._last_counters = batch, counters + (k - 1)
+
+    def collect_steps(self) -> list[list[int]]:
+        """The tokens of the oldest launched run: num_steps per sequence."""
+        tokens = self.backend.collect_decode_steps()  # [k, S]
+        self._last_tokens = tokens[-1].copy()
         return tokens.T.tolist()
 
     def sample(self, batch: list[ScheduledSeq]) -> list[list[int]]:

@@ -46,6 +46,7 @@ class Scheduler:
         self._decode_items: list[ScheduledSeq] = []
         self._decode_seq_ids = np.zeros(0, dtype=np.int64)
         self._steady = False  # the last schedule() returned the cached all-decode batch alone
+        self._blocked_head: Sequence | None = None  # the first waiting one then, which could not start
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -86,6 +87,7 @@ class Scheduler:
             self._enter_running(seq)
             batch.append(self._scheduled(seq, n))
             budget -= n
+        self._blocked_head = self.waiting[0] if self.waiting else None
         if not self._steady:
             # One-token rows first: the backend runs the attention of the leading ones in its
             # decode kernel and only the prompt chunks after them in the prefill kernel.
@@ -124,10 +126,29 @@ class Scheduler:
         if max_steps <= 1 or not self._steady or self.kv.manager.prefix_caching:
             return 1
         k = min(max_steps, min(seq.num_new_tokens_left for seq in self.running))
-        while k > 1 and self.kv.manager.blocks_needed_to_append_each(self._decode_seq_ids, k) \
+        return max(self._steps_that_fit(k, 1), 1)
+
+    def next_run_length(self, max_steps: int, run_steps: int) -> int:
+        """Steps of a decode run that follows, straight away, the steady batch's run of run_steps
+        whose tokens are not read yet (0: schedule() must decide). 0 when anything that could
+        change the batch happened since schedule(): a sequence finished, left or forked, a
+        request arrived that might start; or when a sequence reaches max_new_tokens with that
+        run. A sequence that meets a stop token in it finishes one run late: the next run's
+        tokens for it are dropped. Never past the free blocks."""
+        head = self.waiting[0] if self.waiting else None
+        if (max_steps <= 1 or not self._steady or self._decode_version != self._running_version
+                or head is not self._blocked_head or self.kv.manager.prefix_caching):
+            return 0
+        k = min(max_steps, min(seq.num_new_tokens_left for seq in self.running) - run_steps)
+        return self._steps_that_fit(max(k, 0), 0)
+
+    def _steps_that_fit(self, k: int, least: int) -> int:
+        """k, halved until the next k tokens of every running sequence fit in the free blocks
+        (or it reaches least)."""
+        while k > least and self.kv.manager.blocks_needed_to_append_each(self._decode_seq_ids, k) \
                 > self.kv.manager.num_free:
             k //= 2
-        return max(k, 1)
+        return k
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         return self.kv.manager.blocks_needed_to_append(seq.seq_id, n)

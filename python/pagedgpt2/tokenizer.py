@@ -100,6 +100,10 @@ def _check_ids(ids: Iterable[int]) -> list[int]:
     """ids as a list of Python ints, each in [0, N_VOCAB)."""
     if isinstance(ids, (str, bytes)):
         raise TypeError(f"token ids must be a sequence of ints, got {type(ids).__name__}")
+    ids = list(ids)
+    # The common case, checked in C: plain ints, all in range (a generated text of a batch).
+    if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < N_VOCAB):
+        return ids
     out = []
     for tok in ids:
         try:

@@ -118,6 +118,7 @@ def test_stop_token_ids_must_be_integers():
     ({"decode_steps": 0}, r"decode_steps must be an integer in \[1, 64\]"),
     ({"decode_steps": 65}, r"decode_steps must be an integer in \[1, 64\]"),
     ({"decode_steps": 2.0}, r"decode_steps must be an integer in \[1, 64\]"),
+    ({"async_decode": 1}, "async_decode must be True or False, got 1"),
 ])
 def test_bad_engine_arguments(engine_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -219,4 +220,27 @@ def test_backend_decode_steps_needs_a_decode_batch_in_order(engine_dir):
     arrays["logits_indices"] = np.array([0], dtype=np.int32)
     with pytest.raises(ValueError, match=r"logits_indices \(one per sequence\): expected 2 entries, got 1"):
         eng.backend.decode_steps(**arrays)
+    check_untouched(eng)
+
+
+def test_backend_decode_runs_out_of_order(engine_dir):
+    """Collecting with nothing launched, a third run before one is read, continuing nothing or a
+    run of another batch, and decode_steps while a run is out are clear errors."""
+    eng = Engine(engine_dir, device="cpu", block_size=16)
+    backend = eng.backend
+    with pytest.raises(RuntimeError, match="no decode run was launched"):
+        backend.collect_decode_steps()
+    with pytest.raises(RuntimeError, match="continue_run, but no run was launched before"):
+        backend.launch_decode_steps(**decode_steps_arrays(), continue_run=True)
+    backend.launch_decode_steps(**decode_steps_arrays())
+    with pytest.raises(ValueError, match="continue_run with 3 sequences, but the previous run had 2"):
+        backend.launch_decode_steps(**decode_steps_arrays(num_seqs=3), continue_run=True)
+    with pytest.raises(RuntimeError, match="launched decode run\\(s\\) not collected"):
+        backend.decode_steps(**decode_steps_arrays())
+    backend.launch_decode_steps(**decode_steps_arrays(), continue_run=True)
+    with pytest.raises(RuntimeError, match="2 launched decode runs are not collected"):
+        backend.launch_decode_steps(**decode_steps_arrays())
+    assert backend.runs_in_flight == 2
+    assert backend.collect_decode_steps().shape == backend.collect_decode_steps().shape == (3, 2)
+    assert backend.runs_in_flight == 0
     check_untouched(eng)

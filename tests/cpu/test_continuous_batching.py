@@ -86,16 +86,19 @@ def test_parallel_samples_reproduce_and_match_each_sample_run_alone(model_dir):
     assert eng.kv_stats()["blocks_used"] == 0
 
 
-def test_parallel_samples_share_the_prompt_blocks(model_dir):
+@pytest.mark.parametrize("async_decode, own_blocks", [(False, 1), (True, 2)])
+def test_parallel_samples_share_the_prompt_blocks(model_dir, async_decode, own_blocks):
     prompt = make_prompts(4, [40])[0]
-    eng = Engine(model_dir, device="cpu", block_size=8)
+    eng = Engine(model_dir, device="cpu", block_size=8, async_decode=async_decode)
     rid = eng.add_request(prompt, SamplingParams(n=4, max_new_tokens=10, temperature=1.0, seed=1, ignore_eos=True))
     eng.step()  # prefill, then the fork into 4 samples
     stats = eng.kv_stats()
     assert stats["blocks_shared"] == 5  # 40 tokens = 5 full blocks, all four samples share them
     assert stats["blocks_used"] == 5
-    eng.step()  # each sample writes its own next token: 4 new blocks, no copies of full ones
-    assert eng.kv_stats()["blocks_used"] == 5 + 4
+    # Each sample writes its own next tokens: 8 in one run (one new block each), no copies of
+    # full blocks; with async_decode the run after it (1 token) is launched too, into a 2nd block.
+    eng.step()
+    assert eng.kv_stats()["blocks_used"] == 5 + 4 * own_blocks
     eng.abort(rid)
     assert eng.kv_stats()["blocks_used"] == 0
 
@@ -281,11 +284,14 @@ def run_with_events(eng, prompts, params, join_at=None, abort_at=None):
     return got, reasons
 
 
+@pytest.mark.parametrize("async_decode", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("decode_steps, block_size", [(8, 4), (3, 1), (5, 16)])
-def test_multi_step_decode_gives_the_tokens_of_single_steps(model_dir, monkeypatch, decode_steps, block_size):
+def test_multi_step_decode_gives_the_tokens_of_single_steps(model_dir, monkeypatch, decode_steps, block_size,
+                                                             async_decode):
     """decode_steps > 1 runs several decode steps per backend call, feeding sampled tokens back
-    inside the backend; every request gets exactly the tokens and finish reasons of one step per
-    call: greedy and seeded sampling, forks, stop tokens hit mid-run, a late joiner, an abort."""
+    inside the backend (and, with async_decode, launches the next run before reading the last);
+    every request gets exactly the tokens and finish reasons of one step per call: greedy and
+    seeded sampling, forks, stop tokens hit mid-run, a late joiner, an abort."""
     from pagedgpt2.model_runner import ModelRunner
 
     prompts = make_prompts(30, [5, 9, 13, 3, 17, 8])
@@ -297,12 +303,13 @@ def test_multi_step_decode_gives_the_tokens_of_single_steps(model_dir, monkeypat
         SamplingParams(n=3, max_new_tokens=18, temperature=1.0, seed=7, stop_token_ids=[probe[3]])]
     prompts[4] = prompts[0]
     runs = []
-    original = ModelRunner.sample_steps
-    monkeypatch.setattr(ModelRunner, "sample_steps",
-                        lambda self, batch, k: runs.append(k) or original(self, batch, k))
-    multi = run_with_events(Engine(model_dir, device="cpu", block_size=block_size, decode_steps=decode_steps),
-                            prompts, params, join_at=4, abort_at=2)
-    assert runs and max(runs) == decode_steps  # multi-step runs happened, full length at least once
+    original = ModelRunner.launch_steps
+    monkeypatch.setattr(ModelRunner, "launch_steps", lambda self, batch, k, continues=False:
+                        runs.append((k, continues)) or original(self, batch, k, continues))
+    multi = run_with_events(Engine(model_dir, device="cpu", block_size=block_size, decode_steps=decode_steps,
+                                   async_decode=async_decode), prompts, params, join_at=4, abort_at=2)
+    assert runs and max(runs)[0] == decode_steps  # multi-step runs happened, full length at least once
+    assert any(continues for _, continues in runs) == async_decode  # runs launched ahead
     runs.clear()
     single = run_with_events(Engine(model_dir, device="cpu", block_size=block_size, decode_steps=1),
                              prompts, params, join_at=4, abort_at=2)
@@ -320,17 +327,19 @@ def test_multi_step_decode_stays_within_free_blocks_and_max_new_tokens(model_dir
     from pagedgpt2.model_runner import ModelRunner
 
     runs = []
-    original = ModelRunner.sample_steps
+    original = ModelRunner.launch_steps
 
-    def spy(self, batch, k):
+    def spy(self, batch, k, continues=False):
         free = self.kv.manager.num_free
         need = self.kv.manager.blocks_needed_to_append_each(
             np.array([item.seq.seq_id for item in batch], dtype=np.int64), k)
-        left = min(item.seq.num_new_tokens_left for item in batch)
+        # a run launched ahead follows one whose tokens are not counted yet
+        unread = runs[-1][0] if continues else 0
+        left = min(item.seq.num_new_tokens_left for item in batch) - unread
         runs.append((k, need <= free, k <= left))
-        return original(self, batch, k)
+        return original(self, batch, k, continues)
 
-    monkeypatch.setattr(ModelRunner, "sample_steps", spy)
+    monkeypatch.setattr(ModelRunner, "launch_steps", spy)
     prompts = make_prompts(40, [20, 11, 30])
     params = mixed_params(3, max_new=21)
     tight = Engine(model_dir, device="cpu", block_size=2, num_blocks=60, decode_steps=16)
@@ -348,14 +357,14 @@ def test_multi_step_decode_runs_while_the_next_request_cannot_start(model_dir, m
     from pagedgpt2.model_runner import ModelRunner
 
     waiting_runs = []
-    original = ModelRunner.sample_steps
+    original = ModelRunner.launch_steps
 
-    def spy(self, batch, k):
+    def spy(self, batch, k, continues=False):
         if eng.scheduler.waiting:
             waiting_runs.append(k)
-        return original(self, batch, k)
+        return original(self, batch, k, continues)
 
-    monkeypatch.setattr(ModelRunner, "sample_steps", spy)
+    monkeypatch.setattr(ModelRunner, "launch_steps", spy)
     prompts = make_prompts(42, [7, 12, 5, 9, 14])
     params = mixed_params(len(prompts), max_new=20)
     kw = dict(max_num_seqs=2) if limit == "max_num_seqs" else dict(block_size=4, num_blocks=24)
@@ -369,6 +378,58 @@ def test_multi_step_decode_runs_while_the_next_request_cannot_start(model_dir, m
 def test_multi_step_decode_is_off_with_prefix_caching(model_dir, monkeypatch):
     from pagedgpt2.model_runner import ModelRunner
 
-    monkeypatch.setattr(ModelRunner, "sample_steps", lambda *a: pytest.fail("multi-step with prefix caching"))
+    monkeypatch.setattr(ModelRunner, "launch_steps", lambda *a: pytest.fail("multi-step with prefix caching"))
     eng = Engine(model_dir, device="cpu", enable_prefix_caching=True, decode_steps=8)
     eng.generate(make_prompts(41, [9, 12]), mixed_params(2))
+
+
+def test_async_decode_join_and_abort_while_a_run_is_ahead(model_dir):
+    """A request added while a decode run is launched ahead starts once that run is read; one
+    aborted then gets no more tokens. Every request's tokens are those it gets run alone, and the
+    pool ends free."""
+    prompts = make_prompts(43, [9, 14, 6])
+    params = mixed_params(3, max_new=30)
+    eng = Engine(model_dir, device="cpu", decode_steps=4)
+    first, aborted = (eng.add_request(p, sp) for p, sp in zip(prompts[:2], params[:2]))
+    got: dict[int, list[int]] = {}
+
+    def step():
+        for out in eng.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+    for _ in range(20):
+        step()
+        if eng.backend.runs_in_flight:
+            break
+    assert eng.backend.runs_in_flight == 1  # a run is ahead, its tokens unread
+    late = eng.add_request(prompts[2], params[2])
+    eng.abort(aborted)
+    num_before = len(got[aborted])
+    while eng.has_unfinished_requests():
+        step()
+    alone = [Engine(model_dir, device="cpu", decode_steps=1).generate(p, sp)[0].token_ids
+             for p, sp in zip(prompts, params)]
+    assert got[first] == alone[0] and got[late] == alone[2]
+    assert got[aborted] == alone[1][:num_before] and 0 < num_before < len(alone[1])
+    assert eng.kv_stats()["blocks_used"] == 0
+
+
+def test_backend_decode_run_continued_gives_the_tokens_of_one_run(model_dir):
+    """launch_decode_steps(continue_run=True) feeds the last tokens of the run before it, which
+    the caller has not read: two runs give the tokens of one as long."""
+    from conftest import decode_run_arrays, later_steps
+
+    backend = Engine(model_dir, device="cpu", block_size=16).backend
+    arrays = decode_run_arrays(num_seqs=3, num_steps=7, position=10)
+    whole = backend.decode_steps(**arrays)
+    backend.launch_decode_steps(**dict(arrays, slot_mappings=arrays["slot_mappings"][:3]))
+    backend.launch_decode_steps(**later_steps(arrays, 3), continue_run=True)
+    assert backend.runs_in_flight == 2
+    head, tail = backend.collect_decode_steps(), backend.collect_decode_steps()
+    assert head.shape == (3, 3) and tail.shape == (4, 3)
+    np.testing.assert_array_equal(np.concatenate([head, tail]), whole)
+    # continued again after the host read everything: from the tokens it kept
+    backend.launch_decode_steps(**dict(arrays, slot_mappings=arrays["slot_mappings"][:5]))
+    np.testing.assert_array_equal(backend.collect_decode_steps(), whole[:5])
+    backend.launch_decode_steps(**later_steps(arrays, 5), continue_run=True)
+    np.testing.assert_array_equal(backend.collect_decode_steps(), whole[5:])

@@ -145,3 +145,8 @@ def test_decode_rejects_bad_ids(tok):
         tok.decode([-1])
     with pytest.raises(TypeError, match="must be ints"):
         tok.decode([1.5])
+    # one bad id among good ones, whatever its place
+    with pytest.raises(ValueError, match=r"token id 50300 is out of range"):
+        tok.decode([15496, 995] * 64 + [50300])
+    with pytest.raises(TypeError, match="must be ints, got float"):
+        tok.decode([15496, 995.0, 11])

@@ -103,8 +103,9 @@ def test_multi_step_decode_matches_single_steps(model_dir, dtype):
     params = [SamplingParams(max_new_tokens=40, temperature=0.0 if i % 2 else 1.0, top_k=50, seed=i,
                              ignore_eos=True) for i in range(len(ps))]
 
-    def run(steps, graphs=True):
-        eng = Engine(model_dir, device="cuda", dtype=dtype, num_blocks=512, block_size=8, decode_steps=steps)
+    def run(steps, graphs=True, async_decode=True):
+        eng = Engine(model_dir, device="cuda", dtype=dtype, num_blocks=512, block_size=8, decode_steps=steps,
+                     async_decode=async_decode)
         eng.backend.use_cuda_graphs = graphs
         out = [o.token_ids for o in eng.generate(ps, params)]
         assert eng.kv_stats()["blocks_used"] == 0
@@ -112,6 +113,7 @@ def test_multi_step_decode_matches_single_steps(model_dir, dtype):
 
     single = run(1)
     assert run(8) == single
+    assert run(8, async_decode=False) == single
     assert run(64) == single
     assert run(16, graphs=False) == run(1, graphs=False)
 
@@ -126,3 +128,31 @@ def test_multi_step_decode_with_mixed_lengths_and_stops(model_dir):
     multi = engine(model_dir, decode_steps=8).generate(ps, params)
     assert [o.token_ids for o in multi] == [o.token_ids for o in single]
     assert multi[5].samples[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decode_run_continued_on_the_gpu_gives_the_tokens_of_one_run(model_dir, dtype):
+    """The CUDA backend returns from launch_decode_steps at once, and a run that continues it
+    takes the tokens its last step sampled from the GPU: two runs give the tokens of one as long.
+    So do the cases it must serve from the host: graphs switched off between the two launches,
+    and a step run in between (which overwrites the GPU's copy of those tokens)."""
+    from conftest import decode_run_arrays, later_steps
+
+    backend = Engine(model_dir, device="cuda", dtype=dtype, num_blocks=64, block_size=16).backend
+    arrays = decode_run_arrays(num_seqs=5, num_steps=9, position=20)
+    head = dict(arrays, slot_mappings=arrays["slot_mappings"][:4])
+    whole = backend.decode_steps(**arrays)
+
+    def two_runs(between=lambda: None):
+        backend.launch_decode_steps(**head)
+        between()
+        backend.launch_decode_steps(**later_steps(arrays, 4), continue_run=True)
+        assert backend.runs_in_flight == 2
+        return np.concatenate([backend.collect_decode_steps(), backend.collect_decode_steps()])
+
+    np.testing.assert_array_equal(two_runs(), whole)
+    other = decode_run_arrays(num_seqs=1, num_steps=1, position=3, first_block=20, seed=1)
+    other["slot_mapping"] = other.pop("slot_mappings")[0]
+    np.testing.assert_array_equal(two_runs(lambda: backend.forward_and_sample(**other)), whole)
+    np.testing.assert_array_equal(two_runs(lambda: setattr(backend, "use_cuda_graphs", False)), whole)
+    np.testing.assert_array_equal(two_runs(), whole)  # graphs off: both runs one step at a time
