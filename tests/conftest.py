@@ -31,19 +31,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def decode_run_arrays(num_seqs: int, num_steps: int, position: int, block_size: int = 16,
-                      seed: int = 0, first_block: int = 0) -> dict:
+def decode_run_arrays(num_seqs: int = 2, num_steps: int = 3, position: int = 10,
+                      block_size: int = 16, seed: int = 0, first_block: int = 0) -> dict:
     """Arguments of a backend's decode_steps / launch_decode_steps: num_seqs sequences at one
     position, each in its own two blocks (from first_block on), every step writing the slot of
     its own position (so runs never read a slot they did not write first, whatever ran before).
-    Seeded sampling."""
+    Seeded sampling. Positions past the two blocks, which a backend must refuse, get slots in the
+    second."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     rows = np.arange(num_seqs, dtype=np.int32)
     tables = first_block + np.arange(2 * num_seqs, dtype=np.int32).reshape(num_seqs, 2)[:, ::-1]
     positions = position + np.arange(num_steps, dtype=np.int32)[:, None] + np.zeros(num_seqs, dtype=np.int32)
-    slots = tables[rows, positions // block_size] * block_size + positions % block_size
+    slots = tables[rows, np.minimum(positions // block_size, 1)] * block_size + positions % block_size
     return dict(
         token_ids=rng.integers(0, 1000, num_seqs).astype(np.int32),
         positions=np.full(num_seqs, position, dtype=np.int32), slot_mappings=slots.astype(np.int32),

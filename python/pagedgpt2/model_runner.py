@@ -109,13 +109,13 @@ class ModelRunner:
         have been read: the backend feeds its last ones itself."""
         seqs = [item.seq for item in batch]
         S, k = len(seqs), num_steps
-        if continues or self._repeats_last_decode(batch):
+        if continues:  # the backend feeds the last run's tokens: these are not read
+            first, counters = np.zeros(S, dtype=np.int32), self._last_counters + 1
+        elif self._repeats_last_decode(batch):
             first, counters = self._last_tokens, self._last_counters + 1
         else:
             first = np.fromiter((seq.output_ids[-1] for seq in seqs), dtype=np.int32, count=S)
             counters = np.fromiter((len(seq.output_ids) for seq in seqs), dtype=np.int64, count=S)
-        if continues:  # not read by the backend
-            first = np.zeros(S, dtype=np.int32)
         starts = np.fromiter((seq.num_cached for seq in seqs), dtype=np.int32, count=S)
         # NOTE: the ids of steps 1.. are unknown yet; the manager keeps token ids only for
         # prefix caching, which the scheduler rules out for these runs.

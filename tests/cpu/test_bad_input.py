@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from conftest import decode_run_arrays
 from pagedgpt2 import Engine, SamplingParams
 
 
@@ -180,22 +181,6 @@ def test_wrong_number_of_sampling_params(eng):
         eng.generate([[1, 2]], [SamplingParams(), SamplingParams()])
 
 
-def decode_steps_arrays(num_seqs=2, num_steps=3, position=10, max_blocks=2):
-    """Arguments of Model.decode_steps for sequences at one position (block size 16)."""
-    import numpy as np
-
-    rows = np.arange(num_seqs, dtype=np.int32)
-    return dict(
-        token_ids=np.full(num_seqs, 5, dtype=np.int32), positions=np.full(num_seqs, position, dtype=np.int32),
-        slot_mappings=(np.arange(num_steps * num_seqs, dtype=np.int32).reshape(num_steps, num_seqs)),
-        query_start_loc=np.arange(num_seqs + 1, dtype=np.int32),
-        context_lens=np.full(num_seqs, position + 1, dtype=np.int32),
-        block_tables=np.arange(num_seqs * max_blocks, dtype=np.int32).reshape(num_seqs, max_blocks),
-        logits_indices=rows, temperature=np.zeros(num_seqs, dtype=np.float32),
-        top_k=np.zeros(num_seqs, dtype=np.int32), top_p=np.ones(num_seqs, dtype=np.float32),
-        seeds=np.zeros(num_seqs, dtype=np.uint64), counters=np.zeros(num_seqs, dtype=np.int64))
-
-
 @pytest.mark.parametrize("change, message", [
     (dict(position=94), r"sequence 0 at position 94 cannot take 3 more tokens \(n_positions 96"),
     (dict(position=30), r"cannot take 3 more tokens .* block table of 32 slots"),
@@ -204,7 +189,7 @@ def decode_steps_arrays(num_seqs=2, num_steps=3, position=10, max_blocks=2):
 def test_backend_decode_steps_past_the_context_or_table(engine_dir, change, message):
     eng = Engine(engine_dir, device="cpu", block_size=16)
     with pytest.raises(ValueError, match=message):
-        eng.backend.decode_steps(**decode_steps_arrays(**change))
+        eng.backend.decode_steps(**decode_run_arrays(**change))
     check_untouched(eng)
 
 
@@ -212,11 +197,11 @@ def test_backend_decode_steps_needs_a_decode_batch_in_order(engine_dir):
     import numpy as np
 
     eng = Engine(engine_dir, device="cpu", block_size=16)
-    arrays = decode_steps_arrays()
+    arrays = decode_run_arrays()
     arrays["logits_indices"] = np.array([1, 0], dtype=np.int32)
     with pytest.raises(ValueError, match="one token and one logits row per sequence, in order"):
         eng.backend.decode_steps(**arrays)
-    arrays = decode_steps_arrays()
+    arrays = decode_run_arrays()
     arrays["logits_indices"] = np.array([0], dtype=np.int32)
     with pytest.raises(ValueError, match=r"logits_indices \(one per sequence\): expected 2 entries, got 1"):
         eng.backend.decode_steps(**arrays)
@@ -231,15 +216,15 @@ def test_backend_decode_runs_out_of_order(engine_dir):
     with pytest.raises(RuntimeError, match="no decode run was launched"):
         backend.collect_decode_steps()
     with pytest.raises(RuntimeError, match="continue_run, but no run was launched before"):
-        backend.launch_decode_steps(**decode_steps_arrays(), continue_run=True)
-    backend.launch_decode_steps(**decode_steps_arrays())
+        backend.launch_decode_steps(**decode_run_arrays(), continue_run=True)
+    backend.launch_decode_steps(**decode_run_arrays())
     with pytest.raises(ValueError, match="continue_run with 3 sequences, but the previous run had 2"):
-        backend.launch_decode_steps(**decode_steps_arrays(num_seqs=3), continue_run=True)
+        backend.launch_decode_steps(**decode_run_arrays(num_seqs=3), continue_run=True)
     with pytest.raises(RuntimeError, match="launched decode run\\(s\\) not collected"):
-        backend.decode_steps(**decode_steps_arrays())
-    backend.launch_decode_steps(**decode_steps_arrays(), continue_run=True)
+        backend.decode_steps(**decode_run_arrays())
+    backend.launch_decode_steps(**decode_run_arrays(), continue_run=True)
     with pytest.raises(RuntimeError, match="2 launched decode runs are not collected"):
-        backend.launch_decode_steps(**decode_steps_arrays())
+        backend.launch_decode_steps(**decode_run_arrays())
     assert backend.runs_in_flight == 2
     assert backend.collect_decode_steps().shape == backend.collect_decode_steps().shape == (3, 2)
     assert backend.runs_in_flight == 0
