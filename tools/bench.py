@@ -91,8 +91,10 @@ def make_engine(model_dir, device, dtype, kv_cache, max_batch, **engine_args):
     from pagedgpt2 import Engine
 
     # A pool of one full context per sequence (in blocks of 16): both cache modes fit the batch.
-    return Engine(model_dir, device=device, dtype=dtype, kv_cache=kv_cache, block_size=16,
-                  num_blocks=max_batch * 1024 // 16, max_num_seqs=max_batch, **engine_args)
+    # engine_args may override these.
+    args = dict(block_size=16, num_blocks=max_batch * 1024 // 16, max_num_seqs=max_batch)
+    args.update(engine_args)
+    return Engine(model_dir, device=device, dtype=dtype, kv_cache=kv_cache, **args)
 
 
 def bench_engine(eng, batch, prompts, new_tokens, repeats):

@@ -3,7 +3,8 @@
 1. Device-to-device copy bandwidth (bytes read + written): the roofline for memory-bound kernels.
 2. The paged-attention decode kernel alone: batch x context, K/V bytes read per launch over the
    copy bandwidth, for several block sizes and for the contiguous layout (one block per sequence);
-   then one head a thread block against four (a warp each).
+   then one head a thread block against four (a warp each). Launches are replayed from a CUDA
+   graph, each on its own copy of the cache, so that none finds its rows in L2 (as in a step).
 3. The skinny GEMV alone at gpt2's and gpt2-xl's layer shapes, weight bytes over copy bandwidth.
 4. A whole decode step of the engine against context length, paged vs contiguous.
 

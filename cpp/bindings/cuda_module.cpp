@@ -238,15 +238,20 @@ void bind_ops(nb::module_& m) {
   ops.def(
       "time_decode_attention",
       [](int num_seqs, int context_len, int num_heads, int head_size, int block_size,
-         std::string dtype, int iters, int partition_size, int heads_per_block) {
+         std::string dtype, int iters, int partition_size, int heads_per_block, int copies) {
+        if (copies < 0) {
+          throw std::invalid_argument("copies must be >= 0, got " + std::to_string(copies));
+        }
         nb::gil_scoped_release release;
         return cuda::ops::time_decode_attention(num_seqs, context_len, num_heads, head_size,
                                                 block_size, dt(dtype), iters, partition_size,
-                                                heads_per_block);
+                                                heads_per_block, copies);
       },
       "num_seqs"_a, "context_len"_a, "num_heads"_a, "head_size"_a, "block_size"_a,
       "dtype"_a = "float16", "iters"_a = 50, "partition_size"_a = 0, "heads_per_block"_a = 0,
-      "Median ms per launch of the decode-attention kernel (random data, shuffled blocks).");
+      "copies"_a = 0,
+      "Median ms per launch of the decode-attention kernel (random data, shuffled blocks; "
+      "copies 0: graph-replayed on caches not in L2, 1: one cache, each launch timed alone).");
   ops.def(
       "time_skinny_gemm",
       [](int rows, int out_features, int in_features, int chain, int iters, int warps_per_row,

@@ -26,8 +26,15 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMinPartitionSize = 64;
 constexpr int kTargetBlocksPerSm = 4;  // split until the grid has this many blocks per SM
-constexpr int kStageBytes = 8 * 1024;  // K + V of one tile, as aimed for
-constexpr int kPipeBytes = 36 * 1024;  // all stages
+// K + V of one tile, as aimed for, and of all stages: a block on one head streams 8 KB tiles,
+// four deep; a block of four heads 16 KB tiles (one cache block of 16 tokens for gpt2), two deep.
+// NOTE: four heads, H200, gpt2 at batch 256 x 192 tokens: 16 KB x 2 39.6 us a launch against
+// 40.6-40.9 with 8 KB x 4 (256 x 256: 50.8 against 52.1-52.5); 4 KB x 4 44.6, 8 KB x 3 40.8,
+// 12 KB x 2 or 3 40.2-40.5 (notes.md, eleventh session). Both use 32 KB of shared memory.
+template <int G>
+constexpr int kStageBytes = G == 1 ? 8 * 1024 : 16 * 1024;
+template <int G>
+constexpr int kPipeBytes = G == 1 ? 36 * 1024 : 32 * 1024;
 
 constexpr int largest_pow2_dividing(int n, int cap) {
   int p = 1;
@@ -50,11 +57,11 @@ struct DecodeLayout {
   static constexpr int kGroups = kHeadThreads / kLanes;             // rows a head scores at once
   static constexpr int kTokenBytes = 2 * G * D * int(sizeof(T));    // K + V of a token, G heads
   // Tokens per tile: a multiple of kGroups near kStageBytes of K + V.
-  static constexpr int kTile = kStageBytes / kTokenBytes / kGroups * kGroups > 0
-                                   ? kStageBytes / kTokenBytes / kGroups * kGroups
+  static constexpr int kTile = kStageBytes<G> / kTokenBytes / kGroups * kGroups > 0
+                                   ? kStageBytes<G> / kTokenBytes / kGroups * kGroups
                                    : kGroups;
   static constexpr int kPerGroup = kTile / kGroups;                 // tokens per group per tile
-  static constexpr int kStages = clamp_int(kPipeBytes / (kTile * kTokenBytes), 2, 4);
+  static constexpr int kStages = clamp_int(kPipeBytes<G> / (kTile * kTokenBytes), 2, 4);
 };
 
 // Running softmax state (m, l) and output slice acc of one lane group, merged with another

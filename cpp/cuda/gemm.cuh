@@ -35,9 +35,9 @@ class Gemm {
   // NOTE: plans are made per row bucket (T rounded up to a power of two; a call sets the
   // layouts' column count to its T), so steps of ever-changing T (mixed prefill and decode)
   // reuse them. For decode-sized buckets (<= kAutotuneMaxRows) the heuristic's best few
-  // algorithms are timed on the first eager call and the fastest kept, for every engine of the
-  // process: its first pick is sometimes several times slower (an sm_75 kernel for the
-  // fp16 x fp16 -> fp32 LM head, seen on an H200).
+  // algorithms are timed on the first eager call (as a step meets them: weights not in L2) and
+  // the fastest kept, for every engine of the process: its first pick is sometimes several
+  // times slower (an sm_75 kernel for the fp16 x fp16 -> fp32 LM head, seen on an H200).
   void matmul(void* out, const void* in, const void* weight, const void* bias, int T, int N,
               int K, DType dtype, bool out_fp32, Epilogue epilogue, cudaStream_t stream);
 
@@ -62,7 +62,12 @@ class Gemm {
   static void destroy(Plan& p);
   cublasStatus_t run(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
                      const void* weight, cudaStream_t stream);
-  void autotune(Plan& p, void* out, const void* in, const void* weight, cudaStream_t stream);
+  void autotune(Plan& p, void* out, const void* in, const void* weight, size_t weight_bytes,
+                cudaStream_t stream);
+  float time_hot(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
+                 const void* weight, cudaStream_t stream);
+  float time_cold(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
+                  const char* weights, size_t weight_bytes, int copies, cudaStream_t stream);
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;

@@ -88,10 +88,12 @@ void copy_blocks(float* cache,       // [num_blocks, block_size, H, D]
 
 // Milliseconds per launch of the decode-attention kernel over num_seqs sequences of context_len
 // tokens each, with shuffled block tables; partition_size, heads_per_block 0: as the model
-// picks them.
+// picks them. copies 0: launches replayed from a CUDA graph, each on its own copy of the cache,
+// enough copies that none is found in L2 (as in a model step); 1: one cache, each launch timed
+// alone (launch included, rows partly in L2).
 double time_decode_attention(int num_seqs, int context_len, int num_heads, int head_size,
                              int block_size, DType dtype, int iters, int partition_size = 0,
-                             int heads_per_block = 0);
+                             int heads_per_block = 0, int copies = 0);
 // Milliseconds per skinny GEMV (float16, bias epilogue) of rows x in_features by
 // [out_features, in_features], in a chain of `chain` launched programmatically one after the
 // other as a step's are (from a CUDA graph), each on weights not in L2.

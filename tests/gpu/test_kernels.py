@@ -306,6 +306,14 @@ def test_decode_attention_rejects_other_heads_per_block(rng):
                             heads_per_block=2)
 
 
+def test_kernel_timers_reject_bad_arguments():
+    """The benchmark timers name the argument and its limit instead of running a bad setup."""
+    with pytest.raises(ValueError, match="copies must be >= 0, got -1"):
+        gpu.time_decode_attention(4, 64, 12, 64, 16, copies=-1)
+    with pytest.raises(ValueError, match="warps_per_row"):
+        gpu.time_skinny_gemm(1, 768, 768, 16, 5, 3, 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_one_big_head(rng, dtype):
     """batch 1 x 1 head x 1024 tokens: the split path at its widest (auto partitioning)."""
