@@ -71,6 +71,12 @@ def drain(eng) -> int:
         eng.async_decode = saved
 
 
+def context_range(eng) -> tuple[int, int]:
+    """The shortest and longest context among eng's running sequences."""
+    lengths = [seq.num_tokens for seq in eng.scheduler.running]
+    return min(lengths), max(lengths)
+
+
 def print_kernels(prof, per: int, label: str) -> None:
     """The 14 kernels with the most GPU time in prof, per `per` (steps, or 1 for the whole run)."""
     events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
@@ -153,12 +159,16 @@ def main() -> None:
         host_ms = (time.perf_counter() - t0) / steps * 1e3
         backend_ms = timed.seconds / steps * 1e3
         eng.runner.backend = eng.backend
+        first = context_range(eng)[0]
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             steps = run_steps(eng, args.steps) + drain(eng)
         torch.cuda.synchronize()
-        print(f"\n== batch {batch}, context {args.context}: {host_ms:.3f} ms/step wall, of which "
+        last = context_range(eng)[1]
+        # NOTE: the warm-up and the timed window come first, so the profiled steps run past the
+        # prompt's length (contexts ~215-245 for --context 192).
+        print(f"\n== batch {batch}, prompts of {args.context}: {host_ms:.3f} ms/step wall, of which "
               f"{backend_ms:.3f} ms in the backend call (C++ and the GPU) and {host_ms - backend_ms:.3f} ms "
-              f"of Python; graphs={eng.backend.num_cuda_graphs}")
+              f"of Python; graphs={eng.backend.num_cuda_graphs}; profiled contexts {first}-{last}")
         print_kernels(prof, steps, "per step")
         del eng
 
