@@ -180,7 +180,9 @@ void bind_ops(nb::module_& m) {
         check_len("slot_mapping", slot_mapping.shape(0), S);
         std::vector<int32_t> query_start_loc(S + 1);  // one query per sequence
         for (size_t i = 0; i <= S; ++i) query_start_loc[i] = int32_t(i);
-        auto k = copy_of(k_cache), v = copy_of(v_cache);
+        // The caches after the kernel (fully written by the op).
+        const std::vector<size_t> shape(k_cache.shape_ptr(), k_cache.shape_ptr() + k_cache.ndim());
+        auto k = owned_array<float>(shape), v = owned_array<float>(shape);
         auto out = attention_op(qkv, k_cache, v_cache, positions, query_start_loc.data(), int(S),
                                 block_tables, num_heads, dtype, cuda::ops::AttentionKernel::kDecode,
                                 partition_size, heads_per_block, slot_mapping.data(), k.data(),

@@ -104,14 +104,14 @@ __device__ void merge_partitions(T* out_row, const DecodeWorkspace& ws, int64_t 
 }
 
 // Split path, once the threads of one (sequence, head) (thread `t` of `n`: one warp, or the
-// whole block with kWholeBlock) have written this partition's partial_out row: publishes its max
-// m and sum l and counts it; the last of the num_parts partitions to do so merges them all into
-// out_row and resets the count. is_last: a shared flag, for the whole block.
+// whole block with kWholeBlock) have written this partition's partial_out row `row` (of the
+// head's num_parts rows from first_row): publishes its max m and sum l and counts it; the last
+// of the partitions to do so merges them all into out_row and resets the count. is_last: a
+// shared flag, for the whole block.
 template <bool kWholeBlock, typename T>
 __device__ void publish_partition(T* out_row, const DecodeWorkspace& ws, int64_t sh,
-                                  int64_t first_row, int part, int num_parts, float m, float l,
+                                  int64_t first_row, int64_t row, int num_parts, float m, float l,
                                   int D, int t, int n, bool* is_last) {
-  const int64_t row = first_row + part;
   if (t == 0) {
     ws.partial_max[row] = m;
     ws.partial_sum[row] = l;
@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < kVec; ++e) ws.partial_out[row * D + col(j) + e] = acc[j * kVec + e];
       }
     }
-    publish_partition<false>(out_row, ws, sh, first_row, part, num_parts, m, l, D, lane, 32,
+    publish_partition<false>(out_row, ws, sh, first_row, row, num_parts, m, l, D, lane, 32,
                              nullptr);
   } else {
     // The block on one head: merge the warps through shared memory, weights exp2(m_w - max_m)
@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(kThreads)
     // ---- split path: publish this partition, the last one to finish merges.
     const int64_t row = first_row + part;
     for (int d = tid; d < D; d += kThreads) ws.partial_out[row * D + d] = merged(d);
-    publish_partition<true>(out_row, ws, sh, first_row, part, num_parts, max_m, sum, D, tid,
+    publish_partition<true>(out_row, ws, sh, first_row, row, num_parts, max_m, sum, D, tid,
                             kThreads, &is_last);
   }
 }

@@ -7,12 +7,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <mutex>
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "cuda/dtype.h"
 
@@ -197,15 +201,33 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
 // without the host's per-launch cost.
 class CapturedGraph {
  public:
+  // NOTE: if enqueue throws, the capture is ended and its graph and stream freed before the
+  // exception goes on (a capture left open would break every later use of the thread's streams).
   template <typename Enqueue>
   explicit CapturedGraph(Enqueue&& enqueue) {
     cudaStream_t capture;
     CUDA_CHECK(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking));
-    CUDA_CHECK(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal));
-    enqueue(capture);
-    CUDA_CHECK(cudaStreamEndCapture(capture, &graph_));
-    CUDA_CHECK(cudaStreamDestroy(capture));
-    CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
+    cudaError_t err = cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal);
+    if (err == cudaSuccess) {
+      try {
+        enqueue(capture);
+      } catch (...) {
+        cudaGraph_t partial = nullptr;
+        cudaStreamEndCapture(capture, &partial);
+        if (partial) cudaGraphDestroy(partial);
+        cudaStreamDestroy(capture);
+        throw;
+      }
+      err = cudaStreamEndCapture(capture, &graph_);
+    }
+    cudaStreamDestroy(capture);
+    CUDA_CHECK(err);
+    err = cudaGraphInstantiate(&exec_, graph_, 0);
+    if (err != cudaSuccess) {
+      cudaGraphDestroy(graph_);
+      graph_ = nullptr;
+      CUDA_CHECK(err);
+    }
   }
   ~CapturedGraph() {
     if (exec_) cudaGraphExecDestroy(exec_);
@@ -219,6 +241,41 @@ class CapturedGraph {
   cudaGraph_t graph_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
 };
+
+// Median milliseconds of `iters` calls of enqueue() on `stream`, each timed with events, after
+// one untimed warm-up call. enqueue may return bool: false (the work cannot run here) makes the
+// result INFINITY.
+template <class Enqueue>
+float median_ms(cudaStream_t stream, int iters, Enqueue&& enqueue) {
+  auto ran = [&] {
+    if constexpr (std::is_same_v<std::invoke_result_t<Enqueue&>, bool>) {
+      return enqueue();
+    } else {
+      enqueue();
+      return true;
+    }
+  };
+  if (!ran()) return INFINITY;
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> times;
+  for (int i = 0; i < iters; ++i) {
+    CUDA_CHECK(cudaEventRecord(start, stream));
+    const bool ok = ran();
+    CUDA_CHECK(cudaEventRecord(stop, stream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    if (!ok) break;
+    float ms = 0.f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  if (times.empty() || int(times.size()) < iters) return INFINITY;
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
 
 // ---------------------------------------------------------------------------------------------
 // Asynchronous global -> shared copies (cp.async, sm_80+)

@@ -381,7 +381,6 @@ class Engine final : public CudaModel::Impl {
   PinnedBuffer token_history_host_[kRunsInFlight];
   cudaEvent_t run_done_[kRunsInFlight] = {};
   cudaEvent_t uploads_read_ = nullptr;
-  int next_buffer_ = 0;
   // next_tokens_ holds the last step of the newest run, for a run that continues it.
   bool next_tokens_from_run_ = false;
   void wait_uploads_read() const { CUDA_CHECK(cudaEventSynchronize(uploads_read_)); }
@@ -1168,8 +1167,8 @@ bool Engine<T>::enqueue_decode_run(const StepInputs& in, const SamplingInputs& s
     }
     launch_decode_graph(st, true);
   }
-  const int buffer = next_buffer_;
-  next_buffer_ = (next_buffer_ + 1) % kRunsInFlight;
+  // The buffer the run in flight (if any) does not use.
+  const int buffer = runs_.empty() ? 0 : (runs_.back().buffer + 1) % kRunsInFlight;
   CUDA_CHECK(cudaMemcpyAsync(token_history_ + size_t(num_steps - 1) * S, next_tokens_, row_bytes,
                              cudaMemcpyDeviceToDevice, stream_));
   CUDA_CHECK(cudaMemcpyAsync(token_history_host_[buffer].get(), token_history_,

@@ -206,39 +206,10 @@ cublasStatus_t Gemm::run(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* 
                         &algo, workspace_, workspace_bytes_, stream);
 }
 
-namespace {
-
-// Median ms of 5 calls of launch() (each timed with events on stream) after a warm-up call;
-// INFINITY as soon as one returns false (the algorithm does not run here).
-template <typename Launch>
-float median_launch_ms(cudaStream_t stream, Launch launch) {
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times;
-  for (int i = 0; i < 6; ++i) {
-    CUDA_CHECK(cudaEventRecord(start, stream));
-    const bool ok = launch();
-    CUDA_CHECK(cudaEventRecord(stop, stream));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    if (!ok) break;
-    float ms = 0.f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i > 0) times.push_back(ms);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  if (times.size() < 5) return INFINITY;
-  std::sort(times.begin(), times.end());
-  return times[2];
-}
-
-}  // namespace
-
 // One launch of `algo` on the real buffers (weight hot in L2 after the first; launch included).
 float Gemm::time_hot(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
                      const void* weight, cudaStream_t stream) {
-  return median_launch_ms(stream, [&] {
+  return median_ms(stream, 5, [&] {
     return run(p, algo, out, in, weight, stream) == CUBLAS_STATUS_SUCCESS;
   });
 }
@@ -254,10 +225,7 @@ float Gemm::time_cold(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out
       run(p, algo, out, in, weights + size_t(c) * weight_bytes, capture);
     }
   });
-  return median_launch_ms(stream, [&] {
-    graph.launch(stream);
-    return true;
-  }) / copies;
+  return median_ms(stream, 5, [&] { graph.launch(stream); }) / copies;
 }
 
 // Times each candidate and keeps the fastest: time_cold on copies of the weight (192 MB or

@@ -345,27 +345,6 @@ void copy_blocks(float* cache, int num_blocks, int64_t block_elems, const int32_
 
 namespace {
 
-// Median milliseconds of enqueue() over iters launches, after one warm-up.
-template <class F>
-double median_ms(int iters, F&& enqueue) {
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  enqueue();
-  std::vector<float> times(iters);
-  for (int i = 0; i < iters; ++i) {
-    CUDA_CHECK(cudaEventRecord(start, kStream));
-    enqueue();
-    CUDA_CHECK(cudaEventRecord(stop, kStream));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    CUDA_CHECK(cudaEventElapsedTime(&times[i], start, stop));
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[iters / 2];
-}
-
 std::vector<float> random_floats(size_t n, uint64_t seed) {
   std::vector<float> x(n);
   for (size_t i = 0; i < n; ++i) x[i] = float(uniform_from_counter(seed, int64_t(i)) * 2.0 - 1.0);
@@ -419,13 +398,13 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
                                  split.heads_per_block, scratch.ws, stream);
     };
     if (n == 1) {
-      ms = median_ms(iters, [&] { launch(0, kStream); });
+      ms = median_ms(kStream, iters, [&] { launch(0, kStream); });
       return;
     }
     const CapturedGraph graph([&](cudaStream_t capture) {
       for (int c = 0; c < n; ++c) launch(c, capture);
     });
-    ms = median_ms(iters, [&] { graph.launch(kStream); }) / n;
+    ms = median_ms(kStream, iters, [&] { graph.launch(kStream); }) / n;
   });
   return ms;
 }
@@ -460,13 +439,13 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
                             /*pdl=*/true);
     }
   });
-  return median_ms(iters, [&] { graph.launch(kStream); }) / chain;
+  return median_ms(kStream, iters, [&] { graph.launch(kStream); }) / chain;
 }
 
 double copy_bandwidth_gbs(int64_t bytes, int iters) {
   DevArray<char> a(bytes), b(bytes);
   CUDA_CHECK(cudaMemset(a.get(), 1, bytes));
-  const double ms = median_ms(iters, [&] {
+  const double ms = median_ms(kStream, iters, [&] {
     CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, kStream));
   });
   return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
