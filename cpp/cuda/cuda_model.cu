@@ -281,6 +281,8 @@ class Engine final : public CudaModel::Impl {
   // Enqueue (device, on stream_; also what graphs capture).
   void enqueue_upload(const Step& st);
   void enqueue_layers(const Step& st);
+  void enqueue_skinny_layer(const Step& st, int l);  // layer l by the skinny GEMVs
+  void enqueue_wide_layer(const Step& st, int l);    // layer l by cuBLASLt and our kernels
   void enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch = {});
   // LM head on rows [r0, r0 + rows) into logits_ (float32), or into logits_t_ (T, rows of
   // padded_vocab()) for sampling in fp16/bf16 models; returns whether it was logits_t_. exact:
@@ -898,73 +900,85 @@ void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch) 
 
 template <typename T>
 void Engine<T>::enqueue_layers(const Step& st) {
-  const int n = st.layout.T;
   launch_embedding<T>(residual_, st.skinny ? nullptr : ln_out_, st.token_ids, st.positions, wte_,
-                      wpe_, layers_[0].ln_1_w, layers_[0].ln_1_b, n, C_, eps_, stream_);
+                      wpe_, layers_[0].ln_1_w, layers_[0].ln_1_b, st.layout.T, C_, eps_, stream_);
   for (int l = 0; l < L_; ++l) {
-    const Layer& w = layers_[l];
-    T* k = k_cache(l);
-    T* v = v_cache(l);
-    // What the kernels ask L2 for: the weights after each GEMM's W (see l2_ahead).
-    const L2Range after_qkv = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
-    const L2Range after_proj = l2_ahead(w.proj_w + size_t(C_) * C_);
-    const L2Range after_fc = l2_ahead(w.fc_w + size_t(I_) * C_);
-    const L2Range after_fc_proj = l2_ahead(l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
     if (st.skinny) {
-      SkinnyParams<T> p;
-      p.x = residual_, p.ln_weight = w.ln_1_w, p.ln_bias = w.ln_1_b, p.eps = eps_;
-      p.weight = w.qkv_w, p.bias = w.qkv_b, p.out = qkv_;
-      p.k_cache = k, p.v_cache = v, p.slot_mapping = st.slot_mapping;
-      p.rows = n, p.N = 3 * C_, p.K = C_;
-      p.prefetch = after_qkv;
-      launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
-                            pdl_);
+      enqueue_skinny_layer(st, l);
     } else {
-      gemm_qkv(w, n);
-      // The prompt rows' K/V; decode attention writes those of the decode rows before them.
-      const int nd = attention_writes_kv_ ? st.num_decode_seqs : 0;
-      launch_write_kv<T>(k, v, qkv_ + size_t(nd) * 3 * C_, st.slot_mapping + nd, n - nd, C_,
-                         stream_);
-    }
-    // NOTE: cuBLASLt's GEMMs ask L2 for nothing; in small wide steps the kernels of ours before
-    // them do. In the skinny path the QKV GEMV already asked for the proj weights.
-    const bool ahead = !st.skinny && n <= kWidePrefetchMaxRows;
-    enqueue_attention(st, k, v, ahead ? after_qkv : L2Range{});
-    if (st.skinny) {
-      SkinnyParams<T> p;
-      p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
-      p.rows = n, p.N = C_, p.K = C_;
-      p.prefetch = after_proj;
-      launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
-                            stream_, pdl_);
-      SkinnyParams<T> f;
-      f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_bias = w.ln_2_b, f.eps = eps_;
-      f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
-      f.rows = n, f.N = I_, f.K = C_;
-      f.prefetch = after_fc;
-      launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
-                            pdl_);
-      SkinnyParams<T> g;
-      g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
-      g.rows = n, g.N = C_, g.K = I_;
-      g.prefetch = after_fc_proj;
-      launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
-                            stream_, pdl_);
-    } else {
-      gemm_proj(w, n);
-      launch_add_layernorm<T>(residual_, tmp_, ln_out_, w.ln_2_w, w.ln_2_b, nullptr, n, C_, eps_,
-                              stream_, ahead ? after_proj : L2Range{});
-      gemm_fc(w, n);
-      gemm_fc_proj(w, n);
-      const bool last = l + 1 == L_;
-      // Residual add, fused with the next layer's ln_1 (the final LayerNorm runs on the logits
-      // rows only, in enqueue_logits).
-      launch_add_layernorm<T>(residual_, tmp_, last ? nullptr : ln_out_,
-                              last ? nullptr : layers_[l + 1].ln_1_w,
-                              last ? nullptr : layers_[l + 1].ln_1_b, nullptr, n, C_, eps_,
-                              stream_, ahead ? after_fc_proj : L2Range{});
+      enqueue_wide_layer(st, l);
     }
   }
+}
+
+// A layer as 5 launches: ln_1 + QKV GEMV (+ write_kv), attention, proj GEMV (+ residual),
+// ln_2 + fc GEMV (+ GELU), fc_proj GEMV (+ residual). Each GEMV asks L2 for the weights after
+// its own (l2_ahead), so the next one's first loads hit L2.
+template <typename T>
+void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
+  const int n = st.layout.T;
+  const Layer& w = layers_[l];
+  SkinnyParams<T> q;
+  q.x = residual_, q.ln_weight = w.ln_1_w, q.ln_bias = w.ln_1_b, q.eps = eps_;
+  q.weight = w.qkv_w, q.bias = w.qkv_b, q.out = qkv_;
+  q.k_cache = k_cache(l), q.v_cache = v_cache(l), q.slot_mapping = st.slot_mapping;
+  q.rows = n, q.N = 3 * C_, q.K = C_;
+  q.prefetch = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
+  launch_skinny_gemm<T>(q, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
+                        pdl_);
+  enqueue_attention(st, k_cache(l), v_cache(l));  // the QKV GEMV asked for the proj weights
+  SkinnyParams<T> p;
+  p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
+  p.rows = n, p.N = C_, p.K = C_;
+  p.prefetch = l2_ahead(w.proj_w + size_t(C_) * C_);
+  launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
+                        stream_, pdl_);
+  SkinnyParams<T> f;
+  f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_bias = w.ln_2_b, f.eps = eps_;
+  f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
+  f.rows = n, f.N = I_, f.K = C_;
+  f.prefetch = l2_ahead(w.fc_w + size_t(I_) * C_);
+  launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
+                        pdl_);
+  SkinnyParams<T> g;
+  g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
+  g.rows = n, g.N = C_, g.K = I_;
+  g.prefetch = l2_ahead(l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
+  launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
+                        stream_, pdl_);
+}
+
+// A layer as cuBLASLt GEMMs with our kernels between: QKV, write_kv (prompt rows), attention,
+// proj, residual add + ln_2, fc (+ GELU), fc_proj, residual add + the next layer's ln_1.
+template <typename T>
+void Engine<T>::enqueue_wide_layer(const Step& st, int l) {
+  const int n = st.layout.T;
+  const Layer& w = layers_[l];
+  T* k = k_cache(l);
+  T* v = v_cache(l);
+  gemm_qkv(w, n);
+  // The prompt rows' K/V; decode attention writes those of the decode rows before them.
+  const int nd = attention_writes_kv_ ? st.num_decode_seqs : 0;
+  launch_write_kv<T>(k, v, qkv_ + size_t(nd) * 3 * C_, st.slot_mapping + nd, n - nd, C_,
+                     stream_);
+  // NOTE: cuBLASLt's GEMMs ask L2 for nothing; in small wide steps the kernels of ours before
+  // them ask for the first bytes of the weights after (l2_ahead); fc_proj has no kernel of ours
+  // before it.
+  const bool ahead = n <= kWidePrefetchMaxRows;
+  auto after = [&](const void* weight_end) { return ahead ? l2_ahead(weight_end) : L2Range{}; };
+  enqueue_attention(st, k, v, after(w.qkv_w + size_t(3) * C_ * C_));
+  gemm_proj(w, n);
+  launch_add_layernorm<T>(residual_, tmp_, ln_out_, w.ln_2_w, w.ln_2_b, nullptr, n, C_, eps_,
+                          stream_, after(w.proj_w + size_t(C_) * C_));
+  gemm_fc(w, n);
+  gemm_fc_proj(w, n);
+  const bool last = l + 1 == L_;
+  // Residual add, fused with the next layer's ln_1 (the final LayerNorm runs on the logits rows
+  // only, in enqueue_logits).
+  launch_add_layernorm<T>(residual_, tmp_, last ? nullptr : ln_out_,
+                          last ? nullptr : layers_[l + 1].ln_1_w,
+                          last ? nullptr : layers_[l + 1].ln_1_b, nullptr, n, C_, eps_, stream_,
+                          after(last ? nullptr : w.fc_proj_w + size_t(C_) * I_));
 }
 
 template <typename T>
