@@ -86,6 +86,35 @@ def print_kernels(prof, per: int, label: str) -> None:
         print(f"  {e.self_device_time_total / per:9.1f} us  x{e.count // per:<5} {e.key[:90]}")
 
 
+def short_name(name: str) -> str:
+    """A kernel's name without its namespace and template arguments' noise."""
+    name = name.replace("pagedgpt2::cuda::(anonymous namespace)::", "").replace("void ", "")
+    return name[:60]
+
+
+def print_timeline(prof, num_steps: int) -> None:
+    """Every GPU kernel of num_steps consecutive decode steps (from an embedding kernel, which
+    opens a step) in start order: start (us from the step's start), duration, and the idle gap
+    since the previous kernel ended (negative: it overlapped, as programmatic launches do)."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    starts = [i for i, e in enumerate(kernels) if "embedding_kernel" in e.name]
+    if len(starts) < num_steps + 2:
+        print("  (too few steps in the profile for a timeline)")
+        return
+    first, stop = starts[1], starts[1 + num_steps]  # skip the first step: the window's edge
+    t0 = kernels[first].time_range.start
+    prev_end = t0
+    print(f"  timeline of {num_steps} step(s): start us, duration us, gap us, kernel")
+    for e in kernels[first:stop]:
+        r = e.time_range
+        print(f"  {r.start - t0:8.1f} {r.end - r.start:7.2f} {r.start - prev_end:6.2f}  {short_name(e.name)}")
+        prev_end = max(prev_end, r.end)
+    print(f"  step span {(kernels[stop].time_range.start - t0) / num_steps:.1f} us")
+
+
 def profile_serving(model: str, model_dir, dtype: str, num_requests: int, hf_subset: bool) -> None:
     """The serving workload of tools/bench_serving.py (first num_requests requests, or with
     hf_subset the requests it gives HF: each 128 new tokens; paged, 2 GiB of KV cache): wall time
@@ -133,6 +162,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/bench")
     p.add_argument("--serving", type=int, default=0, help="profile this many requests of the serving workload instead")
     p.add_argument("--hf-subset", action="store_true", help="with --serving: the requests tools/bench_serving.py gives HF")
+    p.add_argument("--timeline", type=int, default=0, help="also list every kernel of this many steps in start order")
     args = p.parse_args()
 
     import torch
@@ -170,6 +200,8 @@ def main() -> None:
               f"{backend_ms:.3f} ms in the backend call (C++ and the GPU) and {host_ms - backend_ms:.3f} ms "
               f"of Python; graphs={eng.backend.num_cuda_graphs}; profiled contexts {first}-{last}")
         print_kernels(prof, steps, "per step")
+        if args.timeline:
+            print_timeline(prof, args.timeline)
         del eng
 
 

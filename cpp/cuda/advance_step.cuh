@@ -1,6 +1,8 @@
 // Turns the inputs of one decode step, already on the device, into the next step's, without the
 // host: the sampled tokens become the new inputs, and every sequence moves one position on.
-// Used between the graph replays of a multi-step decode call (Model::decode_steps).
+// Captured at the end of a decode step's graph for the steps of a multi-step decode call that
+// have a step after them (Model::decode_steps): its arguments are the same at every step, so the
+// step it is at comes from a counter on the device.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,16 +11,20 @@
 
 namespace pagedgpt2::cuda {
 
-// For s < num_seqs: history[s] = token_ids[s] = next_tokens[s]; positions[s], context_lens[s]
-// and counters[s] (if not null) grow by one; slot_mapping[s] = next_slots[s].
-void launch_advance_decode_step(int32_t* token_ids,           // [S]
-                                int32_t* positions,           // [S]
-                                int32_t* slot_mapping,        // [S]
-                                int32_t* context_lens,        // [S]
-                                int64_t* counters,            // [S] or nullptr
-                                int32_t* history,             // [S] this step's sampled ids
-                                const int32_t* next_tokens,   // [S] sampled by the last step
-                                const int32_t* next_slots,    // [S] cache slots of the next step
-                                int num_seqs, cudaStream_t stream);
+// With i = *run_step (steps advanced so far in this run), for each row s < num_rows whose
+// context_lens[s] > 0 (a bucket's padding rows have 0 and stay as they are):
+//   history[i, s] = token_ids[s] = next_tokens[s]; slot_mapping[s] = next_slots[i, s];
+//   positions[s], context_lens[s] and counters[s] (if not null) grow by one;
+// then *run_step = i + 1.
+void launch_advance_decode_step(int32_t* token_ids,           // [num_rows]
+                                int32_t* positions,           // [num_rows]
+                                int32_t* slot_mapping,        // [num_rows]
+                                int32_t* context_lens,        // [num_rows]
+                                int64_t* counters,            // [num_rows] or nullptr
+                                int32_t* history,             // [steps, num_rows] sampled ids
+                                const int32_t* next_tokens,   // [num_rows] sampled by this step
+                                const int32_t* next_slots,    // [steps, num_rows] cache slots
+                                int32_t* run_step,            // [1]
+                                int num_rows, cudaStream_t stream);
 
 }  // namespace pagedgpt2::cuda

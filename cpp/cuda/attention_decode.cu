@@ -13,6 +13,10 @@
 // NOTE: given slot_mapping, the kernel also does write_kv for its rows: the block holding a
 // sequence's last token stores its heads' new K and V rows into their cache slot, and scores
 // that token from qkv (not from the slot it is writing). A wide decode step saves a launch.
+// NOTE: the engine always has the newest token scored from qkv (newest_from_qkv), even where the
+// QKV GEMV has written its slot: every other row is an earlier step's, so a block launched
+// programmatically copies all its first tiles but that one row before it waits, and the row
+// after. H200, gpt2 batch 1: see notes.md (thirteenth session).
 #include <cmath>
 
 #include "cuda/attention_decode.cuh"
@@ -143,6 +147,7 @@ __global__ void __launch_bounds__(kThreads)
                             const int32_t* __restrict__ context_lens, // [S]
                             const int32_t* __restrict__ block_tables, // [S, max_blocks]
                             const int32_t* __restrict__ slot_mapping, // [S] or nullptr
+                            bool newest_from_qkv,  // implied by slot_mapping
                             int num_heads, int max_blocks, int block_size,
                             int block_shift,  // log2(block_size), or -1 if not a power of 2
                             float q_scale, int partition_size, int max_partitions,
@@ -180,10 +185,10 @@ __global__ void __launch_bounds__(kThreads)
   const int num_tiles = (end - start + kTile - 1) / kTile;
   const int32_t* table = block_tables + int64_t(s) * max_blocks;
   const int64_t block_offset = int64_t(blockIdx.x) * G * D;  // first head's column
-  // The newest token's K and V are this step's: from qkv when this kernel writes them
-  // (slot_mapping given), else from the slot the QKV GEMV wrote. Either way after pdl_wait.
+  // The newest token's K and V are this step's: from qkv (newest_from_qkv; always when this
+  // kernel writes them), else from the slot the kernel before wrote. Either way after pdl_wait.
   const int newest = context_len - 1;
-  const int fresh = slot_mapping ? newest : -1;
+  const int fresh = newest_from_qkv || slot_mapping ? newest : -1;
   const T* k_fresh = qkv + int64_t(s) * 3 * C + C + block_offset;
   const T* v_fresh = k_fresh + C;
   // Element offset of this lane's vector j inside a row of D.
@@ -192,8 +197,9 @@ __global__ void __launch_bounds__(kThreads)
   // Starts copying tile `tile` of the partition into its stage: per token, the G heads' rows
   // are one contiguous run of the cache. Past the partition's end (or past the last head) the
   // rows are zero-filled (their scores are masked). Every call commits one group, possibly
-  // empty, so that cp_async_wait counts tiles.
-  auto issue = [&](int tile) {
+  // empty, so that cp_async_wait counts tiles. skip_fresh: the fresh row is left out (before
+  // pdl_wait; the block stores it after).
+  auto issue = [&](int tile, bool skip_fresh) {
     if (tile < num_tiles) {
       T* k_dst = k_tiles[tile % kStages];
       T* v_dst = v_tiles[tile % kStages];
@@ -201,6 +207,9 @@ __global__ void __launch_bounds__(kThreads)
         const int r = i / (G * kVecs), e = i % (G * kVecs);  // token; vector in its G rows
         const int t = start + tile * kTile + r;
         const bool valid = t < end && e / kVecs < heads_here;
+        // (A tile may reach past the partition into the next one's tokens, the fresh row among
+        // them: those rows are zero-filled here like any past the end.)
+        if (skip_fresh && t == fresh && t < end) continue;
         const int b = block_shift >= 0 ? t >> block_shift : t / block_size;
         const int offset = block_shift >= 0 ? t & (block_size - 1) : t % block_size;
         const int64_t slot = valid && t != fresh ? int64_t(__ldg(table + b)) * block_size + offset
@@ -212,13 +221,15 @@ __global__ void __launch_bounds__(kThreads)
     }
     cp_async_commit();
   };
-  // The first tiles before waiting, when they stop short of the newest token. NOTE: H200, 128 +
-  // 128 tokens: gpt2 batch 1 +3% (0.387 -> 0.375 ms a step), gpt2-xl batch 1 +1%; wider steps
-  // alike (cuBLASLt's GEMMs before them do not let it start early). notes.md, tenth session.
-  const bool early = early_loads && part < num_parts && start + (kStages - 1) * kTile <= newest;
+  // The first tiles before waiting, but for the newest token's row when it is read from qkv
+  // (else only when they stop short of it). NOTE: H200, 128 + 128 tokens: gpt2 batch 1 +3%
+  // (0.387 -> 0.375 ms a step), gpt2-xl batch 1 +1%; wider steps alike (cuBLASLt's GEMMs before
+  // them do not let it start early). notes.md, tenth session.
+  const bool early = early_loads && part < num_parts &&
+                     (fresh >= 0 || start + (kStages - 1) * kTile <= newest);
   if (early) {
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) issue(i);
+    for (int i = 0; i < kStages - 1; ++i) issue(i, true);
   }
   pdl_wait();  // q, the newest K/V and out belong to the kernels before
   T* out_row = out + int64_t(s) * C + int64_t(h) * D;
@@ -238,7 +249,22 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (!early) {
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) issue(i);
+    for (int i = 0; i < kStages - 1; ++i) issue(i, false);
+  } else if (fresh >= start && fresh < end && (fresh - start) / kTile < kStages - 1) {
+    // The fresh row of a tile copied early, stored by the threads (the tile loop's barrier
+    // publishes it with the tile).
+    const int r = (fresh - start) % kTile;
+    T* k_dst = k_tiles[(fresh - start) / kTile % kStages] + r * G * D;
+    T* v_dst = v_tiles[(fresh - start) / kTile % kStages] + r * G * D;
+    for (int e = tid; e < G * kVecs; e += kThreads) {
+      Vec<T, kVec> kv{}, vv{};
+      if (e / kVecs < heads_here) {
+        kv = *reinterpret_cast<const Vec<T, kVec>*>(k_fresh + e * kVec);
+        vv = *reinterpret_cast<const Vec<T, kVec>*>(v_fresh + e * kVec);
+      }
+      *reinterpret_cast<Vec<T, kVec>*>(k_dst + e * kVec) = kv;
+      *reinterpret_cast<Vec<T, kVec>*>(v_dst + e * kVec) = vv;
+    }
   }
 
   // q, pre-scaled, in registers (loaded while the first tiles are in flight).
@@ -260,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int tile = 0; tile < num_tiles; ++tile) {
     cp_async_wait<kStages - 2>();  // this thread's copies of `tile` have landed ...
     __syncthreads();               // ... and everyone's; the stage of tile - 1 is free
-    issue(tile + kStages - 1);
+    issue(tile + kStages - 1, false);
     if (!has_head) continue;  // a warp past the last head only copies
     const T* k_tile = k_tiles[tile % kStages] + head_in_block * D;
     const T* v_tile = v_tiles[tile % kStages] + head_in_block * D;
@@ -389,8 +415,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int D, int G>
 void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* context_lens,
-              const int32_t* block_tables, const int32_t* slot_mapping, int num_seqs,
-              int max_blocks, int num_heads, int block_size, int max_context_len,
+              const int32_t* block_tables, const int32_t* slot_mapping, bool newest_from_qkv,
+              int num_seqs, int max_blocks, int num_heads, int block_size, int max_context_len,
               int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
               L2Range prefetch) {
   const int num_parts = decode_num_partitions(max_context_len, partition_size);
@@ -407,18 +433,21 @@ void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* conte
   launch_kernel(decode_attention_kernel<T, D, G>,
                 dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,
                 pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping,
-                num_heads, max_blocks, block_size, block_shift, q_scale, partition_size, num_parts,
+                newest_from_qkv, num_heads, max_blocks, block_size, block_shift, q_scale,
+                partition_size, num_parts,
                 ws, prefetch, pdl);
 }
 
 template <typename T, int D>
 void launch_heads(int heads_per_block, T* out, const T* qkv, T* k_cache, T* v_cache,
                   const int32_t* context_lens, const int32_t* block_tables,
-                  const int32_t* slot_mapping, int num_seqs, int max_blocks, int num_heads,
-                  int block_size, int max_context_len, int partition_size,
-                  const DecodeWorkspace& ws, cudaStream_t stream, bool pdl, L2Range prefetch) {
+                  const int32_t* slot_mapping, bool newest_from_qkv, int num_seqs,
+                  int max_blocks, int num_heads, int block_size, int max_context_len,
+                  int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
+                  L2Range prefetch) {
   auto launch = heads_per_block == 1 ? launch_d<T, D, 1> : launch_d<T, D, kWarps>;
-  launch(out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping, num_seqs,
+  launch(out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping, newest_from_qkv,
+         num_seqs,
          max_blocks, num_heads, block_size, max_context_len, partition_size, ws, stream, pdl,
          prefetch);
 }
@@ -469,10 +498,11 @@ bool decode_attention_supported(int head_size, int elem_size) {
 template <typename T>
 void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
                              const int32_t* context_lens, const int32_t* block_tables,
-                             const int32_t* slot_mapping, int num_seqs, int max_blocks,
-                             int num_heads, int head_size, int block_size, int max_context_len,
-                             int partition_size, int heads_per_block, const DecodeWorkspace& ws,
-                             cudaStream_t stream, bool pdl, L2Range prefetch) {
+                             const int32_t* slot_mapping, bool newest_from_qkv, int num_seqs,
+                             int max_blocks, int num_heads, int head_size, int block_size,
+                             int max_context_len, int partition_size, int heads_per_block,
+                             const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
+                             L2Range prefetch) {
   if (num_seqs <= 0) return;
   if (heads_per_block != 1 && heads_per_block != kWarps) {
     throw std::invalid_argument("decode attention: heads_per_block must be 1 or " +
@@ -482,9 +512,9 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
 #define CASE(D)                                                                                 \
   case D:                                                                                       \
     return launch_heads<T, D>(heads_per_block, out, qkv, k_cache, v_cache, context_lens,       \
-                              block_tables, slot_mapping, num_seqs, max_blocks, num_heads,     \
-                              block_size, max_context_len, partition_size, ws, stream, pdl,    \
-                              prefetch);
+                              block_tables, slot_mapping, newest_from_qkv, num_seqs,           \
+                              max_blocks, num_heads, block_size, max_context_len,              \
+                              partition_size, ws, stream, pdl, prefetch);
   switch (head_size) {
     CASE(16) CASE(32) CASE(48) CASE(64) CASE(80) CASE(96) CASE(128) CASE(256)
     default:
@@ -496,8 +526,8 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
 
 #define INSTANTIATE(T)                                                                       \
   template void launch_decode_attention<T>(T*, const T*, T*, T*, const int32_t*,             \
-                                           const int32_t*, const int32_t*, int, int, int, int, \
-                                           int, int, int, int, const DecodeWorkspace&,         \
+                                           const int32_t*, const int32_t*, bool, int, int, int, \
+                                           int, int, int, int, int, const DecodeWorkspace&,    \
                                            cudaStream_t, bool, L2Range);
 INSTANTIATE(float)
 INSTANTIATE(__half)

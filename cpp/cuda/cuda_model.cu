@@ -33,6 +33,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -297,13 +298,14 @@ class Engine final : public CudaModel::Impl {
   bool gemm_lm_head(int rows, bool exact);   // final_x_ -> logits_ or logits_t_ (as above)
   // The step's layers (or the persistent kernel), then, logits_rows_ rows at a time, the LM head
   // and either sampling or the download of the float32 logits into logits_host (nullptr: left
-  // in logits_, as a graph leaves them); sampled ids are downloaded into tokens_host_.
-  void enqueue_forward(const Step& st, bool sample, float* logits_host);
+  // in logits_, as a graph leaves them); sampled ids are downloaded into tokens_host_, or with
+  // advance (a decode run's step with a step after it) turned into the next step's inputs.
+  void enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance = false);
   // Decode steps of 1-2 sequences run as one persistent kernel (layers and LM head).
   bool use_persistent(const Step& st) const;
   void enqueue_persistent(const Step& st);
 
-  void launch_decode_graph(const Step& st, bool sample);
+  void launch_decode_graph(const Step& st, bool sample, bool advance = false);
   void run(const StepInputs& in, const SamplingInputs* s, float* logits, int32_t* next_tokens);
 
   cudaStream_t stream_ = nullptr;
@@ -369,15 +371,17 @@ class Engine final : public CudaModel::Impl {
 
   PinnedBuffer step_host_;    // packed step inputs
   PinnedBuffer tokens_host_;  // [max_tokens] sampled ids
-  // Multi-step decode runs: slots of steps 1.. and the ids every step sampled.
-  int32_t* step_slots_ = nullptr;     // [kMaxDecodeSteps, max_seqs] device
-  int32_t* token_history_ = nullptr;  // [kMaxDecodeSteps, max_seqs] device
+  // Multi-step decode runs: slots of steps 1.. and the ids every step sampled, in rows of the
+  // run's bucket, and how many steps the run has advanced (advance_step.cuh).
+  int32_t* step_slots_ = nullptr;     // [kMaxDecodeSteps, bucket] device
+  int32_t* token_history_ = nullptr;  // [kMaxDecodeSteps, bucket] device
+  int32_t* run_step_ = nullptr;       // [1] device
   PinnedBuffer step_slots_host_;
   // Runs the host has not waited for (at most kRunsInFlight): each downloads its ids into its
   // own pinned buffer and records its event after. step_host_ and step_slots_host_ are written
   // again only once uploads_read_ (recorded after a run's uploads) has passed.
   struct RunInFlight {
-    int num_steps, num_seqs, buffer;
+    int num_steps, num_seqs, bucket, buffer;
   };
   std::deque<RunInFlight> runs_;
   PinnedBuffer token_history_host_[kRunsInFlight];
@@ -390,7 +394,8 @@ class Engine final : public CudaModel::Impl {
   DeviceBuffer kv_pool_;
   size_t cache_bytes_ = 0;  // one layer's K (or V): num_blocks * block_size * C * sizeof(T)
 
-  std::map<std::pair<int, bool>, cudaGraphExec_t> graphs_;  // (bucket, sample) -> graph
+  // (bucket, sample, advance) -> graph
+  std::map<std::tuple<int, bool, bool>, cudaGraphExec_t> graphs_;
 };
 
 template <typename T>
@@ -597,6 +602,7 @@ void Engine<T>::allocate_activations() {
     next_tokens_ = cv.take<int32_t>(Tn * sizeof(int32_t));
     step_slots_ = cv.take<int32_t>(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
     token_history_ = cv.take<int32_t>(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
+    run_step_ = cv.take<int32_t>(sizeof(int32_t));
     step_dev_ = cv.take<char>(step_bytes_);
     decode_ws_.partial_out = cv.take<float>(size_t(partial_rows) * D_ * sizeof(float));
     decode_ws_.partial_max = cv.take<float>(size_t(partial_rows) * sizeof(float));
@@ -713,6 +719,7 @@ void Engine<T>::capture_decode_graphs() {
     const Step st = pack_graph(in, &s, bucket);
     enqueue_upload(st);
     launch_decode_graph(st, true);
+    launch_decode_graph(st, true, /*advance=*/true);  // padding rows: it changes nothing
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -886,10 +893,13 @@ void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch) 
     // In wide steps the decode rows' K/V are written here (the skinny QKV GEMV writes its own).
     // NOTE: programmatic launch after the skinny GEMV or a cuBLASLt GEMM (kernels both): the
     // kernel waits for it before reading q, the cache or out.
+    // The newest token's K/V are in qkv_ either way: the kernel reads them there, so it can copy
+    // every older row before it waits.
     const int32_t* write_slots = !st.skinny && attention_writes_kv_ ? st.slot_mapping : nullptr;
     launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, write_slots,
-                               nd, W, H_, D_, block_size, st.max_context_len, st.partition_size,
-                               st.heads_per_block, decode_ws_, stream_, pdl_, prefetch);
+                               /*newest_from_qkv=*/true, nd, W, H_, D_, block_size,
+                               st.max_context_len, st.partition_size, st.heads_per_block,
+                               decode_ws_, stream_, pdl_, prefetch);
   }
   if (nd < S) {  // the prompt chunks, after the decode rows
     launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc + nd,
@@ -1086,7 +1096,7 @@ void Engine<T>::enqueue_persistent(const Step& st) {
 }
 
 template <typename T>
-void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host) {
+void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance) {
   const int R = st.layout.R;
   const bool fused = use_persistent(st);  // the persistent kernel computes the logits rows too
   if (fused) {
@@ -1104,7 +1114,15 @@ void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host)
                                  cudaMemcpyDeviceToHost, stream_));
     }
   }
-  if (sample) {
+  if (sample && advance) {
+    // NOTE: H200, gpt2 batch 1: the token download and the advance launched between graphs cost
+    // ~17 us a step; see notes.md (thirteenth session).
+    auto ints = [](const int32_t* p) { return const_cast<int32_t*>(p); };
+    launch_advance_decode_step(ints(st.token_ids), ints(st.positions), ints(st.slot_mapping),
+                               ints(st.context_lens), const_cast<int64_t*>(st.sampling.counters),
+                               token_history_, next_tokens_, step_slots_, run_step_,
+                               st.layout.S, stream_);
+  } else if (sample) {
     CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(R),
                                cudaMemcpyDeviceToHost, stream_));
   }
@@ -1114,19 +1132,19 @@ void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host)
 // of the graph, so that a decode run can advance them on the GPU), without waiting for it. The
 // first step of a bucket runs eagerly (warming plans and attributes) and is then captured.
 template <typename T>
-void Engine<T>::launch_decode_graph(const Step& st, bool sample) {
-  const auto key = std::make_pair(st.layout.T, sample);
+void Engine<T>::launch_decode_graph(const Step& st, bool sample, bool advance) {
+  const auto key = std::make_tuple(st.layout.T, sample, advance);
   auto it = graphs_.find(key);
   if (it != graphs_.end()) {
     CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
     return;
   }
-  enqueue_forward(st, sample, nullptr);
+  enqueue_forward(st, sample, nullptr, advance);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   cudaGraph_t graph = nullptr;
   CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
-    enqueue_forward(st, sample, nullptr);
+    enqueue_forward(st, sample, nullptr, advance);
   } catch (...) {
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
@@ -1142,8 +1160,9 @@ void Engine<T>::launch_decode_graph(const Step& st, bool sample) {
 }
 
 // A run of num_steps graph replays: the inputs of step 0 are uploaded (with continue_run its
-// tokens are the last ones the previous run sampled, already on the GPU), each later step is
-// advanced on the GPU, and the ids of all steps are downloaded at the end. Nothing waits.
+// tokens are the last ones the previous run sampled, already on the GPU), each step but the last
+// advances the inputs to the next on the GPU at the end of its graph, and the ids of all steps
+// are downloaded at the end. Nothing waits.
 template <typename T>
 bool Engine<T>::enqueue_decode_run(const StepInputs& in, const SamplingInputs& s, int num_steps,
                                    const int32_t* slot_mappings, bool continue_run) {
@@ -1159,36 +1178,33 @@ bool Engine<T>::enqueue_decode_run(const StepInputs& in, const SamplingInputs& s
   }
   wait_uploads_read();
   const Step st = pack_graph(in, &s, bucket);
-  const size_t row_bytes = 4 * size_t(S);
+  // The device rows of a run are the bucket's (the graphs' shape); padding slots are -1.
+  const size_t row_bytes = 4 * size_t(bucket);
   if (num_steps > 1) {
-    std::memcpy(step_slots_host_.get(), slot_mappings + S, row_bytes * (num_steps - 1));
-    CUDA_CHECK(cudaMemcpyAsync(step_slots_, step_slots_host_.get(), row_bytes * (num_steps - 1),
+    int32_t* slots = reinterpret_cast<int32_t*>(step_slots_host_.get());
+    for (int i = 1; i < num_steps; ++i) {
+      std::memcpy(slots + size_t(i - 1) * bucket, slot_mappings + size_t(i) * S, 4 * size_t(S));
+      std::fill(slots + size_t(i - 1) * bucket + S, slots + size_t(i) * bucket, -1);
+    }
+    CUDA_CHECK(cudaMemcpyAsync(step_slots_, slots, row_bytes * (num_steps - 1),
                                cudaMemcpyHostToDevice, stream_));
   }
   enqueue_upload(st);
-  auto ints = [&](const int32_t* p) { return const_cast<int32_t*>(p); };
   if (continue_run) {
-    CUDA_CHECK(cudaMemcpyAsync(ints(st.token_ids), next_tokens_, row_bytes,
+    CUDA_CHECK(cudaMemcpyAsync(const_cast<int32_t*>(st.token_ids), next_tokens_, 4 * size_t(S),
                                cudaMemcpyDeviceToDevice, stream_));
   }
+  CUDA_CHECK(cudaMemsetAsync(run_step_, 0, sizeof(int32_t), stream_));
   CUDA_CHECK(cudaEventRecord(uploads_read_, stream_));
-  for (int i = 0; i < num_steps; ++i) {
-    if (i > 0) {
-      launch_advance_decode_step(ints(st.token_ids), ints(st.positions), ints(st.slot_mapping),
-                                 ints(st.context_lens), const_cast<int64_t*>(st.sampling.counters),
-                                 token_history_ + size_t(i - 1) * S, next_tokens_,
-                                 step_slots_ + size_t(i - 1) * S, S, stream_);
-    }
-    launch_decode_graph(st, true);
-  }
+  for (int i = 0; i < num_steps; ++i) launch_decode_graph(st, true, i + 1 < num_steps);
   // The buffer the run in flight (if any) does not use.
   const int buffer = runs_.empty() ? 0 : (runs_.back().buffer + 1) % kRunsInFlight;
-  CUDA_CHECK(cudaMemcpyAsync(token_history_ + size_t(num_steps - 1) * S, next_tokens_, row_bytes,
-                             cudaMemcpyDeviceToDevice, stream_));
+  CUDA_CHECK(cudaMemcpyAsync(token_history_ + size_t(num_steps - 1) * bucket, next_tokens_,
+                             row_bytes, cudaMemcpyDeviceToDevice, stream_));
   CUDA_CHECK(cudaMemcpyAsync(token_history_host_[buffer].get(), token_history_,
                              row_bytes * num_steps, cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaEventRecord(run_done_[buffer], stream_));
-  runs_.push_back({num_steps, S, buffer});
+  runs_.push_back({num_steps, S, bucket, buffer});
   next_tokens_from_run_ = true;
   return true;
 }
@@ -1198,8 +1214,11 @@ void Engine<T>::wait_decode_run(int32_t* next_tokens) {
   if (runs_.empty()) throw std::logic_error("wait_decode_run: no run in flight");
   const RunInFlight run = runs_.front();
   CUDA_CHECK(cudaEventSynchronize(run_done_[run.buffer]));
-  std::memcpy(next_tokens, token_history_host_[run.buffer].get(),
-              4 * size_t(run.num_steps) * run.num_seqs);
+  const int32_t* rows = reinterpret_cast<const int32_t*>(token_history_host_[run.buffer].get());
+  for (int i = 0; i < run.num_steps; ++i) {
+    std::memcpy(next_tokens + size_t(i) * run.num_seqs, rows + size_t(i) * run.bucket,
+                4 * size_t(run.num_seqs));
+  }
   runs_.pop_front();
 }
 

@@ -10,6 +10,11 @@
 // over row groups (x staged once per block, no second wave waiting to start its loads).
 // NOTE: the blocks also ask L2 for p.prefetch (a few MB of the next GEMVs' weights, see
 // l2_ahead in cuda_model.cu) before they wait: the next kernel's first loads then hit L2.
+// NOTE: at batch 1 a GEMV is a chain of dependent memory round trips, and only those after
+// pdl_wait are on the step's critical path. So everything that does not depend on the kernel
+// before (the LayerNorm parameters, into shared memory; each row's bias) is loaded before the
+// wait, and what does (the residual row it adds to, the QKV's cache slots) is loaded right after
+// it, beside x, instead of in the epilogue.
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -26,14 +31,32 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;  // 16-byte weight vectors in flight per lane
 constexpr int kMinBlocksPerSm = 3;  // register cap: 3 x 8 warps keep ~100 KB of W in flight
-constexpr size_t kMaxSmem = 100 * 1024;
+constexpr size_t kMaxSmem = 100 * 1024 + kWarps * kSkinnyMaxRows * 4;  // x and the partials
+// ... and the LayerNorm parameters too: under the 163 KB a block may ask for on sm_80 (227 on
+// sm_90).
+constexpr size_t kMaxSmemWithLayerNorm = 160 * 1024;
 
 int padded_rows(int rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
-size_t smem_bytes(int m_tile, int K) { return (size_t(m_tile) * K + kWarps * m_tile) * 4; }
+// x [m_tile, K], the partial sums [kWarps, m_tile] and, with a LayerNorm prologue, its
+// weight and bias [2, K].
+size_t smem_bytes(int m_tile, int K, bool layernorm) {
+  return (size_t(m_tile) * K + kWarps * m_tile + (layernorm ? 2 * size_t(K) : 0)) * 4;
+}
 
+// Copies the LayerNorm weight and bias into shared memory (all threads; the caller syncs).
+__device__ __forceinline__ void stage_ln_params(float* w, float* b, const float* ln_weight,
+                                                const float* ln_bias, int K) {
+  for (int k = threadIdx.x; k < K; k += kThreads) {
+    w[k] = ln_weight[k];
+    b[k] = ln_bias[k];
+  }
+}
+
+// ln_w, ln_b: the LayerNorm parameters in shared memory (kLayerNorm).
 template <typename T, int M, SkinnyInput IN>
-__device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p) {
+__device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p, const float* ln_w,
+                                        const float* ln_b) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int K = p.K;
   if constexpr (IN == SkinnyInput::kLayerNorm) {
@@ -57,7 +80,7 @@ __device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p) {
         }
         __syncwarp();
         // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
-        warp_layernorm_row(dst, p.ln_weight, p.ln_bias, K, p.eps,
+        warp_layernorm_row(dst, ln_w, ln_b, K, p.eps,
                            [&](int k, float y) { dst[k] = to_float(from_float<T>(y)); });
       } else {
         for (int k = lane; k < K; k += 32) dst[k] = 0.f;
@@ -82,16 +105,25 @@ __device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p) {
   }
 }
 
+// What the epilogue of output (m, n) adds, loaded ahead of it: the bias (before the wait) and
+// the residual value (after it).
+struct EpilogueInputs {
+  float bias = 0.f;
+  float residual = 0.f;
+};
+
+// slot: the cache slot of row m (kBiasQkv), loaded after the wait.
 template <typename T, SkinnyOutput OUT>
-__device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n, float y) {
+__device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n, float y,
+                                         const EpilogueInputs& in, int32_t slot) {
   const int64_t o = int64_t(m) * p.N + n;
   if constexpr (OUT == SkinnyOutput::kLogits) {
     static_cast<float*>(p.out)[o] = y;
     return;
   } else {
-    y += to_float(p.bias[n]);
+    y += in.bias;
     if constexpr (OUT == SkinnyOutput::kBiasResidual) {
-      static_cast<float*>(p.out)[o] += y;
+      static_cast<float*>(p.out)[o] = in.residual + y;
     } else if constexpr (OUT == SkinnyOutput::kBiasGelu) {
       static_cast<T*>(p.out)[o] = from_float<T>(gelu_tanh(y));
     } else {
@@ -99,10 +131,9 @@ __device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n,
       static_cast<T*>(p.out)[o] = v;
       if constexpr (OUT == SkinnyOutput::kBiasQkv) {
         const int C = p.N / 3;
-        const int64_t slot = p.slot_mapping[m];
         if (n >= C && slot >= 0) {
           T* cache = n < 2 * C ? p.k_cache : p.v_cache;
-          cache[slot * C + (n < 2 * C ? n - C : n - 2 * C)] = v;
+          cache[int64_t(slot) * C + (n < 2 * C ? n - C : n - 2 * C)] = v;
         }
       }
     }
@@ -113,8 +144,10 @@ template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row) {
   extern __shared__ float smem[];
-  float* xs = smem;                  // [M, K]
-  float* partial = smem + M * p.K;   // [kWarps, M]
+  float* xs = smem;                        // [M, K]
+  float* partial = smem + M * p.K;         // [kWarps, M]
+  float* ln_w = partial + kWarps * M;      // [K] (kLayerNorm)
+  float* ln_b = ln_w + p.K;                // [K] (kLayerNorm)
   constexpr int V = kVec16<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_per_block = kWarps / warps_per_row;
@@ -135,12 +168,40 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
   };
 
+  // The lanes that write outputs: lane m < rows of each row's first warp.
+  const bool writer = kslice == 0 && lane < M && lane < p.rows;
+  auto load_bias = [&](int group, EpilogueInputs& in) {
+    const int n = row_of(group);
+    if constexpr (OUT != SkinnyOutput::kLogits) {
+      if (writer && n < p.N) in.bias = to_float(p.bias[n]);
+    }
+  };
+  auto load_residual = [&](int group, EpilogueInputs& in) {  // after pdl_wait
+    const int n = row_of(group);
+    if constexpr (OUT == SkinnyOutput::kBiasResidual) {
+      if (writer && n < p.N) {
+        in.residual = static_cast<const float*>(p.out)[int64_t(lane) * p.N + n];
+      }
+    }
+  };
+
   pdl_launch_dependents();
   Vec<T, V> w[kUnroll];
   load_first(blockIdx.x, w);
+  EpilogueInputs in;
+  load_bias(blockIdx.x, in);
+  if constexpr (IN == SkinnyInput::kLayerNorm) {
+    stage_ln_params(ln_w, ln_b, p.ln_weight, p.ln_bias, p.K);
+  }
   prefetch_l2_share(p.prefetch);
+  if constexpr (IN == SkinnyInput::kLayerNorm) __syncthreads();  // ln_w, ln_b staged
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
-  stage_x<T, M, IN>(xs, p);
+  load_residual(blockIdx.x, in);
+  int32_t slot = -1;
+  if constexpr (OUT == SkinnyOutput::kBiasQkv) {
+    if (writer) slot = p.slot_mapping[lane];
+  }
+  stage_x<T, M, IN>(xs, p, ln_w, ln_b);
   __syncthreads();
 
   // NOTE: the grid is at most what fits on the GPU at once; a block takes row groups
@@ -184,7 +245,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
       }
     }
-    if (group + int(gridDim.x) < num_groups) load_first(group + gridDim.x, w);
+    // The next group's first weights, bias and residual go out before this one is reduced.
+    EpilogueInputs next_in = in;
+    if (group + int(gridDim.x) < num_groups) {
+      load_first(group + gridDim.x, w);
+      load_bias(group + gridDim.x, next_in);
+      load_residual(group + gridDim.x, next_in);
+    }
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
 
@@ -204,13 +271,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       }
       __syncthreads();  // partial is rewritten by the next group
     }
-    if (kslice != 0 || !active) continue;
-    float y = 0.f;
+    if (writer && active) {
+      float y = 0.f;
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      if (lane == m) y = acc[m];
+      for (int m = 0; m < M; ++m) {
+        if (lane == m) y = acc[m];
+      }
+      epilogue<T, OUT>(p, lane, n, y, in, slot);
     }
-    if (lane < M && lane < p.rows) epilogue<T, OUT>(p, lane, n, y);
+    in = next_in;
   }
 }
 
@@ -238,9 +307,9 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
       warps_per_row *= 2;
     }
   }
-  const size_t smem = smem_bytes(M, p.K);
+  const size_t smem = smem_bytes(M, p.K, IN == SkinnyInput::kLayerNorm);
   auto kernel = skinny_gemm_kernel<T, M, IN, OUT>;
-  allow_dynamic_smem(kernel, kMaxSmem + kWarps * kSkinnyMaxRows * 4);
+  allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
   const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row),
                               resident_blocks_per_sm(kernel, smem) * num_sms);
   launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row);
@@ -283,7 +352,8 @@ void launch_rows(const SkinnyParams<T>& p, SkinnyInput in, SkinnyOutput out, int
 
 bool skinny_gemm_supported(int rows, int K) {
   return rows >= 1 && rows <= kSkinnyMaxRows && K % 8 == 0 &&
-         smem_bytes(padded_rows(rows), K) <= kMaxSmem + kWarps * kSkinnyMaxRows * 4;
+         smem_bytes(padded_rows(rows), K, false) <= kMaxSmem &&
+         smem_bytes(padded_rows(rows), K, true) <= kMaxSmemWithLayerNorm;
 }
 
 template <typename T>

@@ -81,17 +81,18 @@ def test_abort_and_soak_end_with_the_pool_free(model_dir):
 
 
 def test_decode_graphs_are_captured_at_start_up(model_dir):
-    """Every decode bucket's sampling graph (1, 2, 4, ..., max_num_seqs) exists before the first
+    """Every decode bucket's two sampling graphs (1, 2, 4, ..., max_num_seqs; a step's, and a
+    decode run's step that turns its tokens into the next step's inputs) exist before the first
     request; steps at batch sizes that grow and shrink replay them and capture nothing more.
     (That replayed graphs compute the right tokens is what the HF comparisons check.)"""
     eng = engine(model_dir, max_num_seqs=24)
     buckets = [1, 2, 4, 8, 16, 24]
-    assert eng.backend.num_cuda_graphs == len(buckets)
+    assert eng.backend.num_cuda_graphs == 2 * len(buckets)
     rng = np.random.default_rng(12)
     lengths = rng.integers(1, 25, size=20).tolist()
     outs = eng.generate(prompts(12, rng.integers(2, 30, size=20).tolist()), [greedy(n) for n in lengths])
     assert [len(o.token_ids) for o in outs] == lengths
-    assert eng.backend.num_cuda_graphs == len(buckets)
+    assert eng.backend.num_cuda_graphs == 2 * len(buckets)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

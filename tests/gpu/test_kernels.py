@@ -299,6 +299,31 @@ def test_decode_attention_writes_kv(rng, dtype, block_size, head_size, partition
     np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_size", [64, 32])
+@pytest.mark.parametrize("partition_size", [0, 32])
+@pytest.mark.parametrize("heads_per_block", [1, 4])
+def test_decode_attention_reads_newest_from_qkv(rng, dtype, block_size, head_size, partition_size,
+                                                heads_per_block):
+    """As the engine runs it: each sequence's newest K/V come from its qkv row and every older
+    row from the cache (copied before the kernel waits, the newest row after). The cache's own
+    newest slots hold other random values here, so reading them there would fail."""
+    num_heads = 256 // head_size
+    ctx = decode_contexts(block_size)
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads,
+                                                    head_size, block_size, dtype)
+    slots = (tables[np.arange(len(ctx)), positions // block_size] * block_size
+             + positions % block_size).astype(np.int32)
+    want_k, want_v = cpu.write_kv(k, v, qkv, slots, num_heads)
+    assert not np.array_equal(want_k, k) and not np.array_equal(want_v, v)
+    want = cpu.paged_attention(qkv, want_k, want_v, positions, qsl, tables, num_heads)
+    got = gpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads, dtype=dtype,
+                              kernel="decode", partition_size=partition_size,
+                              heads_per_block=heads_per_block, newest_from_qkv=True)
+    np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
+
+
 def test_decode_attention_rejects_other_heads_per_block(rng):
     qkv, k, v, positions, qsl, tables = paged_batch(rng, [5], [1], 4, 64, 16, "float32")
     with pytest.raises(ValueError, match="heads_per_block must be 1 or 4, got 2"):
