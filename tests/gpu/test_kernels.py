@@ -272,11 +272,23 @@ def test_decode_attention_heads_not_divisible_by_four(rng, dtype, partition_size
     np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("head_size", [64, 32])
-@pytest.mark.parametrize("partition_size", [0, 32])
-@pytest.mark.parametrize("heads_per_block", [1, 4])
+def newest_row_cases(test):
+    """The grid of the decode tests around each sequence's newest row (applied as the stacked
+    decorators dtype / block_size / head_size / partition_size / heads_per_block would be)."""
+    for name, values in (("heads_per_block", [1, 4]), ("partition_size", [0, 32]),
+                         ("head_size", [64, 32]), ("block_size", BLOCK_SIZES), ("dtype", DTYPES)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+def newest_slots(tables, positions, block_size):
+    """The cache slot of each sequence's newest token (one query per sequence)."""
+    rows = np.arange(len(positions))
+    return (tables[rows, positions // block_size] * block_size
+            + positions % block_size).astype(np.int32)
+
+
+@newest_row_cases
 def test_decode_attention_writes_kv(rng, dtype, block_size, head_size, partition_size,
                                     heads_per_block):
     """The decode kernel as a wide decode step runs it: it also writes each sequence's new K/V
@@ -286,8 +298,7 @@ def test_decode_attention_writes_kv(rng, dtype, block_size, head_size, partition
     ctx = decode_contexts(block_size)
     qkv, k, v, positions, _, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads, head_size,
                                                   block_size, dtype)
-    slots = (tables[np.arange(len(ctx)), positions // block_size] * block_size
-             + positions % block_size).astype(np.int32)
+    slots = newest_slots(tables, positions, block_size)
     want_k, want_v = cpu.write_kv(k, v, qkv, slots, num_heads)
     qsl = np.arange(len(ctx) + 1, dtype=np.int32)
     want = cpu.paged_attention(qkv, want_k, want_v, positions, qsl, tables, num_heads)
@@ -299,11 +310,7 @@ def test_decode_attention_writes_kv(rng, dtype, block_size, head_size, partition
     np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("head_size", [64, 32])
-@pytest.mark.parametrize("partition_size", [0, 32])
-@pytest.mark.parametrize("heads_per_block", [1, 4])
+@newest_row_cases
 def test_decode_attention_reads_newest_from_qkv(rng, dtype, block_size, head_size, partition_size,
                                                 heads_per_block):
     """As the engine runs it: each sequence's newest K/V come from its qkv row and every older
@@ -313,8 +320,7 @@ def test_decode_attention_reads_newest_from_qkv(rng, dtype, block_size, head_siz
     ctx = decode_contexts(block_size)
     qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads,
                                                     head_size, block_size, dtype)
-    slots = (tables[np.arange(len(ctx)), positions // block_size] * block_size
-             + positions % block_size).astype(np.int32)
+    slots = newest_slots(tables, positions, block_size)
     want_k, want_v = cpu.write_kv(k, v, qkv, slots, num_heads)
     assert not np.array_equal(want_k, k) and not np.array_equal(want_v, v)
     want = cpu.paged_attention(qkv, want_k, want_v, positions, qsl, tables, num_heads)
