@@ -196,49 +196,53 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
-// What enqueue(stream) launches, captured once into a CUDA graph on a stream of its own (the
-// legacy stream cannot be captured), to be replayed by launch: for timing chains of launches
-// without the host's per-launch cost.
+// What enqueue() puts on `stream` (not the legacy stream, which cannot be captured), captured
+// into a CUDA graph and returned instantiated; the caller destroys the exec.
+// NOTE: if enqueue throws, the capture is ended and its graph freed before the exception goes on
+// (a capture left open would break every later use of the thread's streams).
+template <typename Enqueue>
+cudaGraphExec_t capture_graph(cudaStream_t stream, Enqueue&& enqueue) {
+  CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  cudaGraph_t graph = nullptr;
+  try {
+    enqueue();
+  } catch (...) {
+    cudaStreamEndCapture(stream, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    throw;
+  }
+  CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  CUDA_CHECK(err);
+  return exec;
+}
+
+// What enqueue(stream) launches, captured once into a CUDA graph on a stream of its own, to be
+// replayed by launch: for timing chains of launches without the host's per-launch cost.
 class CapturedGraph {
  public:
-  // NOTE: if enqueue throws, the capture is ended and its graph and stream freed before the
-  // exception goes on (a capture left open would break every later use of the thread's streams).
   template <typename Enqueue>
   explicit CapturedGraph(Enqueue&& enqueue) {
     cudaStream_t capture;
     CUDA_CHECK(cudaStreamCreateWithFlags(&capture, cudaStreamNonBlocking));
-    cudaError_t err = cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal);
-    if (err == cudaSuccess) {
-      try {
-        enqueue(capture);
-      } catch (...) {
-        cudaGraph_t partial = nullptr;
-        cudaStreamEndCapture(capture, &partial);
-        if (partial) cudaGraphDestroy(partial);
-        cudaStreamDestroy(capture);
-        throw;
-      }
-      err = cudaStreamEndCapture(capture, &graph_);
+    try {
+      exec_ = capture_graph(capture, [&] { enqueue(capture); });
+    } catch (...) {
+      cudaStreamDestroy(capture);
+      throw;
     }
     cudaStreamDestroy(capture);
-    CUDA_CHECK(err);
-    err = cudaGraphInstantiate(&exec_, graph_, 0);
-    if (err != cudaSuccess) {
-      cudaGraphDestroy(graph_);
-      graph_ = nullptr;
-      CUDA_CHECK(err);
-    }
   }
   ~CapturedGraph() {
     if (exec_) cudaGraphExecDestroy(exec_);
-    if (graph_) cudaGraphDestroy(graph_);
   }
   CapturedGraph(const CapturedGraph&) = delete;
   CapturedGraph& operator=(const CapturedGraph&) = delete;
   void launch(cudaStream_t stream) const { CUDA_CHECK(cudaGraphLaunch(exec_, stream)); }
 
  private:
-  cudaGraph_t graph_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
 };
 

@@ -381,7 +381,7 @@ class Engine final : public CudaModel::Impl {
   // own pinned buffer and records its event after. step_host_ and step_slots_host_ are written
   // again only once uploads_read_ (recorded after a run's uploads) has passed.
   struct RunInFlight {
-    int num_steps, num_seqs, bucket, buffer;
+    int num_steps, num_seqs, buffer;  // its rows are bucket_for(num_seqs) wide
   };
   std::deque<RunInFlight> runs_;
   PinnedBuffer token_history_host_[kRunsInFlight];
@@ -1141,21 +1141,9 @@ void Engine<T>::launch_decode_graph(const Step& st, bool sample, bool advance) {
   }
   enqueue_forward(st, sample, nullptr, advance);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
-  cudaGraph_t graph = nullptr;
-  CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-  try {
-    enqueue_forward(st, sample, nullptr, advance);
-  } catch (...) {
-    cudaStreamEndCapture(stream_, &graph);
-    if (graph) cudaGraphDestroy(graph);
-    throw;
-  }
-  CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-  cudaGraphExec_t exec = nullptr;
-  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
-  cudaGraphDestroy(graph);
-  CUDA_CHECK(err);
-  graphs_.emplace(key, exec);
+  graphs_.emplace(key, capture_graph(stream_, [&] {
+                    enqueue_forward(st, sample, nullptr, advance);
+                  }));
   num_graphs = int(graphs_.size());
 }
 
@@ -1204,7 +1192,7 @@ bool Engine<T>::enqueue_decode_run(const StepInputs& in, const SamplingInputs& s
   CUDA_CHECK(cudaMemcpyAsync(token_history_host_[buffer].get(), token_history_,
                              row_bytes * num_steps, cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaEventRecord(run_done_[buffer], stream_));
-  runs_.push_back({num_steps, S, bucket, buffer});
+  runs_.push_back({num_steps, S, buffer});
   next_tokens_from_run_ = true;
   return true;
 }
@@ -1215,8 +1203,9 @@ void Engine<T>::wait_decode_run(int32_t* next_tokens) {
   const RunInFlight run = runs_.front();
   CUDA_CHECK(cudaEventSynchronize(run_done_[run.buffer]));
   const int32_t* rows = reinterpret_cast<const int32_t*>(token_history_host_[run.buffer].get());
+  const size_t width = size_t(bucket_for(run.num_seqs));
   for (int i = 0; i < run.num_steps; ++i) {
-    std::memcpy(next_tokens + size_t(i) * run.num_seqs, rows + size_t(i) * run.bucket,
+    std::memcpy(next_tokens + size_t(i) * run.num_seqs, rows + i * width,
                 4 * size_t(run.num_seqs));
   }
   runs_.pop_front();

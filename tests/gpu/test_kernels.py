@@ -176,6 +176,21 @@ def test_skinny_matmul_with_more_row_groups_than_resident_blocks(rng, dtype, row
     np.testing.assert_allclose(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_skinny_lm_head(rng, dtype, rows):
+    """gpt2's LM head: LayerNorm, then 50,257 logits over K = 768. At 1-2 rows a warp reads four
+    consecutive weight rows as one run; 50,257 leaves a last run of one row."""
+    K, N = 768, 50257
+    x = rng.standard_normal((rows, K)).astype(np.float32) * 2 + 0.5
+    w = randn(rng, (N, K), dtype, 1.0 / np.sqrt(K))
+    ln_w, ln_b = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    want = cpu.matmul(rounded(cpu.layernorm(x, ln_w, ln_b, 1e-5), dtype), w, None)
+    got = gpu.skinny_matmul(x, w, None, ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else {k: 2 * v for k, v in TOL[dtype].items()}
+    np.testing.assert_allclose(got, want, **tol)
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 def test_skinny_matmul_with_long_rows(rng, rows):
     """K = 6400, N = 1600, as gpt2-xl's fc_proj: rows of 12.8 KB, split over several warps."""
