@@ -404,10 +404,7 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
       ms = median_ms(kStream, iters, [&] { launch(0, kStream); });
       return;
     }
-    const CapturedGraph graph([&](cudaStream_t capture) {
-      for (int c = 0; c < n; ++c) launch(c, capture);
-    });
-    ms = median_ms(kStream, iters, [&] { graph.launch(kStream); }) / n;
+    ms = graph_median_ms(kStream, iters, n, launch);
   });
   return ms;
 }
@@ -432,17 +429,14 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
   // The chain is replayed from a CUDA graph, as the model's steps are: the host's launch rate
   // (a few us a launch) does not bound it.
   const int sms = num_sms();
-  const CapturedGraph graph([&](cudaStream_t capture) {
-    for (int i = 0; i < chain; ++i) {
-      p.weight = w.get() + size_t(i) * w_elems;
-      // The next GEMVs' weights, as a step's GEMVs ask for theirs (none after the last).
-      const size_t bytes_after = w_elems * sizeof(T) * (chain - 1 - i);
-      p.prefetch = {p.weight + w_elems, std::min(size_t(prefetch_mb) << 20, bytes_after)};
-      launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBias, sms, capture,
-                            /*pdl=*/true);
-    }
+  return graph_median_ms(kStream, iters, chain, [&](int i, cudaStream_t capture) {
+    p.weight = w.get() + size_t(i) * w_elems;
+    // The next GEMVs' weights, as a step's GEMVs ask for theirs (none after the last).
+    const size_t bytes_after = w_elems * sizeof(T) * (chain - 1 - i);
+    p.prefetch = {p.weight + w_elems, std::min(size_t(prefetch_mb) << 20, bytes_after)};
+    launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBias, sms, capture,
+                          /*pdl=*/true);
   });
-  return median_ms(kStream, iters, [&] { graph.launch(kStream); }) / chain;
 }
 
 double copy_bandwidth_gbs(int64_t bytes, int iters) {
