@@ -42,8 +42,7 @@ nb::ndarray<nb::numpy, float> attention_op(FloatTensor qkv, FloatTensor k_cache,
                                            int num_heads, const std::string& dtype,
                                            cuda::ops::AttentionKernel which, int partition_size,
                                            int heads_per_block, const int32_t* slot_mapping,
-                                           float* k_out, float* v_out,
-                                           bool newest_from_qkv = false) {
+                                           float* k_out, float* v_out) {
   if (k_cache.ndim() != 4 || qkv.ndim() != 2) {
     throw std::invalid_argument(
         "paged_attention: caches [num_blocks, block_size, H, D], qkv [T, 3C]");
@@ -60,7 +59,7 @@ nb::ndarray<nb::numpy, float> attention_op(FloatTensor qkv, FloatTensor k_cache,
                              positions.data(), query_start_loc, block_tables.data(), S,
                              int(block_tables.shape(1)), num_heads, D, int(k_cache.shape(1)),
                              int64_t(k_cache.size()), dt(dtype), which, partition_size,
-                             heads_per_block, slot_mapping, k_out, v_out, newest_from_qkv);
+                             heads_per_block, slot_mapping, k_out, v_out);
   return out;
 }
 
@@ -156,7 +155,7 @@ void bind_ops(nb::module_& m) {
       "paged_attention",
       [](FloatTensor qkv, FloatTensor k_cache, FloatTensor v_cache, IntArray positions,
          IntArray query_start_loc, IntMatrix block_tables, int num_heads, std::string dtype,
-         std::string kernel, int partition_size, int heads_per_block, bool newest_from_qkv) {
+         std::string kernel, int partition_size, int heads_per_block) {
         cuda::ops::AttentionKernel which;
         if (kernel == "auto") which = cuda::ops::AttentionKernel::kAuto;
         else if (kernel == "decode") which = cuda::ops::AttentionKernel::kDecode;
@@ -164,16 +163,15 @@ void bind_ops(nb::module_& m) {
         else throw std::invalid_argument("kernel must be 'auto', 'decode' or 'prefill'");
         return attention_op(qkv, k_cache, v_cache, positions, query_start_loc.data(),
                             int(query_start_loc.shape(0)) - 1, block_tables, num_heads, dtype,
-                            which, partition_size, heads_per_block, nullptr, nullptr, nullptr,
-                            newest_from_qkv);
+                            which, partition_size, heads_per_block, nullptr, nullptr, nullptr);
       },
       "qkv"_a, "k_cache"_a, "v_cache"_a, "positions"_a, "query_start_loc"_a, "block_tables"_a,
       "num_heads"_a, nb::kw_only(), "dtype"_a = "float32", "kernel"_a = "auto",
-      "partition_size"_a = 0, "heads_per_block"_a = 0, "newest_from_qkv"_a = false,
+      "partition_size"_a = 0, "heads_per_block"_a = 0,
       "kernel: 'auto' (decode kernel when every sequence has one query), 'decode', 'prefill'; "
       "partition_size: tokens per decode thread block; heads_per_block: heads per decode thread "
-      "block, 1 or 4 (0 = as the model picks); newest_from_qkv: the decode kernel reads each "
-      "sequence's newest K/V from its qkv row instead of the cache, as the engine does.");
+      "block, 1 or 4 (0 = as the model picks). The decode kernel reads each sequence's newest "
+      "K/V from its qkv row, as the engine does: the cache's slot must hold the same values.");
   ops.def(
       "decode_attention_write_kv",
       [](FloatTensor qkv, FloatTensor k_cache, FloatTensor v_cache, IntArray positions,

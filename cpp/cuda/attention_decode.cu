@@ -13,10 +13,10 @@
 // NOTE: given slot_mapping, the kernel also does write_kv for its rows: the block holding a
 // sequence's last token stores its heads' new K and V rows into their cache slot, and scores
 // that token from qkv (not from the slot it is writing). A wide decode step saves a launch.
-// NOTE: the engine always has the newest token scored from qkv (newest_from_qkv), even where the
-// QKV GEMV has written its slot: every other row is an earlier step's, so a block launched
-// programmatically copies all its first tiles but that one row before it waits, and the row
-// after. H200, gpt2 batch 1: see notes.md (thirteenth session).
+// NOTE: the newest token is always scored from qkv, even where the QKV GEMV has written its slot:
+// every other row is an earlier step's, so a block launched programmatically copies all its
+// first tiles but that one row before it waits, and the row after. H200, gpt2 batch 1: see
+// notes.md (thirteenth session).
 #include <cmath>
 
 #include "cuda/attention_decode.cuh"
@@ -147,7 +147,6 @@ __global__ void __launch_bounds__(kThreads)
                             const int32_t* __restrict__ context_lens, // [S]
                             const int32_t* __restrict__ block_tables, // [S, max_blocks]
                             const int32_t* __restrict__ slot_mapping, // [S] or nullptr
-                            bool newest_from_qkv,  // implied by slot_mapping
                             int num_heads, int max_blocks, int block_size,
                             int block_shift,  // log2(block_size), or -1 if not a power of 2
                             float q_scale, int partition_size, int max_partitions,
@@ -185,10 +184,8 @@ __global__ void __launch_bounds__(kThreads)
   const int num_tiles = (end - start + kTile - 1) / kTile;
   const int32_t* table = block_tables + int64_t(s) * max_blocks;
   const int64_t block_offset = int64_t(blockIdx.x) * G * D;  // first head's column
-  // The newest token's K and V are this step's: from qkv (newest_from_qkv; always when this
-  // kernel writes them), else from the slot the kernel before wrote. Either way after pdl_wait.
-  const int newest = context_len - 1;
-  const int fresh = newest_from_qkv || slot_mapping ? newest : -1;
+  // The newest token's K and V are this step's: read from qkv (after pdl_wait), not its slot.
+  const int fresh = context_len - 1;
   const T* k_fresh = qkv + int64_t(s) * 3 * C + C + block_offset;
   const T* v_fresh = k_fresh + C;
   // Element offset of this lane's vector j inside a row of D.
@@ -221,12 +218,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     cp_async_commit();
   };
-  // The first tiles before waiting, but for the newest token's row when it is read from qkv
-  // (else only when they stop short of it). NOTE: H200, 128 + 128 tokens: gpt2 batch 1 +3%
-  // (0.387 -> 0.375 ms a step), gpt2-xl batch 1 +1%; wider steps alike (cuBLASLt's GEMMs before
-  // them do not let it start early). notes.md, tenth session.
-  const bool early = early_loads && part < num_parts &&
-                     (fresh >= 0 || start + (kStages - 1) * kTile <= newest);
+  // The first tiles before waiting, but for the newest token's row. NOTE: H200, 128 + 128
+  // tokens: gpt2 batch 1 +3% (0.387 -> 0.375 ms a step), gpt2-xl batch 1 +1%; wider steps alike
+  // (cuBLASLt's GEMMs before them do not let it start early). notes.md, tenth session.
+  const bool early = early_loads && part < num_parts;
   if (early) {
 #pragma unroll
     for (int i = 0; i < kStages - 1; ++i) issue(i, true);
@@ -415,8 +410,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int D, int G>
 void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* context_lens,
-              const int32_t* block_tables, const int32_t* slot_mapping, bool newest_from_qkv,
-              int num_seqs, int max_blocks, int num_heads, int block_size, int max_context_len,
+              const int32_t* block_tables, const int32_t* slot_mapping, int num_seqs, int max_blocks, int num_heads, int block_size, int max_context_len,
               int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
               L2Range prefetch) {
   const int num_parts = decode_num_partitions(max_context_len, partition_size);
@@ -433,21 +427,18 @@ void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* conte
   launch_kernel(decode_attention_kernel<T, D, G>,
                 dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,
                 pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping,
-                newest_from_qkv, num_heads, max_blocks, block_size, block_shift, q_scale,
-                partition_size, num_parts,
-                ws, prefetch, pdl);
+                num_heads, max_blocks, block_size, block_shift, q_scale, partition_size,
+                num_parts, ws, prefetch, pdl);
 }
 
 template <typename T, int D>
 void launch_heads(int heads_per_block, T* out, const T* qkv, T* k_cache, T* v_cache,
                   const int32_t* context_lens, const int32_t* block_tables,
-                  const int32_t* slot_mapping, bool newest_from_qkv, int num_seqs,
-                  int max_blocks, int num_heads, int block_size, int max_context_len,
-                  int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
-                  L2Range prefetch) {
+                  const int32_t* slot_mapping, int num_seqs, int max_blocks, int num_heads,
+                  int block_size, int max_context_len, int partition_size,
+                  const DecodeWorkspace& ws, cudaStream_t stream, bool pdl, L2Range prefetch) {
   auto launch = heads_per_block == 1 ? launch_d<T, D, 1> : launch_d<T, D, kWarps>;
-  launch(out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping, newest_from_qkv,
-         num_seqs,
+  launch(out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping, num_seqs,
          max_blocks, num_heads, block_size, max_context_len, partition_size, ws, stream, pdl,
          prefetch);
 }
@@ -498,8 +489,7 @@ bool decode_attention_supported(int head_size, int elem_size) {
 template <typename T>
 void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
                              const int32_t* context_lens, const int32_t* block_tables,
-                             const int32_t* slot_mapping, bool newest_from_qkv, int num_seqs,
-                             int max_blocks, int num_heads, int head_size, int block_size,
+                             const int32_t* slot_mapping, int num_seqs, int max_blocks, int num_heads, int head_size, int block_size,
                              int max_context_len, int partition_size, int heads_per_block,
                              const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
                              L2Range prefetch) {
@@ -512,7 +502,7 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
 #define CASE(D)                                                                                 \
   case D:                                                                                       \
     return launch_heads<T, D>(heads_per_block, out, qkv, k_cache, v_cache, context_lens,       \
-                              block_tables, slot_mapping, newest_from_qkv, num_seqs,           \
+                              block_tables, slot_mapping, num_seqs,                            \
                               max_blocks, num_heads, block_size, max_context_len,              \
                               partition_size, ws, stream, pdl, prefetch);
   switch (head_size) {
@@ -526,8 +516,8 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
 
 #define INSTANTIATE(T)                                                                       \
   template void launch_decode_attention<T>(T*, const T*, T*, T*, const int32_t*,             \
-                                           const int32_t*, const int32_t*, bool, int, int, int, \
-                                           int, int, int, int, int, const DecodeWorkspace&,    \
+                                           const int32_t*, const int32_t*, int, int, int, int,  \
+                                           int, int, int, int, const DecodeWorkspace&,          \
                                            cudaStream_t, bool, L2Range);
 INSTANTIATE(float)
 INSTANTIATE(__half)

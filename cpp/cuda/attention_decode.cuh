@@ -52,8 +52,8 @@ bool decode_attention_supported(int head_size, int elem_size);
 // tokens of sequence s (q = qkv[s, h*D:(h+1)*D]). context_lens[s] == 0: padding, out row zeroed.
 // slot_mapping given: K/V of token context_lens[s] - 1 (row s of qkv) are written to cache slot
 // slot_mapping[s] (-1: not written) by this kernel, as write_kv would; nullptr: already there.
-// newest_from_qkv (implied by slot_mapping): that token's K/V are read from qkv, not from the
-// cache, so that with pdl every other row can be copied before the kernel waits.
+// Either way that token's K/V are read from qkv (the caller guarantees they are its cache row's),
+// so that with pdl every other row can be copied before the kernel waits.
 template <typename T>
 void launch_decode_attention(T* out,                       // [S, H * D]
                              const T* qkv,                 // [S, 3 * H * D]
@@ -62,7 +62,6 @@ void launch_decode_attention(T* out,                       // [S, H * D]
                              const int32_t* context_lens,  // [S]
                              const int32_t* block_tables,  // [S, max_blocks_per_seq]
                              const int32_t* slot_mapping,  // [S] or nullptr
-                             bool newest_from_qkv,
                              int num_seqs, int max_blocks_per_seq, int num_heads, int head_size,
                              int block_size,
                              int max_context_len,  // >= every context_lens[s]: sizes the grid

@@ -281,6 +281,17 @@ float median_ms(cudaStream_t stream, int iters, Enqueue&& enqueue) {
   return times[times.size() / 2];
 }
 
+// Median milliseconds per launch of launch(i, stream) for i < n, captured once into a CUDA graph
+// and replayed on `stream` (iters timed replays): a chain of launches timed without the host's
+// per-launch cost.
+template <class Launch>
+float graph_median_ms(cudaStream_t stream, int iters, int n, Launch&& launch) {
+  const CapturedGraph graph([&](cudaStream_t capture) {
+    for (int i = 0; i < n; ++i) launch(i, capture);
+  });
+  return median_ms(stream, iters, [&] { graph.launch(stream); }) / n;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Asynchronous global -> shared copies (cp.async, sm_80+)
 // ---------------------------------------------------------------------------------------------

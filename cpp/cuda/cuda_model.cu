@@ -897,9 +897,8 @@ void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch) 
     // every older row before it waits.
     const int32_t* write_slots = !st.skinny && attention_writes_kv_ ? st.slot_mapping : nullptr;
     launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, write_slots,
-                               /*newest_from_qkv=*/true, nd, W, H_, D_, block_size,
-                               st.max_context_len, st.partition_size, st.heads_per_block,
-                               decode_ws_, stream_, pdl_, prefetch);
+                               nd, W, H_, D_, block_size, st.max_context_len, st.partition_size,
+                               st.heads_per_block, decode_ws_, stream_, pdl_, prefetch);
   }
   if (nd < S) {  // the prompt chunks, after the decode rows
     launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc + nd,

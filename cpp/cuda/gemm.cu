@@ -220,12 +220,9 @@ float Gemm::time_hot(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out,
 float Gemm::time_cold(const Plan& p, const cublasLtMatmulAlgo_t& algo, void* out, const void* in,
                       const char* weights, size_t weight_bytes, int copies, cudaStream_t stream) {
   if (run(p, algo, out, in, weights, stream) != CUBLAS_STATUS_SUCCESS) return INFINITY;
-  const CapturedGraph graph([&](cudaStream_t capture) {
-    for (int c = 0; c < copies; ++c) {
-      run(p, algo, out, in, weights + size_t(c) * weight_bytes, capture);
-    }
+  return graph_median_ms(stream, 5, copies, [&](int c, cudaStream_t capture) {
+    run(p, algo, out, in, weights + size_t(c) * weight_bytes, capture);
   });
-  return median_ms(stream, 5, [&] { graph.launch(stream); }) / copies;
 }
 
 // Times each candidate and keeps the fastest: time_cold on copies of the weight (192 MB or

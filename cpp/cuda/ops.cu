@@ -242,8 +242,7 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
                      const int32_t* block_tables, int num_seqs, int max_blocks, int num_heads,
                      int head_size, int block_size, int64_t cache_elems, DType dtype,
                      AttentionKernel kernel, int partition_size, int heads_per_block,
-                     const int32_t* slot_mapping, float* k_out, float* v_out,
-                     bool newest_from_qkv) {
+                     const int32_t* slot_mapping, float* k_out, float* v_out) {
   const int T_ = query_start_loc[num_seqs];
   bool decode = T_ == num_seqs;
   int max_query = 0;
@@ -254,11 +253,11 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
     max_query = std::max(max_query, q);
     context_lens[s] = q > 0 ? positions[query_start_loc[s + 1] - 1] + 1 : 0;
   }
-  if ((kernel == AttentionKernel::kDecode || slot_mapping || newest_from_qkv) && !decode) {
+  if ((kernel == AttentionKernel::kDecode || slot_mapping) && !decode) {
     throw std::invalid_argument("paged_attention: kernel='decode' needs one query per sequence");
   }
   const bool use_decode =
-      kernel == AttentionKernel::kDecode || slot_mapping || newest_from_qkv ||
+      kernel == AttentionKernel::kDecode || slot_mapping ||
       (kernel == AttentionKernel::kAuto && decode &&
        decode_attention_supported(head_size, int(dtype_size(dtype))));
   dispatch_dtype(dtype, [&](auto tag) {
@@ -283,9 +282,9 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
       // (the caches' cast kernels here, earlier steps in the engine) must be done and visible.
       CUDA_CHECK(cudaStreamSynchronize(kStream));
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
-                                 slot_mapping ? slots->get() : nullptr, newest_from_qkv,
-                                 num_seqs, max_blocks, num_heads, head_size, block_size, max_ctx,
-                                 split.partition_size, split.heads_per_block, scratch.ws, kStream,
+                                 slot_mapping ? slots->get() : nullptr, num_seqs, max_blocks,
+                                 num_heads, head_size, block_size, max_ctx, split.partition_size,
+                                 split.heads_per_block, scratch.ws, kStream,
                                  /*pdl=*/true);  // as in a step: the first tiles load early
       CUDA_CHECK(cudaDeviceSynchronize());
       if (k_out) download(k_out, k->get(), size_t(cache_elems));
@@ -397,18 +396,15 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
                           decode_num_partitions(context_len, split.partition_size));
     auto launch = [&](int c, cudaStream_t stream) {
       launch_decode_attention<T>(y.get(), q->get(), k[c]->get(), v[c]->get(), ctx->get(),
-                                 tables->get(), nullptr, /*newest_from_qkv=*/false, num_seqs,
-                                 blocks_per_seq, num_heads, head_size, block_size, context_len,
-                                 split.partition_size, split.heads_per_block, scratch.ws, stream);
+                                 tables->get(), nullptr, num_seqs, blocks_per_seq, num_heads,
+                                 head_size, block_size, context_len, split.partition_size,
+                                 split.heads_per_block, scratch.ws, stream);
     };
     if (n == 1) {
       ms = median_ms(kStream, iters, [&] { launch(0, kStream); });
       return;
     }
-    const CapturedGraph graph([&](cudaStream_t capture) {
-      for (int c = 0; c < n; ++c) launch(c, capture);
-    });
-    ms = median_ms(kStream, iters, [&] { graph.launch(kStream); }) / n;
+    ms = graph_median_ms(kStream, iters, n, launch);
   });
   return ms;
 }
@@ -433,17 +429,14 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
   // The chain is replayed from a CUDA graph, as the model's steps are: the host's launch rate
   // (a few us a launch) does not bound it.
   const int sms = num_sms();
-  const CapturedGraph graph([&](cudaStream_t capture) {
-    for (int i = 0; i < chain; ++i) {
-      p.weight = w.get() + size_t(i) * w_elems;
-      // The next GEMVs' weights, as a step's GEMVs ask for theirs (none after the last).
-      const size_t bytes_after = w_elems * sizeof(T) * (chain - 1 - i);
-      p.prefetch = {p.weight + w_elems, std::min(size_t(prefetch_mb) << 20, bytes_after)};
-      launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBias, sms, capture,
-                            /*pdl=*/true);
-    }
+  return graph_median_ms(kStream, iters, chain, [&](int i, cudaStream_t capture) {
+    p.weight = w.get() + size_t(i) * w_elems;
+    // The next GEMVs' weights, as a step's GEMVs ask for theirs (none after the last).
+    const size_t bytes_after = w_elems * sizeof(T) * (chain - 1 - i);
+    p.prefetch = {p.weight + w_elems, std::min(size_t(prefetch_mb) << 20, bytes_after)};
+    launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBias, sms, capture,
+                          /*pdl=*/true);
   });
-  return median_ms(kStream, iters, [&] { graph.launch(kStream); }) / chain;
 }
 
 double copy_bandwidth_gbs(int64_t bytes, int iters) {

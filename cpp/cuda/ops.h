@@ -52,8 +52,8 @@ enum class AttentionKernel { kAuto, kDecode, kPrefill };
 // decode template), else prefill. partition_size, heads_per_block 0: as the model picks them.
 // slot_mapping given (decode only): the decode kernel also writes each sequence's new K/V (its
 // qkv row) to that slot, as in a wide decode step; the caches after it go to k_out, v_out.
-// newest_from_qkv (decode only; implied by slot_mapping): the newest token's K/V are read from
-// its qkv row, not from the cache, as the engine's decode steps do.
+// The decode kernel reads each sequence's newest K/V from its qkv row (as the engine's decode
+// steps do), the prefill kernel from the cache: the two must hold the same values.
 void paged_attention(float* out,                      // [T, H * D]
                      const float* qkv,                // [T, 3 * H * D]
                      const float* k_cache,            // [num_blocks, block_size, H, D]
@@ -66,8 +66,7 @@ void paged_attention(float* out,                      // [T, H * D]
                      int partition_size, int heads_per_block,
                      const int32_t* slot_mapping = nullptr,  // [S] or nullptr
                      float* k_out = nullptr,                 // [cache_elems] (with slot_mapping)
-                     float* v_out = nullptr,
-                     bool newest_from_qkv = false);
+                     float* v_out = nullptr);
 
 // Heads per decode thread block the model picks for a batch of num_seqs on this GPU (1 or 4).
 int decode_heads_per_block(int num_seqs, int num_heads);

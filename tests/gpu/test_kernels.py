@@ -70,7 +70,9 @@ def rng(request):
 
 def paged_batch(rng, context_lens, query_lens, num_heads, head_size, block_size, dtype):
     """Random caches, shuffled non-contiguous block tables, and queries at the end of each
-    sequence's context (query_lens[s] new tokens at positions [ctx - q, ctx))."""
+    sequence's context (query_lens[s] new tokens at positions [ctx - q, ctx)). The query tokens'
+    K/V (their qkv rows) are in their cache slots, as after write_kv: the decode kernel reads a
+    sequence's newest K/V from qkv, the prefill kernel and the CPU from the cache."""
     blocks_per_seq = [-(-c // block_size) for c in context_lens]
     num_blocks = sum(blocks_per_seq) + 5  # free blocks left in the pool
     ids = rng.permutation(num_blocks).astype(np.int32)
@@ -87,7 +89,12 @@ def paged_batch(rng, context_lens, query_lens, num_heads, head_size, block_size,
     qsl = np.zeros(len(context_lens) + 1, dtype=np.int32)
     np.cumsum(query_lens, out=qsl[1:])
     qkv = randn(rng, (int(qsl[-1]), 3 * C), dtype)
-    return qkv, k_cache, v_cache, positions.astype(np.int32), qsl, tables
+    positions = positions.astype(np.int32)
+    seq_of_token = np.repeat(np.arange(len(context_lens)), query_lens)
+    slots = (tables[seq_of_token, positions // block_size] * block_size
+             + positions % block_size).astype(np.int32)
+    k_cache, v_cache = cpu.write_kv(k_cache, v_cache, qkv, slots, num_heads)
+    return qkv, k_cache, v_cache, positions, qsl, tables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,19 +310,30 @@ def newest_slots(tables, positions, block_size):
             + positions % block_size).astype(np.int32)
 
 
+def with_other_newest_rows(rng, cache, slots, dtype):
+    """A copy of cache whose rows at slots hold other random values (so a kernel that reads
+    them, or does not write them, fails)."""
+    out = cache.copy()
+    flat = out.reshape(-1, *cache.shape[2:])
+    flat[slots] = randn(rng, (len(slots), *cache.shape[2:]), dtype)
+    assert not np.array_equal(out, cache)
+    return out
+
+
 @newest_row_cases
 def test_decode_attention_writes_kv(rng, dtype, block_size, head_size, partition_size,
                                     heads_per_block):
     """The decode kernel as a wide decode step runs it: it also writes each sequence's new K/V
     (its qkv row) to the slot of its last position, and takes that token from qkv. The caches
-    must equal write_kv's exactly, the output attention over them."""
+    (whose newest slots held other values before) must equal write_kv's exactly, the output
+    attention over them."""
     num_heads = 256 // head_size
     ctx = decode_contexts(block_size)
-    qkv, k, v, positions, _, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads, head_size,
-                                                  block_size, dtype)
+    qkv, want_k, want_v, positions, qsl, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads,
+                                                              head_size, block_size, dtype)
     slots = newest_slots(tables, positions, block_size)
-    want_k, want_v = cpu.write_kv(k, v, qkv, slots, num_heads)
-    qsl = np.arange(len(ctx) + 1, dtype=np.int32)
+    k = with_other_newest_rows(rng, want_k, slots, dtype)
+    v = with_other_newest_rows(rng, want_v, slots, dtype)
     want = cpu.paged_attention(qkv, want_k, want_v, positions, qsl, tables, num_heads)
     got, got_k, got_v = gpu.decode_attention_write_kv(
         qkv, k, v, positions, slots, tables, num_heads, dtype=dtype,
@@ -336,12 +354,11 @@ def test_decode_attention_reads_newest_from_qkv(rng, dtype, block_size, head_siz
     qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads,
                                                     head_size, block_size, dtype)
     slots = newest_slots(tables, positions, block_size)
-    want_k, want_v = cpu.write_kv(k, v, qkv, slots, num_heads)
-    assert not np.array_equal(want_k, k) and not np.array_equal(want_v, v)
-    want = cpu.paged_attention(qkv, want_k, want_v, positions, qsl, tables, num_heads)
-    got = gpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads, dtype=dtype,
-                              kernel="decode", partition_size=partition_size,
-                              heads_per_block=heads_per_block, newest_from_qkv=True)
+    want = cpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads)
+    got = gpu.paged_attention(qkv, with_other_newest_rows(rng, k, slots, dtype),
+                              with_other_newest_rows(rng, v, slots, dtype), positions, qsl,
+                              tables, num_heads, dtype=dtype, kernel="decode",
+                              partition_size=partition_size, heads_per_block=heads_per_block)
     np.testing.assert_allclose(got, want, **ATTN_TOL[dtype])
 
 
