@@ -235,6 +235,16 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   if (part >= num_parts) return;
+  // q's loads go out first, as they are (converted and scaled below), so that their round trip
+  // overlaps the newest row's (and the first tiles still in flight).
+  Vec<T, kVec> q_in[kVpl];
+  {
+    const T* q_row = qkv + int64_t(s) * 3 * C + int64_t(has_head ? h : 0) * D;
+#pragma unroll
+    for (int j = 0; j < kVpl; ++j) {
+      q_in[j] = *reinterpret_cast<const Vec<T, kVec>*>(q_row + col(j));
+    }
+  }
   if (slot_mapping && part == num_parts - 1) {
     const int64_t slot = slot_mapping[s];  // -1: not written
     if (slot >= 0) {
@@ -262,18 +272,12 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // q, pre-scaled, in registers (loaded while the first tiles are in flight).
-  float q[kVpl][kVec];
-  {
-    const T* q_row = qkv + int64_t(s) * 3 * C + int64_t(has_head ? h : 0) * D;
+  float q[kVpl][kVec];  // pre-scaled
 #pragma unroll
-    for (int j = 0; j < kVpl; ++j) {
-      load_floats<T, kVec>(q_row + col(j), q[j]);
+  for (int j = 0; j < kVpl; ++j) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) q[j][e] *= q_scale;
-    }
+    for (int e = 0; e < kVec; ++e) q[j][e] = to_float(q_in[j].v[e]) * q_scale;
   }
-
   float m = -INFINITY, l = 0.f, acc[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
