@@ -13,6 +13,7 @@ __global__ void advance_decode_step_kernel(int32_t* token_ids, int32_t* position
                                            int64_t* counters, int32_t* history,
                                            const int32_t* next_tokens, const int32_t* next_slots,
                                            int32_t* run_step, int num_rows) {
+  pdl_wait();  // next_tokens (the sampler's), and every input the step's kernels read
   const int64_t row0 = int64_t(*run_step) * num_rows;
   for (int s = threadIdx.x; s < num_rows; s += kThreads) {
     if (context_lens[s] <= 0) continue;  // padding
@@ -33,13 +34,12 @@ __global__ void advance_decode_step_kernel(int32_t* token_ids, int32_t* position
 void launch_advance_decode_step(int32_t* token_ids, int32_t* positions, int32_t* slot_mapping,
                                 int32_t* context_lens, int64_t* counters, int32_t* history,
                                 const int32_t* next_tokens, const int32_t* next_slots,
-                                int32_t* run_step, int num_rows, cudaStream_t stream) {
+                                int32_t* run_step, int num_rows, cudaStream_t stream,
+                                bool pdl) {
   if (num_rows <= 0) return;
-  advance_decode_step_kernel<<<1, kThreads, 0, stream>>>(token_ids, positions, slot_mapping,
-                                                         context_lens, counters, history,
-                                                         next_tokens, next_slots, run_step,
-                                                         num_rows);
-  CUDA_CHECK_LAUNCH();
+  launch_kernel(advance_decode_step_kernel, dim3(1), dim3(kThreads), 0, stream, pdl, token_ids,
+                positions, slot_mapping, context_lens, counters, history, next_tokens,
+                next_slots, run_step, num_rows);
 }
 
 }  // namespace pagedgpt2::cuda

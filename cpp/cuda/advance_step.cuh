@@ -25,6 +25,8 @@ void launch_advance_decode_step(int32_t* token_ids,           // [num_rows]
                                 const int32_t* next_tokens,   // [num_rows] sampled by this step
                                 const int32_t* next_slots,    // [steps, num_rows] cache slots
                                 int32_t* run_step,            // [1]
-                                int num_rows, cudaStream_t stream);
+                                int num_rows, cudaStream_t stream,
+                                bool pdl = false);  // programmatic launch (sm_90), after the
+                                                    // sampler: the kernel waits for it first
 
 }  // namespace pagedgpt2::cuda

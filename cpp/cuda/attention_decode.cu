@@ -82,28 +82,43 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float (&acc)[N],
   m = m_new;
 }
 
+constexpr int kMergeBatch = 8;  // partitions merge_partitions loads at once
+
 // Split path, run by the threads of one (sequence, head) (thread `t` of `n`) once the last of
 // its num_parts partitions has published: out_row = the partials merged and normalized.
+// NOTE: a thread loads the max, sum and output of kMergeBatch partitions at once (one L2 round
+// trip, where three loops of dependent loads were) and merges them online, batch after batch.
+// At batch 1 the graphs' 64-token partitions make every layer merge 2-4 of them.
 template <typename T>
 __device__ void merge_partitions(T* out_row, const DecodeWorkspace& ws, int64_t first,
                                  int num_parts, int D, int t, int n) {
-  float global_max = -INFINITY;
-  for (int p = 0; p < num_parts; ++p) {
-    global_max = fmaxf(global_max, __ldcg(ws.partial_max + first + p));
-  }
-  float total = 0.f;
-  for (int p = 0; p < num_parts; ++p) {
-    total += __ldcg(ws.partial_sum + first + p) *
-             exp2f(__ldcg(ws.partial_max + first + p) - global_max);
-  }
-  const float inv = 1.f / total;
   for (int d = t; d < D; d += n) {
-    float o = 0.f;
-    for (int p = 0; p < num_parts; ++p) {
-      o += __ldcg(ws.partial_out + (first + p) * D + d) *
-           exp2f(__ldcg(ws.partial_max + first + p) - global_max);
+    float m = -INFINITY, l = 0.f, o = 0.f;
+    for (int p0 = 0; p0 < num_parts; p0 += kMergeBatch) {
+      float pm[kMergeBatch], pl[kMergeBatch], po[kMergeBatch];
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        const int64_t row = first + p0 + i;
+        const bool here = p0 + i < num_parts;
+        pm[i] = here ? __ldcg(ws.partial_max + row) : -INFINITY;
+        pl[i] = here ? __ldcg(ws.partial_sum + row) : 0.f;
+        po[i] = here ? __ldcg(ws.partial_out + row * D + d) : 0.f;
+      }
+      float m_new = m;
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) m_new = fmaxf(m_new, pm[i]);
+      const float a = m == -INFINITY ? 0.f : exp2f(m - m_new);
+      l *= a;
+      o *= a;
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        const float w = pm[i] == -INFINITY ? 0.f : exp2f(pm[i] - m_new);
+        l += pl[i] * w;
+        o += po[i] * w;
+      }
+      m = m_new;
     }
-    out_row[d] = from_float<T>(o * inv);
+    out_row[d] = from_float<T>(o / l);
   }
 }
 

@@ -334,6 +334,8 @@ __global__ void __launch_bounds__(kThreads)
                   float* scratch,                     // [R, V] (may be logits itself)
                   DeviceSampling params, int V) {
   __shared__ Shared sh;
+  pdl_launch_dependents();  // the advance (a decode run's step) may launch
+  pdl_wait();               // the logits, and the step inputs, belong to the kernels before
   const int r = blockIdx.x, tid = threadIdx.x;
   const In* in_row = logits + int64_t(r) * ld;
   float* s_row = scratch + int64_t(r) * V;
@@ -414,16 +416,15 @@ __global__ void __launch_bounds__(kThreads)
 template <typename In>
 void launch_sample(int32_t* next_tokens, const In* logits, int ld, float* scratch,
                    const DeviceSampling& params, int num_rows, int vocab_size,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, bool pdl) {
   if (num_rows <= 0) return;
-  sample_kernel<In><<<num_rows, kThreads, 0, stream>>>(next_tokens, logits, ld, scratch, params,
-                                                       vocab_size);
-  CUDA_CHECK_LAUNCH();
+  launch_kernel(sample_kernel<In>, dim3(num_rows), dim3(kThreads), 0, stream, pdl, next_tokens,
+                logits, ld, scratch, params, vocab_size);
 }
 
 #define INSTANTIATE(In)                                                                        \
   template void launch_sample<In>(int32_t*, const In*, int, float*, const DeviceSampling&, int, \
-                                  int, cudaStream_t);
+                                  int, cudaStream_t, bool);
 INSTANTIATE(float)
 INSTANTIATE(__half)
 INSTANTIATE(__nv_bfloat16)

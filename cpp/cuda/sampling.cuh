@@ -31,6 +31,8 @@ void launch_sample(int32_t* next_tokens,  // [R]
                    int ld,
                    float* scratch,        // [R, V]
                    const DeviceSampling& params, int num_rows, int vocab_size,
-                   cudaStream_t stream);
+                   cudaStream_t stream,
+                   bool pdl = false);  // programmatic launch (sm_90): the kernel waits for
+                                       // the one before it (the LM head) at its first line
 
 }  // namespace pagedgpt2::cuda

@@ -211,6 +211,30 @@ def test_skinny_matmul_with_long_rows(rng, rows):
     np.testing.assert_allclose(got, want, **TOL["float16"])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("shape", [(6400, 1600), (1600, 1600)])
+def test_skinny_matmul_with_a_last_partial_round(rng, dtype, rows, shape):
+    """gpt2-xl's fc (LayerNorm, GELU) and proj (residual) shapes: more row groups than resident
+    blocks, with a few left for a last round (on a 132-SM card: 800 and 400 groups on 396
+    blocks)."""
+    N, K = shape
+    x = rng.standard_normal((rows, K)).astype(np.float32) * 2 + 0.5
+    w = randn(rng, (N, K), dtype, 1.0 / np.sqrt(K))
+    b = randn(rng, (N,), dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else {k: 2 * v for k, v in TOL[dtype].items()}
+    if N > K:
+        ln_w, ln_b = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+        want = cpu.gelu(cpu.matmul(rounded(cpu.layernorm(x, ln_w, ln_b, 1e-5), dtype), w, b))
+        got = gpu.skinny_matmul(x, w, b, ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, gelu=True, dtype=dtype)
+    else:
+        x = rounded(x, dtype)
+        residual = rng.standard_normal((rows, N)).astype(np.float32)
+        want = cpu.matmul(x, w, b) + residual
+        got = gpu.skinny_matmul(x, w, b, residual=residual, dtype=dtype)
+    np.testing.assert_allclose(got, want, **tol)
+
+
 def test_skinny_matches_cublas(rng):
     """The two GEMM paths agree (fp16), so the skinny/wide switch is invisible."""
     x = randn(rng, (6, 768), "float16")
