@@ -31,6 +31,10 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;  // 16-byte weight vectors in flight per lane
 constexpr int kMinBlocksPerSm = 3;  // register cap: 3 x 8 warps keep ~100 KB of W in flight
+// NOTE: 4-warp blocks, 7 an SM (72 registers, 28 warps an SM) were slower everywhere on an H200
+// (gpt2 batch 1 0.313 -> 0.380 ms a step, gpt2-xl 2.06 -> 2.68; spills at 1 row), and broke the
+// LayerNorm prologue, which normalizes row m in warp m. notes.md, fifteenth session.
+static_assert(kWarps >= kSkinnyMaxRows, "the LayerNorm prologue normalizes row m in warp m");
 constexpr size_t kMaxSmem = 100 * 1024 + kWarps * kSkinnyMaxRows * 4;  // x and the partials
 // ... and the LayerNorm parameters too: under the 163 KB a block may ask for on sm_80 (227 on
 // sm_90).
