@@ -429,7 +429,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int D, int G>
 void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* context_lens,
-              const int32_t* block_tables, const int32_t* slot_mapping, int num_seqs, int max_blocks, int num_heads, int block_size, int max_context_len,
+              const int32_t* block_tables, const int32_t* slot_mapping, int num_seqs,
+              int max_blocks, int num_heads, int block_size, int max_context_len,
               int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
               L2Range prefetch) {
   const int num_parts = decode_num_partitions(max_context_len, partition_size);
@@ -508,7 +509,8 @@ bool decode_attention_supported(int head_size, int elem_size) {
 template <typename T>
 void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
                              const int32_t* context_lens, const int32_t* block_tables,
-                             const int32_t* slot_mapping, int num_seqs, int max_blocks, int num_heads, int head_size, int block_size,
+                             const int32_t* slot_mapping, int num_seqs, int max_blocks,
+                             int num_heads, int head_size, int block_size,
                              int max_context_len, int partition_size, int heads_per_block,
                              const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
                              L2Range prefetch) {
