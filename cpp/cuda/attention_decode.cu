@@ -447,8 +447,8 @@ void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* conte
   launch_kernel(decode_attention_kernel<T, D, G>,
                 dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,
                 pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping,
-                num_heads, max_blocks, block_size, block_shift, q_scale, partition_size,
-                num_parts, ws, prefetch, pdl);
+                num_heads, max_blocks, block_size, block_shift, q_scale, partition_size, num_parts,
+                ws, prefetch, pdl);
 }
 
 template <typename T, int D>
@@ -510,10 +510,9 @@ template <typename T>
 void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
                              const int32_t* context_lens, const int32_t* block_tables,
                              const int32_t* slot_mapping, int num_seqs, int max_blocks,
-                             int num_heads, int head_size, int block_size,
-                             int max_context_len, int partition_size, int heads_per_block,
-                             const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
-                             L2Range prefetch) {
+                             int num_heads, int head_size, int block_size, int max_context_len,
+                             int partition_size, int heads_per_block, const DecodeWorkspace& ws,
+                             cudaStream_t stream, bool pdl, L2Range prefetch) {
   if (num_seqs <= 0) return;
   if (heads_per_block != 1 && heads_per_block != kWarps) {
     throw std::invalid_argument("decode attention: heads_per_block must be 1 or " +
@@ -523,9 +522,9 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
 #define CASE(D)                                                                                 \
   case D:                                                                                       \
     return launch_heads<T, D>(heads_per_block, out, qkv, k_cache, v_cache, context_lens,       \
-                              block_tables, slot_mapping, num_seqs,                            \
-                              max_blocks, num_heads, block_size, max_context_len,              \
-                              partition_size, ws, stream, pdl, prefetch);
+                              block_tables, slot_mapping, num_seqs, max_blocks, num_heads,     \
+                              block_size, max_context_len, partition_size, ws, stream, pdl,    \
+                              prefetch);
   switch (head_size) {
     CASE(16) CASE(32) CASE(48) CASE(64) CASE(80) CASE(96) CASE(128) CASE(256)
     default:
@@ -537,8 +536,8 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
 
 #define INSTANTIATE(T)                                                                       \
   template void launch_decode_attention<T>(T*, const T*, T*, T*, const int32_t*,             \
-                                           const int32_t*, const int32_t*, int, int, int, int,  \
-                                           int, int, int, int, const DecodeWorkspace&,          \
+                                           const int32_t*, const int32_t*, int, int, int, int, \
+                                           int, int, int, int, const DecodeWorkspace&,         \
                                            cudaStream_t, bool, L2Range);
 INSTANTIATE(float)
 INSTANTIATE(__half)

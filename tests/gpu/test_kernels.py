@@ -68,6 +68,11 @@ def rng(request):
 # ---------------------------------------------------------------------------------------------
 
 
+def cache_slots(tables, seqs, positions, block_size):
+    """The cache slot of the token at positions[i] of sequence seqs[i]."""
+    return (tables[seqs, positions // block_size] * block_size + positions % block_size).astype(np.int32)
+
+
 def paged_batch(rng, context_lens, query_lens, num_heads, head_size, block_size, dtype):
     """Random caches, shuffled non-contiguous block tables, and queries at the end of each
     sequence's context (query_lens[s] new tokens at positions [ctx - q, ctx)). The query tokens'
@@ -90,9 +95,7 @@ def paged_batch(rng, context_lens, query_lens, num_heads, head_size, block_size,
     np.cumsum(query_lens, out=qsl[1:])
     qkv = randn(rng, (int(qsl[-1]), 3 * C), dtype)
     positions = positions.astype(np.int32)
-    seq_of_token = np.repeat(np.arange(len(context_lens)), query_lens)
-    slots = (tables[seq_of_token, positions // block_size] * block_size
-             + positions % block_size).astype(np.int32)
+    slots = cache_slots(tables, np.repeat(np.arange(len(context_lens)), query_lens), positions, block_size)
     k_cache, v_cache = cpu.write_kv(k_cache, v_cache, qkv, slots, num_heads)
     return qkv, k_cache, v_cache, positions, qsl, tables
 
@@ -329,9 +332,7 @@ def newest_row_cases(test):
 
 def newest_slots(tables, positions, block_size):
     """The cache slot of each sequence's newest token (one query per sequence)."""
-    rows = np.arange(len(positions))
-    return (tables[rows, positions // block_size] * block_size
-            + positions % block_size).astype(np.int32)
+    return cache_slots(tables, np.arange(len(positions)), positions, block_size)
 
 
 def with_other_newest_rows(rng, cache, slots, dtype):
