@@ -176,6 +176,7 @@ class Engine:
         self.runner = ModelRunner(self.backend, self.kv)
         self._seq_ids = itertools.count()
         self._requests: dict[int, Request] = {}  # live requests by id
+        self._text_wanted: set[int] = set()  # generate()'s requests: detokenized ahead
         # A decode run launched ahead and not yet read: its batch and steps.
         self._running_ahead: tuple[list[ScheduledSeq], int] | None = None
 
@@ -313,12 +314,26 @@ class Engine:
         if num_ahead > 0:
             self.runner.launch_steps(batch, num_ahead, continues=True)
             self._running_ahead = (batch, num_ahead)
+            self._detokenize_ahead(batch)  # the GPU has two runs to do meanwhile
         outputs, finished = [], []
         for item, tokens in zip(batch, self.runner.collect_steps()):
             if not item.seq.is_finished:  # else it stopped (or was aborted) during this run
                 outputs.append(self._advance(item.seq, tokens, finished))
         self._forget_finished(finished)
         return outputs
+
+    def _detokenize_ahead(self, batch: list[ScheduledSeq]) -> None:
+        """The text bytes of the tokens generate()'s sequences in batch have so far, all but the
+        newest (a stop token, whose text is left out, can only be the newest), so that the
+        outputs at the end decode only their last few tokens."""
+        wanted = self._text_wanted
+        for item in batch:
+            seq = item.seq
+            end = len(seq.output_ids) - 1
+            if end > seq.num_detokenized and seq.request_id in wanted:
+                ids = self._text_ids(seq.output_ids[seq.num_detokenized:end])
+                seq.text_bytes += self.tokenizer.decode_bytes_valid(ids)
+                seq.num_detokenized = end
 
     def _forget_finished(self, finished: list[int]) -> None:
         for request_id in set(finished):
@@ -358,8 +373,9 @@ class Engine:
 
     def _completion(self, seq: Sequence) -> Completion:
         ids = seq.output_ids
-        text_ids = ids[:-1] if seq.finish_reason == "stop" else ids
-        return Completion(list(ids), self.tokenizer.decode(self._text_ids(text_ids)), seq.finish_reason)
+        end = len(ids) - 1 if seq.finish_reason == "stop" else len(ids)  # the stop token has no text
+        rest = self._text_ids(ids[seq.num_detokenized:end])
+        return Completion(list(ids), self.tokenizer.decode_valid(rest, head=seq.text_bytes), seq.finish_reason)
 
     def _output(self, request: Request) -> RequestOutput:
         samples = sorted(request.samples, key=lambda s: s.sample_index)
@@ -384,6 +400,7 @@ class Engine:
         requests = [self._make_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params_list))]
         try:
             for request in requests:
+                self._text_wanted.add(request.request_id)
                 self._start(request)
             unfinished = {r.request_id for r in requests}
             while unfinished:
@@ -393,6 +410,7 @@ class Engine:
         finally:
             for request in requests:
                 self.abort(request.request_id)
+                self._text_wanted.discard(request.request_id)
         return [self._output(r) for r in requests]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:

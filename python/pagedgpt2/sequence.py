@@ -32,6 +32,10 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the KV cache
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # The text bytes of output_ids[:num_detokenized], decoded ahead while the GPU runs (only
+    # for generate()'s requests; see Engine._detokenize_ahead).
+    text_bytes: bytes = b""
+    num_detokenized: int = 0
 
     @property
     def num_tokens(self) -> int:

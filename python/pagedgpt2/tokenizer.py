@@ -92,6 +92,16 @@ class Tokenizer:
         """Text of ``ids``; invalid UTF-8 sequences become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def decode_bytes_valid(self, ids: list[int]) -> bytes:
+        """decode_bytes() of ids known to be Python ints in [0, n_vocab), such as the engine's
+        own samples, without checking each one again (half of decode's time on generated text)."""
+        return self._enc.decode_bytes(ids)
+
+    def decode_valid(self, ids: list[int], head: bytes = b"") -> str:
+        """decode() of head (the bytes of the ids before these) followed by ids, ids as
+        decode_bytes_valid takes them."""
+        return (head + self._enc.decode_bytes(ids)).decode("utf-8", errors="replace")
+
     def __repr__(self) -> str:
         return f"Tokenizer(gpt2, n_vocab={N_VOCAB})"
 

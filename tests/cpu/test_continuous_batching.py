@@ -433,3 +433,31 @@ def test_backend_decode_run_continued_gives_the_tokens_of_one_run(model_dir):
     np.testing.assert_array_equal(backend.collect_decode_steps(), whole[:5])
     backend.launch_decode_steps(**later_steps(arrays, 5), continue_run=True)
     np.testing.assert_array_equal(backend.collect_decode_steps(), whole[5:])
+
+
+def test_text_decoded_ahead_during_runs_equals_decoding_at_the_end(hf_model_dirs, monkeypatch):
+    """generate() decodes its sequences' text while the backend runs (Engine._detokenize_ahead);
+    each sample's text is the tokenizer's text of its tokens, the stop token left out: forks,
+    stop tokens met mid-run, sequences of different lengths."""
+    model, _, engine_dir = hf_model_dirs["d16"]  # GPT-2's vocabulary: real text
+    ahead = []
+    original = Engine._detokenize_ahead
+    monkeypatch.setattr(Engine, "_detokenize_ahead", lambda self, batch: ahead.append(
+        sum(len(item.seq.output_ids) - 1 - item.seq.num_detokenized for item in batch)) or original(self, batch))
+    eng = Engine(engine_dir, device="cpu", block_size=4, decode_steps=4)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (3, 11, 6, 2)]
+    probe = Engine(engine_dir, device="cpu").generate(
+        prompts[1], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))[0].token_ids
+    params = [SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, ignore_eos=True),
+              SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=[probe[6]]),
+              SamplingParams(n=3, max_new_tokens=29, temperature=1.2, seed=2, ignore_eos=True),
+              SamplingParams(max_new_tokens=35, temperature=0.0, ignore_eos=True)]
+    outs = eng.generate(prompts, params)
+    assert sum(ahead) > 100  # most tokens were decoded ahead
+    assert outs[1].samples[0].finish_reason == "stop" and outs[1].samples[0].token_ids[-1] == probe[6]
+    for out in outs:
+        for sample in out.samples:
+            ids = sample.token_ids[:-1] if sample.finish_reason == "stop" else sample.token_ids
+            assert sample.text == eng.tokenizer.decode(ids)
+    assert len(outs[2].samples) == 3 and not eng._text_wanted

@@ -126,6 +126,20 @@ def test_decode_partial_utf8(tok):
     assert tok.decode_bytes(ids[:1]) + tok.decode_bytes(ids[1:]) == "😀".encode()
 
 
+def test_decode_valid_equals_decode(tok):
+    """The engine's unchecked decode of its own samples gives decode's text, split UTF-8
+    characters included."""
+    import random
+    rng = random.Random(7)
+    for n in (0, 1, 2, 17, 128):
+        ids = [rng.randrange(tok.n_vocab) for _ in range(n)]
+        assert tok.decode_valid(ids) == tok.decode(ids)
+    ids = tok.encode("naïve 😀 text")
+    assert tok.decode_valid(ids[:-1]) == tok.decode(ids[:-1])
+    for cut in range(len(ids) + 1):  # the bytes of a head decoded earlier, split anywhere
+        assert tok.decode_valid(ids[cut:], head=tok.decode_bytes_valid(ids[:cut])) == tok.decode(ids)
+
+
 def test_decode_accepts_numpy_ints(tok):
     np = pytest.importorskip("numpy")
     assert tok.decode(np.array([15496, 995], dtype=np.int64)) == "Hello world"
