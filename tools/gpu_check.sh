@@ -59,9 +59,16 @@ if has sanitize; then
   # memcheck and racecheck over every kernel test, in parallel shards, our kernels instrumented
   # (cuBLASLt's are not: see tools/sanitize.py).
   banner "compute-sanitizer memcheck and racecheck (${SANITIZE_PATHS:-tests/gpu/test_kernels.py})"
+  logs=/tmp/pagedgpt2-sanitize  # a log a shard: more files than the device tool brings back
+  rm -rf $logs
   timeout $(( ${SANITIZE_S:-360} + 30 )) python3 tools/sanitize.py --tools memcheck racecheck \
-    --shards ${SANITIZE_SHARDS:-7} --timeout ${SANITIZE_S:-360} --out "$OUT/sanitize" \
-    ${SANITIZE_PATHS:-tests/gpu/test_kernels.py} 2>&1 | tee "$OUT/sanitize.txt" | tail -20
+    --shards ${SANITIZE_SHARDS:-7} --timeout ${SANITIZE_S:-360} --out $logs \
+    ${SANITIZE_PATHS:-tests/gpu/test_kernels.py} 2>&1 | tee "$OUT/sanitize.txt" | tail -24
+  for f in $logs/*.log; do  # what each shard's sanitizer reported, and how its pytest ended
+    echo "### $(basename "$f")"
+    grep -E "SUMMARY|Internal|Invalid|Race|hazard|FAILED" "$f" | grep -v "Host Frame" | head -12
+    tail -c 300 "$f"; echo
+  done > "$OUT/sanitize_digest.txt"
 fi
 
 if has kernels; then

@@ -16,7 +16,8 @@ Prints one line per shard (tests passed and failed, the sanitizer's error or haz
 exit code) and a total per tool; exits non-zero when any shard failed, reported an error, or
 did not finish in time. Logs go to --out.
 
-    python tools/sanitize.py --tools memcheck racecheck --shards 7 --timeout 420 tests/gpu/test_kernels.py
+    python tools/sanitize.py --tools memcheck racecheck --shards 7 --timeout 420   # the kernel tests
+    python tools/sanitize.py --shards 1 --timeout 3000 tests/gpu/test_engine_gpu.py
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=420, help="seconds for every shard together")
     p.add_argument("-k", dest="select", default=None, help="pytest -k expression")
     p.add_argument("--out", default="/tmp/pagedgpt2-sanitize", help="where the logs go")
-    p.add_argument("paths", nargs="*", default=["tests/gpu"])
+    p.add_argument("paths", nargs="*", default=["tests/gpu/test_kernels.py"])
     args = p.parse_args()
 
     tests = collect(args.paths, args.select)
