@@ -111,7 +111,8 @@ def main() -> None:
         eng.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))
         return time.perf_counter() - t0, gpu.busy, gc_s[0]
 
-    run(1), run(args.new_tokens)
+    run(1)  # warm-up
+    run(args.new_tokens)
     exposed, in_gc, walls = [], [], []
     steps = args.new_tokens - 1
     for _ in range(args.repeats):

@@ -100,7 +100,7 @@ class Tokenizer:
     def decode_valid(self, ids: list[int], head: bytes = b"") -> str:
         """decode() of head (the bytes of the ids before these) followed by ids, ids as
         decode_bytes_valid takes them."""
-        return (head + self._enc.decode_bytes(ids)).decode("utf-8", errors="replace")
+        return (head + self.decode_bytes_valid(ids)).decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
         return f"Tokenizer(gpt2, n_vocab={N_VOCAB})"
