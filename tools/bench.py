@@ -147,7 +147,10 @@ def main() -> None:
     p.add_argument("--hf-max-batch", type=int, default=1 << 30, help="largest batch to run HF at")
     p.add_argument("--workdir", default=None, help="where the random checkpoints are kept")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--engine-args", default="",
+                   help='Engine arguments as NAME=VALUE pairs, e.g. "max_num_batched_tokens=16384"')
     args = p.parse_args()
+    extra = engine_args(parse_setting(args.engine_args)) if args.engine_args else {}
     dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="pagedgpt2-bench-"))
     rng = np.random.default_rng(0)
@@ -165,7 +168,7 @@ def main() -> None:
                 rows.append(dict(model=name, batch=batch, engine="hf-eager", tok_s=hf[batch][0], ms_step=hf[batch][1]))
                 print(f"{name:<10} {batch:>5} {'hf-eager':<20} {hf[batch][0]:>10.0f} {hf[batch][1]:>8.2f} {1.0:>7.2f}", flush=True)
         for mode in args.kv_cache:  # one engine per mode, sized for the largest batch, one at a time
-            eng = make_engine(model_dir, args.device, dtype, mode, max(args.batch_sizes))
+            eng = make_engine(model_dir, args.device, dtype, mode, max(args.batch_sizes), **extra)
             for batch in args.batch_sizes:
                 ours = bench_engine(eng, batch, prompts[batch], args.new_tokens, args.repeats)
                 ratio = ours[0] / hf[batch][0] if batch in hf else float("nan")

@@ -78,16 +78,18 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--step-ms", type=float, default=1.0, help="emulated GPU time of a decode step")
     p.add_argument("--prefill-us", type=float, default=0.35, help="emulated GPU time a prompt token")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the GPU engine's default")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="default: the GPU engine's budget in generate()")
     p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args()
 
     from pagedgpt2 import Engine, SamplingParams
+    from pagedgpt2.engine import DEFAULT_BATCHED_TOKENS
 
     block_size = 16
     blocks = args.batch * -(-(args.prompt_len + args.new_tokens) // block_size) + 64
     eng = Engine(device="cpu", block_size=block_size, num_blocks=blocks, max_num_seqs=args.batch,
-                 max_num_batched_tokens=args.max_num_batched_tokens)
+                 max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS["cuda"][1])
     gpu = EmulatedGpu(eng.runner.backend, args.step_ms * 1e-3, args.prefill_us * 1e-6, args.batch,
                       eng.config["vocab_size"])
     eng.runner.backend = gpu

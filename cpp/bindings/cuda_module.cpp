@@ -78,6 +78,104 @@ void bind_ops(nb::module_& m) {
       },
       "input"_a, "weight"_a, "bias"_a, "eps"_a, nb::kw_only(), "dtype"_a = "float32");
   ops.def(
+      "add_layernorm",
+      [](FloatTensor residual, std::optional<FloatTensor> delta, std::optional<FloatTensor> w,
+         std::optional<FloatTensor> b, std::optional<IntArray> rows, float eps,
+         std::string dtype) -> nb::object {
+        if (residual.ndim() != 2) throw std::invalid_argument("add_layernorm: residual [T, C]");
+        const int T = int(residual.shape(0)), C = int(residual.shape(1));
+        const int R = rows ? int(rows->shape(0)) : T;
+        if (delta) check_len("delta", delta->size(), size_t(T) * C);
+        if (bool(w) != bool(b)) throw std::invalid_argument("add_layernorm: weight and bias go together");
+        if (w) check_len("weight", w->size(), C), check_len("bias", b->size(), C);
+        for (int r = 0; rows && r < R; ++r) {
+          if (rows->data()[r] < 0 || rows->data()[r] >= T) {
+            throw std::invalid_argument("add_layernorm: rows must be in [0, T)");
+          }
+        }
+        auto res = copy_of(residual);
+        auto out = owned_array<float>({size_t(w ? R : 0), size_t(C)});
+        cuda::ops::add_layernorm(res.data(), delta ? delta->data() : nullptr,
+                                 w ? out.data() : nullptr, w ? w->data() : nullptr,
+                                 b ? b->data() : nullptr, rows ? rows->data() : nullptr, T, R, C,
+                                 eps, dt(dtype));
+        return nb::make_tuple(res, w ? nb::object(nb::cast(out)) : nb::none());
+      },
+      "residual"_a, "delta"_a.none() = nb::none(), "weight"_a.none() = nb::none(),
+      "bias"_a.none() = nb::none(), "rows"_a.none() = nb::none(), "eps"_a = 1e-5f, nb::kw_only(),
+      "dtype"_a = "float32",
+      "The model's add+LayerNorm: returns (residual + delta at the rows, LayerNorm of those rows "
+      "or None without weight).");
+  ops.def(
+      "embedding",
+      [](IntArray token_ids, IntArray positions, FloatTensor wte, FloatTensor wpe,
+         std::optional<FloatTensor> ln_w, std::optional<FloatTensor> ln_b, float eps,
+         std::string dtype) -> nb::object {
+        if (wte.ndim() != 2 || wpe.ndim() != 2) throw std::invalid_argument("embedding: wte [V, C], wpe [P, C]");
+        const int T = int(token_ids.shape(0)), V = int(wte.shape(0)), P = int(wpe.shape(0));
+        const int C = int(wte.shape(1));
+        check_len("positions", positions.shape(0), T);
+        check_len("wpe columns", wpe.shape(1), C);
+        if (bool(ln_w) != bool(ln_b)) throw std::invalid_argument("embedding: ln_weight and ln_bias go together");
+        if (ln_w) check_len("ln_weight", ln_w->size(), C), check_len("ln_bias", ln_b->size(), C);
+        for (int t = 0; t < T; ++t) {
+          if (token_ids.data()[t] < 0 || token_ids.data()[t] >= V || positions.data()[t] < 0 ||
+              positions.data()[t] >= P) {
+            throw std::invalid_argument("embedding: token id or position out of range");
+          }
+        }
+        auto res = owned_array<float>({size_t(T), size_t(C)});
+        auto ln = owned_array<float>({size_t(ln_w ? T : 0), size_t(C)});
+        cuda::ops::embedding(res.data(), ln_w ? ln.data() : nullptr, token_ids.data(),
+                             positions.data(), wte.data(), wpe.data(),
+                             ln_w ? ln_w->data() : nullptr, ln_b ? ln_b->data() : nullptr, T, V,
+                             P, C, eps, dt(dtype));
+        return nb::make_tuple(res, ln_w ? nb::object(nb::cast(ln)) : nb::none());
+      },
+      "token_ids"_a, "positions"_a, "wte"_a, "wpe"_a, "ln_weight"_a.none() = nb::none(),
+      "ln_bias"_a.none() = nb::none(), "eps"_a = 1e-5f, nb::kw_only(), "dtype"_a = "float32",
+      "Returns (wte[token_ids] + wpe[positions] in float32, its LayerNorm or None).");
+  ops.def(
+      "advance_decode_step",
+      [](IntArray token_ids, IntArray positions, IntArray slot_mapping, IntArray context_lens,
+         std::optional<I64Array> counters, IntMatrix history, IntArray next_tokens,
+         IntMatrix next_slots, int run_step) {
+        const size_t S = token_ids.shape(0), steps = history.shape(0);
+        check_len("positions", positions.shape(0), S);
+        check_len("slot_mapping", slot_mapping.shape(0), S);
+        check_len("context_lens", context_lens.shape(0), S);
+        if (counters) check_len("counters", counters->shape(0), S);
+        check_len("history columns", history.shape(1), S);
+        check_len("next_tokens", next_tokens.shape(0), S);
+        check_len("next_slots", next_slots.size(), steps * S);
+        if (run_step < 0 || size_t(run_step) >= steps) {
+          throw std::invalid_argument("advance_decode_step: run_step must be in [0, steps)");
+        }
+        auto copy = [](const int32_t* src, std::vector<size_t> shape) {
+          auto a = owned_array<int32_t>(shape);
+          std::memcpy(a.data(), src, a.size() * sizeof(int32_t));
+          return a;
+        };
+        auto ids = copy(token_ids.data(), {S}), pos = copy(positions.data(), {S});
+        auto slots = copy(slot_mapping.data(), {S}), lens = copy(context_lens.data(), {S});
+        auto hist = copy(history.data(), {steps, S});
+        auto ctr = owned_array<int64_t>({counters ? S : 0});
+        if (counters) std::memcpy(ctr.data(), counters->data(), S * sizeof(int64_t));
+        int32_t step = run_step;
+        cuda::ops::advance_decode_step(ids.data(), pos.data(), slots.data(), lens.data(),
+                                       counters ? ctr.data() : nullptr, hist.data(),
+                                       next_tokens.data(), next_slots.data(), &step, int(S),
+                                       int(steps));
+        nb::dict out;
+        out["token_ids"] = ids, out["positions"] = pos, out["slot_mapping"] = slots;
+        out["context_lens"] = lens, out["history"] = hist, out["run_step"] = step;
+        out["counters"] = counters ? nb::object(nb::cast(ctr)) : nb::none();
+        return out;
+      },
+      "token_ids"_a, "positions"_a, "slot_mapping"_a, "context_lens"_a, "counters"_a.none(),
+      "history"_a, "next_tokens"_a, "next_slots"_a, "run_step"_a,
+      "One decode-run step advance on copies of the arrays: returns them advanced, as a dict.");
+  ops.def(
       "matmul",
       [](FloatTensor in, FloatTensor w, std::optional<FloatTensor> bias, bool gelu,
          std::string dtype) {
@@ -311,7 +409,4 @@ NB_MODULE(_cuda, m) {
                   &cuda::CudaModel::set_use_cuda_graphs,
                   "Replay decode steps from CUDA graphs (default True).");
   cls.def_prop_ro("num_cuda_graphs", &cuda::CudaModel::num_cuda_graphs);
-  cls.def_prop_ro("persistent_decode", &cuda::CudaModel::persistent_decode,
-                  "Whether decode steps of 1-2 sequences run as one persistent kernel (opt-in: "
-                  "PAGEDGPT2_PERSISTENT=1 at construction; sm_90+, head size 64).");
 }

@@ -8,9 +8,7 @@
 //   step inputs one pinned host buffer + its device twin: every int array of a step is packed on
 //               the host and crosses in one cudaMemcpyAsync; sampled ids come back in one copy.
 //
-// Three ways through the layers (chosen per step):
-//   persistent (opt-in, PAGEDGPT2_PERSISTENT=1: decode steps of 1-2 sequences on sm_90): the
-//     whole step, LM head included, in one kernel with grid barriers (persistent_decode.cuh);
+// Two ways through the layers (chosen per step):
 //   skinny (T <= skinny_max_rows_, 2: decode at batch 1-2 by default): 5 launches per layer,
 //     LayerNorm / bias / GELU / residual / write_kv fused into weight-streaming GEMVs
 //     (skinny_gemm.cuh);
@@ -25,7 +23,6 @@
 // start-up from an all-padding step: the step runs once eagerly (warming cuBLASLt plans and
 // kernel attributes), the graph is captured from the same enqueue code, then replayed.
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -47,7 +44,6 @@
 #include "cuda/embedding.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/layernorm.cuh"
-#include "cuda/persistent_decode.cuh"
 #include "cuda/sampling.cuh"
 #include "cuda/skinny_gemm.cuh"
 #include "cuda/write_kv.cuh"
@@ -233,7 +229,6 @@ struct CudaModel::Impl {
   std::string device_name;
   bool use_graphs = true;
   int num_graphs = 0;
-  bool persistent = false;  // decode steps of 1-2 sequences take the persistent kernel
 };
 
 namespace {
@@ -255,14 +250,26 @@ class Engine final : public CudaModel::Impl {
   void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) override;
 
  private:
-  // One layer's weights and its K/V caches (the persistent kernel reads an array of these).
-  using Layer = DecodeLayerWeights<T>;
+  // One layer's tensors.
+  struct Layer {
+    const float* ln_1_w;  // [C]
+    const float* ln_1_b;  // [C]
+    const T* qkv_w;       // [3C, C]
+    const T* qkv_b;       // [3C]
+    const T* proj_w;      // [C, C]
+    const T* proj_b;      // [C]
+    const float* ln_2_w;  // [C]
+    const float* ln_2_b;  // [C]
+    const T* fc_w;        // [I, C]
+    const T* fc_b;        // [I]
+    const T* fc_proj_w;   // [C, I]
+    const T* fc_proj_b;   // [C]
+  };
 
   void upload_weights(const HostWeights& weights);
   void allocate_activations();
   void warm_up_gemms();
   void allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction);
-  void set_layer_caches();
   void capture_decode_graphs();
 
   T* k_cache(int l) const { return reinterpret_cast<T*>(kv_pool_.get() + (2 * l) * cache_bytes_); }
@@ -296,14 +303,11 @@ class Engine final : public CudaModel::Impl {
   void gemm_fc(const Layer& w, int n);       // ln_out_ -> mlp_ (GELU)
   void gemm_fc_proj(const Layer& w, int n);  // mlp_ -> tmp_
   bool gemm_lm_head(int rows, bool exact);   // final_x_ -> logits_ or logits_t_ (as above)
-  // The step's layers (or the persistent kernel), then, logits_rows_ rows at a time, the LM head
+  // The step's layers, then, logits_rows_ rows at a time, the LM head
   // and either sampling or the download of the float32 logits into logits_host (nullptr: left
   // in logits_, as a graph leaves them); sampled ids are downloaded into tokens_host_, or with
   // advance (a decode run's step with a step after it) turned into the next step's inputs.
   void enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance = false);
-  // Decode steps of 1-2 sequences run as one persistent kernel (layers and LM head).
-  bool use_persistent(const Step& st) const;
-  void enqueue_persistent(const Step& st);
 
   void launch_decode_graph(const Step& st, bool sample, bool advance = false);
   void run(const StepInputs& in, const SamplingInputs* s, float* logits, int32_t* next_tokens);
@@ -328,14 +332,6 @@ class Engine final : public CudaModel::Impl {
   // rows). PAGEDGPT2_ATTENTION_WRITES_KV=0 leaves every row to write_kv, for comparison.
   bool attention_writes_kv_ = true;
   L2Range l2_ahead(const void* weight_end) const;
-  // Tables of the persistent decode kernel (Impl::persistent; on with PAGEDGPT2_PERSISTENT=1).
-  DeviceBuffer persistent_layers_;  // [L] DecodeLayerWeights<T>
-  PersistentScratch persistent_scratch_;
-  // PAGEDGPT2_PERSISTENT_TRACE=file: the kernel's stage marks of the last step, written there
-  // at destruction (tuning only).
-  std::string trace_path_;
-  size_t trace_events() const { return size_t(num_sms_) * (10 * L_ + 2); }
-  void write_trace() const;
   Gemm gemm_;
   int C_, I_, V_, H_, D_, L_, P_;
   float eps_;
@@ -437,26 +433,15 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   buckets_.push_back(max_num_seqs);
   while (!buckets_.empty() && buckets_.back() > max_tokens_) buckets_.pop_back();
 
-  const char* persistent_env = std::getenv("PAGEDGPT2_PERSISTENT");
-  // NOTE: opt-in (PAGEDGPT2_PERSISTENT=1): on an H200 it is still slower than the layered path
-  // (gpt2 batch 1: 0.54 against 0.43 ms a step; docs/notes.md, fifth session).
-  persistent = persistent_env && std::string(persistent_env) == "1" &&
-               persistent_decode_supported(C_, I_, H_, P_, int(sizeof(T)), device);
-  if (const char* trace = std::getenv("PAGEDGPT2_PERSISTENT_TRACE"); trace && persistent) {
-    trace_path_ = trace;
-  }
-
   upload_weights(weights);
   allocate_activations();
   warm_up_gemms();
   allocate_kv_pool(num_blocks_arg, gpu_memory_fraction);
-  set_layer_caches();
   capture_decode_graphs();
 }
 
 template <typename T>
 Engine<T>::~Engine() {
-  if (!trace_path_.empty()) write_trace();
   for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
   if (stream_) {
     cudaStreamSynchronize(stream_);
@@ -466,27 +451,6 @@ Engine<T>::~Engine() {
     if (e) cudaEventDestroy(e);
   }
   if (uploads_read_) cudaEventDestroy(uploads_read_);
-}
-
-// One line per block: its clock64 marks (persistent_decode.cuh), then the SM clock in kHz.
-template <typename T>
-void Engine<T>::write_trace() const {
-  std::vector<long long> marks(trace_events());
-  if (cudaMemcpy(marks.data(), persistent_scratch_.trace, marks.size() * sizeof(long long),
-                 cudaMemcpyDeviceToHost) != cudaSuccess) {
-    return;
-  }
-  FILE* f = std::fopen(trace_path_.c_str(), "w");
-  if (!f) return;
-  int khz = 0;
-  cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device);
-  std::fprintf(f, "# blocks %d layers %d clock_khz %d\n", num_sms_, L_, khz);
-  const size_t per_block = 10 * size_t(L_) + 2;
-  for (int b = 0; b < num_sms_; ++b) {
-    for (size_t e = 0; e < per_block; ++e) std::fprintf(f, "%lld ", marks[b * per_block + e]);
-    std::fprintf(f, "\n");
-  }
-  std::fclose(f);
 }
 
 template <typename T>
@@ -581,8 +545,6 @@ void Engine<T>::allocate_activations() {
     if (parts > 1) partial_rows = std::max<int64_t>(partial_rows, int64_t(s) * H_ * parts);
   }
   const int64_t counter_rows = int64_t(std::max(max_seqs_, max_tokens_)) * H_;
-  const int64_t persistent_rows =
-      persistent ? int64_t(kPersistentMaxRows) * H_ * kPersistentMaxParts : 0;
   const StepLayout cap = make_layout(max_tokens_, max_seqs_, max_tokens_, max_blocks_, true);
   step_bytes_ = std::max(cap.bytes, align_up(size_t(2) * 4 * 65536, 16));
 
@@ -608,13 +570,6 @@ void Engine<T>::allocate_activations() {
     decode_ws_.partial_max = cv.take<float>(size_t(partial_rows) * sizeof(float));
     decode_ws_.partial_sum = cv.take<float>(size_t(partial_rows) * sizeof(float));
     decode_ws_.counters = cv.take<unsigned>(size_t(counter_rows) * sizeof(unsigned));
-    PersistentScratch& ps = persistent_scratch_;
-    ps.part_out = cv.take<float>(size_t(persistent_rows) * D_ * sizeof(float));
-    ps.part_max = cv.take<float>(size_t(persistent_rows) * sizeof(float));
-    ps.part_sum = cv.take<float>(size_t(persistent_rows) * sizeof(float));
-    ps.part_counters = cv.take<unsigned>(size_t(kPersistentMaxRows) * H_ * sizeof(unsigned));
-    ps.barrier = cv.take<unsigned>(kPersistentBarrierWords * sizeof(unsigned));
-    if (!trace_path_.empty()) ps.trace = cv.take<long long>(trace_events() * sizeof(long long));
   };
   Carver plan(nullptr);
   carve(plan);
@@ -624,10 +579,6 @@ void Engine<T>::allocate_activations() {
   decode_ws_.capacity_rows = partial_rows;
   decode_ws_.capacity_counters = counter_rows;
   CUDA_CHECK(cudaMemset(decode_ws_.counters, 0, size_t(counter_rows) * sizeof(unsigned)));
-  CUDA_CHECK(cudaMemset(persistent_scratch_.part_counters, 0,
-                        size_t(kPersistentMaxRows) * H_ * sizeof(unsigned)));
-  CUDA_CHECK(cudaMemset(persistent_scratch_.barrier, 0,
-                        kPersistentBarrierWords * sizeof(unsigned)));
   step_host_.reset(step_bytes_);
   tokens_host_.reset(Tn * sizeof(int32_t));
   step_slots_host_.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
@@ -686,20 +637,6 @@ void Engine<T>::allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction)
   kv_pool_.reset(cache_bytes_ * 2 * L_, "the KV cache");
 }
 
-// Points each layer at its K/V caches and, for the persistent kernel, copies the layer table to
-// the GPU.
-template <typename T>
-void Engine<T>::set_layer_caches() {
-  for (int l = 0; l < L_; ++l) layers_[l].k_cache = k_cache(l), layers_[l].v_cache = v_cache(l);
-  if (!persistent) return;
-  const size_t bytes = layers_.size() * sizeof(Layer);
-  persistent_layers_.reset(bytes, "the layer table");
-  CUDA_CHECK(cudaMemcpy(persistent_layers_.get(), layers_.data(), bytes, cudaMemcpyHostToDevice));
-}
-
-// Captures the sampling graph of every decode bucket at start-up, as serving engines do, so that
-// no request waits for an eager run, a capture and an instantiation (a few ms each). The steps
-// are all padding rows (slot -1, context 0), which write nothing to the KV cache.
 template <typename T>
 void Engine<T>::capture_decode_graphs() {
   const std::vector<int32_t> none(1, 0);
@@ -1077,39 +1014,12 @@ void Engine<T>::enqueue_sample(const Step& st, int r0, int rows, bool half_logit
 }
 
 template <typename T>
-bool Engine<T>::use_persistent(const Step& st) const {
-  const StepLayout& l = st.layout;
-  return persistent && l.T <= kPersistentMaxRows &&
-         st.num_decode_seqs == l.T && l.S == l.T && l.R <= l.T;
-}
-
-template <typename T>
-void Engine<T>::enqueue_persistent(const Step& st) {
-  PersistentDecodeParams<T> p;
-  p.layers = reinterpret_cast<const DecodeLayerWeights<T>*>(persistent_layers_.get());
-  p.wte = wte_, p.wpe = wpe_, p.ln_f_w = ln_f_w_, p.ln_f_b = ln_f_b_;
-  p.L = L_, p.C = C_, p.I = I_, p.H = H_, p.V = V_, p.P = P_, p.eps = eps_;
-  p.block_size = block_size, p.max_blocks = st.layout.width;
-  p.token_ids = st.token_ids, p.positions = st.positions, p.slot_mapping = st.slot_mapping;
-  p.context_lens = st.context_lens, p.block_tables = st.block_tables;
-  p.logits_indices = st.logits_indices, p.num_logits = st.layout.R;
-  p.residual = residual_, p.qkv = qkv_, p.attn = attn_, p.mlp = mlp_, p.logits = logits_;
-  p.scratch = persistent_scratch_;
-  launch_persistent_decode<T>(p, st.layout.T, stream_);
-}
-
-template <typename T>
 void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance) {
   const int R = st.layout.R;
-  const bool fused = use_persistent(st);  // the persistent kernel computes the logits rows too
-  if (fused) {
-    enqueue_persistent(st);
-  } else {
-    enqueue_layers(st);
-  }
+  enqueue_layers(st);
   for (int r0 = 0; r0 < R; r0 += logits_rows_) {
     const int rows = std::min(logits_rows_, R - r0);
-    const bool half_logits = !fused && enqueue_logits(st, r0, rows, !sample);
+    const bool half_logits = enqueue_logits(st, r0, rows, !sample);
     if (sample) {
       enqueue_sample(st, r0, rows, half_logits);
     } else if (logits_host) {
@@ -1355,6 +1265,5 @@ std::string CudaModel::dtype() const { return dtype_name(impl_->dtype); }
 bool CudaModel::use_cuda_graphs() const { return impl_->use_graphs; }
 void CudaModel::set_use_cuda_graphs(bool on) { impl_->use_graphs = on; }
 int CudaModel::num_cuda_graphs() const { return impl_->num_graphs; }
-bool CudaModel::persistent_decode() const { return impl_->persistent; }
 
 }  // namespace pagedgpt2::cuda

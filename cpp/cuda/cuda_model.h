@@ -42,8 +42,6 @@ class CudaModel : public Model {
   bool use_cuda_graphs() const;
   void set_use_cuda_graphs(bool on);
   int num_cuda_graphs() const;  // captured so far
-  // Whether decode steps of 1-2 sequences run as one persistent kernel (persistent_decode.cuh).
-  bool persistent_decode() const;
 
   struct Impl;
 

@@ -8,10 +8,12 @@
 #include <vector>
 
 #include "cuda/activation.cuh"
+#include "cuda/advance_step.cuh"
 #include "cuda/attention_decode.cuh"
 #include "cuda/attention_prefill.cuh"
 #include "cuda/copy_blocks.cuh"
 #include "cuda/cuda_common.cuh"
+#include "cuda/embedding.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/layernorm.cuh"
 #include "cuda/ops.h"
@@ -151,6 +153,73 @@ void layernorm(float* out, const float* in, const float* weight, const float* bi
                             channels, eps, kStream);
     download(out, y.get(), n);
   });
+}
+
+void add_layernorm(float* residual, const float* delta, float* out, const float* weight,
+                   const float* bias, const int32_t* rows, int num_tokens, int num_rows,
+                   int channels, float eps, DType dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const size_t n = size_t(num_tokens) * channels, n_out = size_t(num_rows) * channels;
+    auto x = upload<float>(residual, n);
+    auto d = upload<T>(delta, delta ? n : 0);
+    auto w = upload<float>(weight, out ? channels : 0), b = upload<float>(bias, out ? channels : 0);
+    auto r = upload_raw<int32_t>(rows, rows ? num_rows : 0);
+    DevArray<T> y(out ? n_out : 0);
+    poison(y);
+    launch_add_layernorm<T>(x->get(), delta ? d->get() : nullptr, out ? y.get() : nullptr,
+                            w->get(), b->get(), rows ? r->get() : nullptr, num_rows, channels, eps,
+                            kStream);
+    CUDA_CHECK(cudaMemcpy(residual, x->get(), n * sizeof(float), cudaMemcpyDeviceToHost));
+    if (out) download(out, y.get(), n_out);
+  });
+}
+
+void embedding(float* residual, float* ln_out, const int32_t* token_ids, const int32_t* positions,
+               const float* wte, const float* wpe, const float* ln_weight, const float* ln_bias,
+               int num_tokens, int vocab_size, int num_positions, int channels, float eps,
+               DType dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const size_t n = size_t(num_tokens) * channels;
+    auto te = upload<T>(wte, size_t(vocab_size) * channels);
+    auto pe = upload<T>(wpe, size_t(num_positions) * channels);
+    auto ids = upload_raw<int32_t>(token_ids, num_tokens);
+    auto pos = upload_raw<int32_t>(positions, num_tokens);
+    auto lw = upload<float>(ln_weight, ln_out ? channels : 0);
+    auto lb = upload<float>(ln_bias, ln_out ? channels : 0);
+    DevArray<float> x(n);
+    DevArray<T> y(ln_out ? n : 0);
+    poison(x);
+    poison(y);
+    launch_embedding<T>(x.get(), ln_out ? y.get() : nullptr, ids->get(), pos->get(), te->get(),
+                        pe->get(), lw->get(), lb->get(), num_tokens, channels, eps, kStream);
+    CUDA_CHECK(cudaMemcpy(residual, x.get(), n * sizeof(float), cudaMemcpyDeviceToHost));
+    if (ln_out) download(ln_out, y.get(), n);
+  });
+}
+
+void advance_decode_step(int32_t* token_ids, int32_t* positions, int32_t* slot_mapping,
+                         int32_t* context_lens, int64_t* counters, int32_t* history,
+                         const int32_t* next_tokens, const int32_t* next_slots, int32_t* run_step,
+                         int num_rows, int num_steps) {
+  const size_t S = size_t(num_rows), H = size_t(num_steps) * S;
+  auto ids = upload_raw(token_ids, S), pos = upload_raw(positions, S);
+  auto slots = upload_raw(slot_mapping, S), lens = upload_raw(context_lens, S);
+  auto ctr = upload_raw<int64_t>(counters, counters ? S : 0);
+  auto hist = upload_raw(history, H);
+  auto next = upload_raw(next_tokens, S), next_sl = upload_raw(next_slots, H);
+  auto step = upload_raw(run_step, 1);
+  launch_advance_decode_step(ids->get(), pos->get(), slots->get(), lens->get(),
+                             counters ? ctr->get() : nullptr, hist->get(), next->get(),
+                             next_sl->get(), step->get(), num_rows, kStream);
+  CUDA_CHECK_LAUNCH();
+  auto back = [](auto* host, const auto& dev, size_t n) {
+    CUDA_CHECK(cudaMemcpy(host, dev->get(), n * sizeof(*host), cudaMemcpyDeviceToHost));
+  };
+  back(token_ids, ids, S), back(positions, pos, S), back(slot_mapping, slots, S);
+  back(context_lens, lens, S), back(history, hist, H), back(run_step, step, 1);
+  if (counters) back(counters, ctr, S);
 }
 
 void matmul(float* out, const float* in, const float* weight, const float* bias, int num_tokens,

@@ -17,6 +17,43 @@ void layernorm(float* out,           // [T, C]
                const float* bias,    // [C]
                int num_tokens, int channels, float eps, DType dtype);
 
+// The model's add+LayerNorm (launch_add_layernorm): for r < num_rows, row = rows ? rows[r] : r,
+//   residual[row] += delta[row] (delta rounded to dtype; when delta is given), then
+//   out[r] = LayerNorm(residual[row]) in dtype (when out is given).
+// residual stays float32, as the model's residual stream. C > 2048 takes the warp-per-row kernel.
+void add_layernorm(float* residual,       // [T, C] (in/out)
+                   const float* delta,    // [T, C] or nullptr
+                   float* out,            // [num_rows, C] or nullptr
+                   const float* weight,   // [C] (with out)
+                   const float* bias,     // [C] (with out)
+                   const int32_t* rows,   // [num_rows] or nullptr
+                   int num_tokens, int num_rows, int channels, float eps, DType dtype);
+
+// The embedding gather (launch_embedding): residual[t] = wte[token_ids[t]] + wpe[positions[t]]
+// (tables rounded to dtype), and ln_out[t] = LayerNorm(residual[t]) in dtype when ln_out is given.
+void embedding(float* residual,           // [T, C]
+               float* ln_out,             // [T, C] or nullptr
+               const int32_t* token_ids,  // [T]
+               const int32_t* positions,  // [T]
+               const float* wte,          // [V, C]
+               const float* wpe,          // [P, C]
+               const float* ln_weight,    // [C] (with ln_out)
+               const float* ln_bias,      // [C] (with ln_out)
+               int num_tokens, int vocab_size, int num_positions, int channels, float eps,
+               DType dtype);
+
+// The decode-run step advance (launch_advance_decode_step), on copies of the arrays: every
+// array is read, advanced in place and returned; *run_step is the run's step counter.
+void advance_decode_step(int32_t* token_ids,          // [S]
+                         int32_t* positions,          // [S]
+                         int32_t* slot_mapping,       // [S]
+                         int32_t* context_lens,       // [S]
+                         int64_t* counters,           // [S] or nullptr
+                         int32_t* history,            // [steps, S]
+                         const int32_t* next_tokens,  // [S]
+                         const int32_t* next_slots,   // [steps, S]
+                         int32_t* run_step, int num_rows, int num_steps);
+
 // cuBLASLt: out = in @ weight^T (+ bias), then tanh-GELU when gelu (bias required then).
 void matmul(float* out,           // [T, N]
             const float* in,      // [T, K]

@@ -33,12 +33,16 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU; the memory is touched only when used
 MAX_DECODE_STEPS = 64  # decode steps one backend call may run (the CUDA backend's graph limit)
-# Tokens one step may run, by device, when max_num_batched_tokens is None (never below the
-# context). NOTE: the GPU's budget is vLLM's on large GPUs: bigger prefill chunks admit more
-# prompts a step. On an H200 (gpt2, 256 prompts of 128 tokens) 8,192 against 2,048 gave 244k
-# against 218k decode tok/s, and the HF-subset serving run 153-159k against 124-142k; a decode
-# that shares a step with a full chunk waits for it (docs/notes.md, sixth and tenth sessions).
-DEFAULT_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+# Tokens one step may run when max_num_batched_tokens is None, by device: (in the request loop
+# of step() and stream(), in generate()); never below the context.
+# NOTE: the loop's GPU budget is vLLM's serving budget on large GPUs: a decode that shares a step
+# with a prompt chunk waits for it, and bigger chunks admit more prompts a step (H200, gpt2, 256
+# prompts of 128 tokens: 8,192 against 2,048 gave 244k against 218k decode tok/s; sixth and
+# tenth sessions). generate() has no caller waiting on single tokens, so it takes 32,768: a
+# batch of prompts is admitted in fewer steps, its sequences finish together, and no tail of
+# shrinking steps is left (one process: 253k / 258k / 266k tok/s at 8,192 / 16,384 / 32,768;
+# docs/notes.md, eighteenth session). The GPU's activations are sized for the larger.
+DEFAULT_BATCHED_TOKENS = {"cpu": (2048, 2048), "cuda": (8192, 32768)}
 
 Prompt = str | Seq[int]
 
@@ -161,7 +165,10 @@ class Engine:
         self.config, tensors = load_model_dir(self.model_path)
         n_positions = self.config["n_positions"]
         # NOTE: long prompts are chunked, so a given token budget may be below the context length.
-        self.max_num_batched_tokens = max_num_batched_tokens or max(DEFAULT_BATCHED_TOKENS[self.device], n_positions)
+        loop_tokens, generate_tokens = ((max_num_batched_tokens,) * 2 if max_num_batched_tokens else
+                                        (max(d, n_positions) for d in DEFAULT_BATCHED_TOKENS[self.device]))
+        self.max_num_batched_tokens = loop_tokens  # step() and stream()
+        self.generate_batched_tokens = generate_tokens  # generate()
         self.tokenizer = get_tokenizer()
 
         # contiguous: one n_positions-long buffer per sequence, carved from the same budget.
@@ -209,7 +216,7 @@ class Engine:
             return _core.CpuModel(self.config, tensors, num_blocks, block_size, num_threads or 0)
         return cuda_module().CudaModel(
             self.config, tensors, self.dtype, num_blocks, block_size, gpu_memory_fraction, 0,
-            max_num_seqs, self.max_num_batched_tokens)
+            max_num_seqs, max(self.max_num_batched_tokens, self.generate_batched_tokens))
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -383,7 +390,8 @@ class Engine:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Runs all prompts to completion together (continuous batching, one forward per step).
+        """Runs all prompts to completion together (continuous batching, one forward per step,
+        each step within generate_batched_tokens: see DEFAULT_BATCHED_TOKENS).
 
         prompts: a string, a list of token ids, or a list of those. Returns one RequestOutput per
         prompt, in order. Every prompt is checked before any runs.
@@ -398,6 +406,7 @@ class Engine:
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
         requests = [self._make_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        self.scheduler.max_num_batched_tokens = self.generate_batched_tokens
         try:
             for request in requests:
                 self._text_wanted.add(request.request_id)
@@ -408,6 +417,7 @@ class Engine:
                     if out.finished and out.request_id not in self._requests:
                         unfinished.discard(out.request_id)
         finally:
+            self.scheduler.max_num_batched_tokens = self.max_num_batched_tokens
             for request in requests:
                 self.abort(request.request_id)
                 self._text_wanted.discard(request.request_id)

@@ -72,6 +72,41 @@ def test_mixed_steps_put_one_token_rows_first(model_dir, monkeypatch):
     assert got == [tokens(alone.generate(p, sp))[0] for p, sp in zip(prompts, params)]
 
 
+def test_generate_takes_its_own_token_budget(model_dir, monkeypatch):
+    """generate() runs its steps within generate_batched_tokens, the request loop within
+    max_num_batched_tokens (both from DEFAULT_BATCHED_TOKENS unless given); the tokens are the
+    same either way, and a given budget holds for both."""
+    import pagedgpt2.engine as engine_module
+    from pagedgpt2.model_runner import ModelRunner
+
+    step_tokens, original = [], ModelRunner.sample
+    monkeypatch.setattr(ModelRunner, "sample", lambda self, batch: step_tokens.append(
+        sum(item.num_new_tokens for item in batch)) or original(self, batch))
+    monkeypatch.setitem(engine_module.DEFAULT_BATCHED_TOKENS, "cpu", (100, 400))
+    prompts = make_prompts(29, [50] * 8)
+    params = mixed_params(len(prompts), max_new=6)
+    eng = Engine(model_dir, device="cpu", decode_steps=1)
+    assert (eng.max_num_batched_tokens, eng.generate_batched_tokens) == (100, 400)
+    generated = tokens(eng.generate(prompts, params))
+    assert step_tokens[0] == 400  # every prompt in the first step
+    assert eng.scheduler.max_num_batched_tokens == 100  # the loop's budget again
+
+    step_tokens.clear()
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outputs = {i: [] for i in ids}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            outputs[out.request_id] += out.new_token_ids
+    assert max(step_tokens) == 100 and step_tokens[0] == 100
+    assert [[outputs[i]] for i in ids] == generated
+
+    step_tokens.clear()
+    given = Engine(model_dir, device="cpu", decode_steps=1, max_num_batched_tokens=150)
+    assert (given.max_num_batched_tokens, given.generate_batched_tokens) == (150, 150)
+    assert tokens(given.generate(prompts, params)) == generated
+    assert max(step_tokens) == 150
+
+
 def test_parallel_samples_reproduce_and_match_each_sample_run_alone(model_dir):
     prompt = make_prompts(3, [22])[0]  # 22 tokens: the last block is shared while partly full
     params = SamplingParams(n=4, max_new_tokens=16, temperature=1.0, seed=42, ignore_eos=True)

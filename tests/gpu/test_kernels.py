@@ -116,6 +116,96 @@ def test_layernorm(rng, dtype, shape):
     np.testing.assert_allclose(got, want, **TOL[dtype])
 
 
+# C > 2048 takes the warp-per-row kernel; 100 leaves most lanes of the last vector idle.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [768, 100, 1600, 2500])
+@pytest.mark.parametrize("case", ["add_norm", "add_only", "gather_norm", "gather_add_norm"])
+def test_add_layernorm(rng, dtype, C, case):
+    """The model's add+LayerNorm: between sublayers (add, norm), after the last layer (add only),
+    before the LM head (gather rows, norm). The residual stays float32: its sum is exact."""
+    T = 13
+    residual = rng.standard_normal((T, C)).astype(np.float32) * 3.0
+    delta = randn(rng, (T, C), dtype) if "add" in case else None
+    w, b = (rng.standard_normal(C).astype(np.float32) for _ in range(2))
+    rows = rng.permutation(T)[:5].astype(np.int32) if "gather" in case else None
+    norm = "norm" in case
+    got_res, got = gpu.add_layernorm(residual, delta, w if norm else None, b if norm else None, rows,
+                                     1e-5, dtype=dtype)
+    want_res = residual.copy()
+    picked = rows if rows is not None else np.arange(T)
+    if delta is not None:
+        want_res[picked] += delta[picked]
+    np.testing.assert_array_equal(got_res, want_res)  # rows not picked are left alone
+    if norm:
+        np.testing.assert_allclose(got, cpu.layernorm(want_res[picked], w, b, 1e-5), **TOL[dtype])
+    else:
+        assert got is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [768, 1600, 2500])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_embedding(rng, dtype, C, normalize):
+    """Token + position rows (rounded to dtype) summed in float32, and ln_1 of layer 0 fused in
+    (the wide path's; the skinny path normalizes in its GEMV and asks for none)."""
+    V, P, T = 300, 64, 37
+    wte, wpe = randn(rng, (V, C), dtype), randn(rng, (P, C), dtype)
+    ids = rng.integers(0, V, T).astype(np.int32)
+    ids[:2] = [0, V - 1]  # the table's first and last rows
+    positions = rng.integers(0, P, T).astype(np.int32)
+    w, b = (rng.standard_normal(C).astype(np.float32) for _ in range(2))
+    got_res, got_ln = gpu.embedding(ids, positions, wte, wpe, w if normalize else None,
+                                    b if normalize else None, 1e-5, dtype=dtype)
+    want = wte[ids] + wpe[positions]
+    np.testing.assert_array_equal(got_res, want)
+    if normalize:
+        np.testing.assert_allclose(got_ln, cpu.layernorm(want, w, b, 1e-5), **TOL[dtype])
+    else:
+        assert got_ln is None
+
+
+def test_embedding_rejects_ids_out_of_range(rng):
+    wte, wpe = randn(rng, (10, 8), "float32"), randn(rng, (4, 8), "float32")
+    ok = np.zeros(3, np.int32)
+    with pytest.raises(ValueError, match="out of range"):
+        gpu.embedding(np.array([0, 10, 1], np.int32), ok, wte, wpe)
+    with pytest.raises(ValueError, match="out of range"):
+        gpu.embedding(ok, np.array([0, 4, 1], np.int32), wte, wpe)
+
+
+@pytest.mark.parametrize("num_rows", [1, 37, 300])  # 300: more rows than the block's threads
+@pytest.mark.parametrize("with_counters", [True, False])
+def test_advance_decode_step(rng, num_rows, with_counters):
+    """A decode run's step advance: sampled tokens become the inputs and the history's row
+    run_step, every sequence moves on a position and takes its next slot; a bucket's padding rows
+    (context 0) are left alone."""
+    S, steps, run_step = num_rows, 6, int(rng.integers(0, 6))
+    lens = rng.integers(1, 900, S).astype(np.int32)
+    lens[rng.random(S) < 0.2] = 0  # padding rows
+    a = dict(token_ids=rng.integers(0, 50257, S).astype(np.int32),
+             positions=(lens - 1).clip(0).astype(np.int32),
+             slot_mapping=rng.integers(0, 10**6, S).astype(np.int32), context_lens=lens,
+             counters=rng.integers(0, 10**9, S).astype(np.int64) if with_counters else None,
+             history=rng.integers(0, 50257, (steps, S)).astype(np.int32),
+             next_tokens=rng.integers(0, 50257, S).astype(np.int32),
+             next_slots=rng.integers(0, 10**6, (steps, S)).astype(np.int32))
+    got = gpu.advance_decode_step(**a, run_step=run_step)
+    live = lens > 0
+    want = {k: (v.copy() if v is not None else None) for k, v in a.items()}
+    want["token_ids"][live] = a["next_tokens"][live]
+    want["history"][run_step, live] = a["next_tokens"][live]
+    want["slot_mapping"][live] = a["next_slots"][run_step, live]
+    for name in ("positions", "context_lens") + (("counters",) if with_counters else ()):
+        want[name][live] += 1
+    assert got["run_step"] == run_step + 1
+    for name in ("token_ids", "positions", "slot_mapping", "context_lens", "history"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    if with_counters:
+        np.testing.assert_array_equal(got["counters"], want["counters"])
+    else:
+        assert got["counters"] is None
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gelu(rng, dtype):
     x = randn(rng, (1000,), dtype, 3.0)
