@@ -32,7 +32,10 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.watermark_blocks = int(watermark * kv.num_blocks)
+        # NOTE: a contiguous buffer never grows (it holds a whole context), so contiguous mode keeps
+        # no watermark: it would only hold buffers back (256 sequences in 256 buffers: 2 would
+        # wait for the others to finish). Forks' copy-on-write copies fall back on preemption.
+        self.watermark_blocks = int(watermark * kv.num_blocks) if kv.mode == "paged" else 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0

@@ -107,6 +107,24 @@ def test_generate_takes_its_own_token_budget(model_dir, monkeypatch):
     assert max(step_tokens) == 150
 
 
+def test_contiguous_buffers_are_all_used(model_dir, monkeypatch):
+    """Contiguous buffers never grow, so no watermark holds any back: as many sequences as
+    buffers start in the first step (the paged pool keeps 1% free for growth)."""
+    from pagedgpt2.model_runner import ModelRunner
+
+    step_tokens, original = [], ModelRunner.sample
+    monkeypatch.setattr(ModelRunner, "sample", lambda self, batch: step_tokens.append(
+        sum(item.num_new_tokens for item in batch)) or original(self, batch))
+    prompts = make_prompts(31, [10] * 100)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    for mode, num_blocks, started in [("contiguous", 100 * 96 // 16, 100), ("paged", 100, 99)]:
+        step_tokens.clear()
+        eng = Engine(model_dir, device="cpu", kv_cache=mode, block_size=16, num_blocks=num_blocks)
+        assert eng.kv.num_blocks == 100
+        eng.generate(prompts, params)
+        assert step_tokens[0] == 10 * started, mode
+
+
 def test_parallel_samples_reproduce_and_match_each_sample_run_alone(model_dir):
     prompt = make_prompts(3, [22])[0]  # 22 tokens: the last block is shared while partly full
     params = SamplingParams(n=4, max_new_tokens=16, temperature=1.0, seed=42, ignore_eos=True)
