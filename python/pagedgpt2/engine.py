@@ -41,7 +41,8 @@ MAX_DECODE_STEPS = 64  # decode steps one backend call may run (the CUDA backend
 # tenth sessions). generate() has no caller waiting on single tokens, so it takes 32,768: a
 # batch of prompts is admitted in fewer steps, its sequences finish together, and no tail of
 # shrinking steps is left (one process: 253k / 258k / 266k tok/s at 8,192 / 16,384 / 32,768;
-# docs/notes.md, eighteenth session). The GPU's activations are sized for the larger.
+# docs/notes.md, eighteenth session). vLLM splits its defaults the same way on GPUs of 70 GiB
+# and more (16,384 offline, 8,192 serving). The GPU's activations are sized for the larger.
 DEFAULT_BATCHED_TOKENS = {"cpu": (2048, 2048), "cuda": (8192, 32768)}
 
 Prompt = str | Seq[int]
