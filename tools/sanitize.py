@@ -17,7 +17,8 @@ exit code) and a total per tool; exits non-zero when any shard failed, reported 
 did not finish in time. Logs go to --out.
 
     python tools/sanitize.py --tools memcheck racecheck --shards 7 --timeout 420   # the kernel tests
-    python tools/sanitize.py --shards 1 --timeout 3000 tests/gpu/test_engine_gpu.py
+    python tools/sanitize.py --tools memcheck --shards 1 --timeout 560 --part 1/2 \
+        tests/gpu/test_engine_gpu.py tests/gpu/test_continuous_batching_gpu.py   # then --part 2/2
 """
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ CUBLASLT_TESTS = ("::test_matmul[", "::test_skinny_matches_cublas")
 
 def runs_cublaslt(node_id: str) -> bool:
     return any(name in node_id + "[" for name in CUBLASLT_TESTS)
+
+
+def part_of(tests: list[str], part: str) -> list[str]:
+    """The K-th of N consecutive, nearly equal slices of tests ("K/N", 1-based)."""
+    k, n = (int(x) for x in part.split("/"))
+    if not 1 <= k <= n:
+        raise ValueError(f"--part {part}: expected K/N with 1 <= K <= N")
+    return tests[(k - 1) * len(tests) // n:k * len(tests) // n]
 
 
 def collect(paths: list[str], select: str | None) -> list[str]:
@@ -80,11 +89,14 @@ def main() -> int:
     p.add_argument("--shards", type=int, default=6, help="pytest processes per tool")
     p.add_argument("--timeout", type=float, default=420, help="seconds for every shard together")
     p.add_argument("-k", dest="select", default=None, help="pytest -k expression")
+    p.add_argument("--part", default="1/1",
+                   help="K/N: only the K-th of N slices of the tests, to split a long run (the "
+                        "engine tests in one shard) across device calls")
     p.add_argument("--out", default="/tmp/pagedgpt2-sanitize", help="where the logs go")
     p.add_argument("paths", nargs="*", default=["tests/gpu/test_kernels.py"])
     args = p.parse_args()
 
-    tests = collect(args.paths, args.select)
+    tests = part_of(collect(args.paths, args.select), args.part)
     if not tests:
         print("no tests collected", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 """Tools that measure without a GPU or read a GPU run's logs: tools/bench_host.py (host time over
-an emulated GPU) and tools/sanitize.py's log summary."""
+an emulated GPU) and tools/sanitize.py's log summary and test slices."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -56,3 +57,12 @@ def test_sanitize_summary_reads_pytest_and_the_sanitizers():
     assert sanitize.runs_cublaslt("tests/gpu/test_kernels.py::test_matmul[float16-shape0-bias]")
     assert sanitize.runs_cublaslt("tests/gpu/test_kernels.py::test_skinny_matches_cublas")
     assert not sanitize.runs_cublaslt("tests/gpu/test_kernels.py::test_skinny_matmul[float16-1-bias]")
+
+
+def test_sanitize_parts_cover_every_test_once():
+    tests = [f"t{i}" for i in range(34)]
+    parts = [sanitize.part_of(tests, f"{k}/3") for k in (1, 2, 3)]
+    assert sum(parts, []) == tests and [len(p) for p in parts] == [11, 11, 12]
+    assert sanitize.part_of(tests, "1/1") == tests
+    with pytest.raises(ValueError, match="K/N"):
+        sanitize.part_of(tests, "4/3")
