@@ -86,7 +86,9 @@ void bind_ops(nb::module_& m) {
         const int T = int(residual.shape(0)), C = int(residual.shape(1));
         const int R = rows ? int(rows->shape(0)) : T;
         if (delta) check_len("delta", delta->size(), size_t(T) * C);
-        if (bool(w) != bool(b)) throw std::invalid_argument("add_layernorm: weight and bias go together");
+        if (bool(w) != bool(b)) {
+          throw std::invalid_argument("add_layernorm: weight and bias go together");
+        }
         if (w) check_len("weight", w->size(), C), check_len("bias", b->size(), C);
         for (int r = 0; rows && r < R; ++r) {
           if (rows->data()[r] < 0 || rows->data()[r] >= T) {
@@ -111,12 +113,16 @@ void bind_ops(nb::module_& m) {
       [](IntArray token_ids, IntArray positions, FloatTensor wte, FloatTensor wpe,
          std::optional<FloatTensor> ln_w, std::optional<FloatTensor> ln_b, float eps,
          std::string dtype) -> nb::object {
-        if (wte.ndim() != 2 || wpe.ndim() != 2) throw std::invalid_argument("embedding: wte [V, C], wpe [P, C]");
+        if (wte.ndim() != 2 || wpe.ndim() != 2) {
+          throw std::invalid_argument("embedding: wte [V, C], wpe [P, C]");
+        }
         const int T = int(token_ids.shape(0)), V = int(wte.shape(0)), P = int(wpe.shape(0));
         const int C = int(wte.shape(1));
         check_len("positions", positions.shape(0), T);
         check_len("wpe columns", wpe.shape(1), C);
-        if (bool(ln_w) != bool(ln_b)) throw std::invalid_argument("embedding: ln_weight and ln_bias go together");
+        if (bool(ln_w) != bool(ln_b)) {
+          throw std::invalid_argument("embedding: ln_weight and ln_bias go together");
+        }
         if (ln_w) check_len("ln_weight", ln_w->size(), C), check_len("ln_bias", ln_b->size(), C);
         for (int t = 0; t < T; ++t) {
           if (token_ids.data()[t] < 0 || token_ids.data()[t] >= V || positions.data()[t] < 0 ||

@@ -303,9 +303,9 @@ class Engine final : public CudaModel::Impl {
   void gemm_fc(const Layer& w, int n);       // ln_out_ -> mlp_ (GELU)
   void gemm_fc_proj(const Layer& w, int n);  // mlp_ -> tmp_
   bool gemm_lm_head(int rows, bool exact);   // final_x_ -> logits_ or logits_t_ (as above)
-  // The step's layers, then, logits_rows_ rows at a time, the LM head
-  // and either sampling or the download of the float32 logits into logits_host (nullptr: left
-  // in logits_, as a graph leaves them); sampled ids are downloaded into tokens_host_, or with
+  // The step's layers, then, logits_rows_ rows at a time, the LM head and either sampling or
+  // the download of the float32 logits into logits_host (nullptr: left in logits_, as a graph
+  // leaves them); sampled ids are downloaded into tokens_host_, or with
   // advance (a decode run's step with a step after it) turned into the next step's inputs.
   void enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance = false);
 

@@ -33,8 +33,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU; the memory is touched only when used
 MAX_DECODE_STEPS = 64  # decode steps one backend call may run (the CUDA backend's graph limit)
-# Tokens one step may run when max_num_batched_tokens is None, by device: (in the request loop
-# of step() and stream(), in generate()); never below the context.
+# Tokens one step may run when max_num_batched_tokens is None, by device, as (budget of step()
+# and stream(), budget of generate()); never below the context.
 # NOTE: the loop's GPU budget is vLLM's serving budget on large GPUs: a decode that shares a step
 # with a prompt chunk waits for it, and bigger chunks admit more prompts a step (H200, gpt2, 256
 # prompts of 128 tokens: 8,192 against 2,048 gave 244k against 218k decode tok/s; sixth and
