@@ -173,6 +173,17 @@ def test_embedding_rejects_ids_out_of_range(rng):
         gpu.embedding(ok, np.array([0, 4, 1], np.int32), wte, wpe)
 
 
+def test_step_ops_reject_bad_arguments(rng):
+    x = randn(rng, (3, 8), "float32")
+    with pytest.raises(ValueError, match="rows must be in"):
+        gpu.add_layernorm(x, rows=np.array([0, 3], np.int32))
+    with pytest.raises(ValueError, match="go together"):
+        gpu.add_layernorm(x, None, np.ones(8, np.float32), None)
+    z, table = np.zeros(2, np.int32), np.zeros((4, 2), np.int32)
+    with pytest.raises(ValueError, match="run_step must be in"):
+        gpu.advance_decode_step(z, z, z, z, None, table, z, table, run_step=4)
+
+
 @pytest.mark.parametrize("num_rows", [1, 37, 300])  # 300: more rows than the block's threads
 @pytest.mark.parametrize("with_counters", [True, False])
 def test_advance_decode_step(rng, num_rows, with_counters):
