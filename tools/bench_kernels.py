@@ -108,6 +108,21 @@ def gemv_table(ops, copy_gbs):
     return rows
 
 
+def dependency_table(ops):
+    """The floor under each dependent step of a batch-1 decode: one all-to-all hand-over between
+    thread blocks (256 threads), as a boundary between programmatically launched kernels and as
+    a grid-wide barrier inside one kernel, at 1, 2 and 3 blocks an SM (the skinny GEMV runs 3)."""
+    rows = []
+    print("one all-to-all hand-over between thread blocks (us): kernel boundary vs grid barrier")
+    print(f"{'blocks an SM':>12} {'kernel':>7} {'barrier':>7}")
+    for per_sm in (1, 2, 3):
+        kernel_us = ops.time_dependency("kernel", per_sm)
+        barrier_us = ops.time_dependency("barrier", per_sm)
+        rows.append(dict(per_sm=per_sm, kernel_us=kernel_us, barrier_us=barrier_us))
+        print(f"{per_sm:>12} {kernel_us:>7.2f} {barrier_us:>7.2f}")
+    return rows
+
+
 def gemv_split_sweep(ops):
     """The skinny GEMV (batch 1 and 2) against its K split: 1, 2, 4 or 8 warps per output row
     (0 = as the launcher picks), without and with the 4 MB L2 prefetch of the next GEMV's
@@ -187,13 +202,15 @@ def main() -> None:
     sweep = partition_sweep(ops, copy_gbs, args.dtype, args.iters) if args.sweep else []
     heads = heads_table(ops, copy_gbs, args.dtype, args.iters)
     gemv = gemv_table(ops, copy_gbs)
+    dependency = dependency_table(ops)
     gemv_splits = gemv_split_sweep(ops) if args.gemv_splits else []
     model_dir = make_model_dir("gpt2", Path(args.workdir))
     steps = step_vs_context(model_dir, args.dtype, args.step_batch, [128, 256, 512, 768, 1024])
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card_name("cuda"), dtype=args.dtype, copy_gbs=copy_gbs,
                                                    attention=attention, partition_sweep=sweep, heads_per_block=heads,
-                                                   gemv=gemv, gemv_splits=gemv_splits, steps=steps),
+                                                   gemv=gemv, dependency=dependency, gemv_splits=gemv_splits,
+                                                   steps=steps),
                                               indent=1))
 
 

@@ -7,16 +7,21 @@ names containing `pagedgpt2`, the namespace every kernel of ours is in): cuBLASL
 kernels run as usual. Instrumenting cuBLASLt under racecheck never finished (sixteenth session),
 and what the issue asks is that our kernels are clean.
 
-racecheck leaves out the kernel tests that run cuBLASLt (CUBLASLT_TESTS: its process dies on
-them). The engine tests build engines whose pools take most of the GPU's memory (the default
-gpu_memory_fraction), so they cannot share the GPU with other shards: give them --shards 1, or
-sanitize the kernel tests (tests/gpu/test_kernels.py), which call every kernel directly.
+racecheck leaves out every test that runs cuBLASLt (its process dies on them): the kernel tests
+in CUBLASLT_TESTS and the engine tests, whose prompts go through cuBLASLt GEMMs. The kernels of
+ours those run are checked by the kernel tests, which call each of them directly.
+
+The engine tests are slow under memcheck (~19 s a test in one process, H200) and gain nothing
+from shards: seven shards of them beside the kernel tests got 0-2 tests each through in 370 s
+(nineteenth session), so run them in one shard, split across device calls with --part. A few
+of them need the GPU to themselves (ALONE_TESTS: they compare the device's free memory before
+and after, or size a pool from it): they run after the other shards, in a process of their own.
 
 Prints one line per shard (tests passed and failed, the sanitizer's error or hazard count, its
 exit code) and a total per tool; exits non-zero when any shard failed, reported an error, or
 did not finish in time. Logs go to --out.
 
-    python tools/sanitize.py --tools memcheck racecheck --shards 7 --timeout 420   # the kernel tests
+    python tools/sanitize.py --tools memcheck racecheck --shards 7 --timeout 420   # kernel tests
     python tools/sanitize.py --tools memcheck --shards 1 --timeout 560 --part 1/2 \
         tests/gpu/test_engine_gpu.py tests/gpu/test_continuous_batching_gpu.py   # then --part 2/2
 """
@@ -40,8 +45,20 @@ KERNEL_FILTER = "kns=pagedgpt2"
 CUBLASLT_TESTS = ("::test_matmul[", "::test_skinny_matches_cublas")
 
 
+# Tests that need the GPU to themselves: they compare the device's free memory before and after
+# their steps, or size their pool from it (the default gpu_memory_fraction takes 90% of it).
+ALONE_TESTS = ("::test_kv_pool_is_sized_from_free_memory", "test_bundled_model_gpu.py::")
+
+
 def runs_cublaslt(node_id: str) -> bool:
+    """True for the kernel tests of cuBLASLt and for every engine test (prompts run cuBLASLt)."""
+    if "test_kernels.py::" not in node_id:
+        return True
     return any(name in node_id + "[" for name in CUBLASLT_TESTS)
+
+
+def needs_gpu_alone(node_id: str) -> bool:
+    return any(name in node_id for name in ALONE_TESTS)
 
 
 def part_of(tests: list[str], part: str) -> list[str]:
@@ -90,8 +107,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=420, help="seconds for every shard together")
     p.add_argument("-k", dest="select", default=None, help="pytest -k expression")
     p.add_argument("--part", default="1/1",
-                   help="K/N: only the K-th of N slices of the tests, to split a long run (the "
-                        "engine tests in one shard) across device calls")
+                   help="K/N: only the K-th of N slices of the tests, to split a long run "
+                        "across device calls")
     p.add_argument("--out", default="/tmp/pagedgpt2-sanitize", help="where the logs go")
     p.add_argument("paths", nargs="*", default=["tests/gpu/test_kernels.py"])
     args = p.parse_args()
@@ -107,27 +124,41 @@ def main() -> int:
 
     jobs = []  # (tool, shard index, tests, log path, process)
     t0 = time.monotonic()
+
+    def start(tool: str, i: int, shard: list[str]) -> None:
+        log = out / f"{tool}_{i}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(sanitizer_command(tool, shard), cwd=ROOT, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        jobs.append((tool, i, shard, log, proc))
+
+    codes = {}
+
+    def finish(started: list) -> None:
+        for tool, i, _, _, proc in started:
+            left = args.timeout - (time.monotonic() - t0)
+            try:
+                codes[(tool, i)] = proc.wait(timeout=max(left, 1))
+            except subprocess.TimeoutExpired:  # the sanitizer and the pytest it started
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                codes[(tool, i)] = None
+
+    alone = {}  # tool -> the tests it runs after the shards, in a process of their own
     for tool in args.tools:
         mine = [t for t in tests if tool != "racecheck" or not runs_cublaslt(t)]
         if len(mine) < len(tests):
             print(f"{tool}: {len(tests) - len(mine)} tests that run cuBLASLt left out", flush=True)
-        shards = [mine[i::args.shards] for i in range(args.shards) if mine[i::args.shards]]
+        alone[tool] = [t for t in mine if needs_gpu_alone(t)]
+        shared = [t for t in mine if not needs_gpu_alone(t)]
+        shards = [shared[i::args.shards] for i in range(args.shards) if shared[i::args.shards]]
         for i, shard in enumerate(shards):
-            log = out / f"{tool}_{i}.log"
-            with open(log, "w") as f:
-                proc = subprocess.Popen(sanitizer_command(tool, shard), cwd=ROOT, stdout=f,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-            jobs.append((tool, i, shard, log, proc))
-
-    codes = {}
-    for tool, i, _, _, proc in jobs:
-        left = args.timeout - (time.monotonic() - t0)
-        try:
-            codes[(tool, i)] = proc.wait(timeout=max(left, 1))
-        except subprocess.TimeoutExpired:  # the sanitizer and the pytest it started
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            codes[(tool, i)] = None
+            start(tool, i, shard)
+    finish(list(jobs))
+    for tool in args.tools:  # one at a time: each needs the GPU to itself
+        if alone[tool]:
+            start(tool, sum(t == tool for t, *_ in jobs), alone[tool])
+            finish(jobs[-1:])
     seconds = time.monotonic() - t0
 
     ok = True

@@ -16,6 +16,7 @@
 #include "cuda/cuda_model.h"
 #include "cuda/ops.h"
 #include "cuda/sampling_host.h"
+#include "cuda/stage_trace.cuh"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -376,6 +377,53 @@ void bind_ops(nb::module_& m) {
       "warps_per_row"_a = 0, "prefetch_mb"_a = 0,
       "Median ms per skinny GEMV (float16) in a chain of programmatic launches, weights not in "
       "L2 (unless prefetch_mb asks for the next one's); warps_per_row 0: as the launcher picks.");
+  ops.def(
+      "time_dependency",
+      [](std::string kind, int blocks_per_sm, int threads, int rounds, int iters) {
+        if (kind != "kernel" && kind != "barrier") {
+          throw std::invalid_argument("kind must be 'kernel' or 'barrier', got '" + kind + "'");
+        }
+        if (blocks_per_sm < 1 || threads < 32 || threads > 1024 || threads % 32 != 0 ||
+            rounds < 1 || iters < 1) {
+          throw std::invalid_argument(
+              "time_dependency: need blocks_per_sm >= 1, threads a multiple of 32 in [32, 1024], "
+              "rounds >= 1 and iters >= 1");
+        }
+        nb::gil_scoped_release release;
+        return cuda::ops::time_dependency(kind == "barrier", blocks_per_sm, threads, rounds,
+                                          iters);
+      },
+      "kind"_a, "blocks_per_sm"_a, "threads"_a = 256, "rounds"_a = 256, "iters"_a = 20,
+      "Median us of one all-to-all hand-over between thread blocks: 'kernel', a boundary "
+      "between programmatically launched kernels (graph-replayed); 'barrier', a grid-wide "
+      "barrier inside one cooperative kernel.");
+  ops.def("stage_trace_built", &cuda::stage_trace_built,
+          "Whether this build records the skinny GEMV's stage times (CMake PAGEDGPT2_TRACE).");
+  ops.def("stage_trace_reset", &cuda::stage_trace_reset, "Forgets the stage records so far.");
+  ops.def(
+      "stage_trace",
+      [] {
+        if (!cuda::stage_trace_built()) {
+          throw std::runtime_error(
+              "stage_trace: this build has no stage trace (build with "
+              "-C cmake.define.PAGEDGPT2_TRACE=ON)");
+        }
+        const std::vector<cuda::StageRecord> records = cuda::stage_trace_read();
+        auto out = owned_array<uint64_t>({records.size(), 13});
+        uint64_t* row = out.data();
+        for (const cuda::StageRecord& r : records) {
+          const uint64_t fields[13] = {r.N, r.K, r.rows, r.block, r.sm,
+                                       r.global_ns[0], r.global_ns[1], r.global_ns[2],
+                                       r.global_ns[3], r.clocks[0], r.clocks[1], r.clocks[2],
+                                       r.clocks[3]};
+          std::memcpy(row, fields, sizeof(fields));
+          row += 13;
+        }
+        return out;
+      },
+      "The skinny GEMV's stage records since the last reset, uint64 [n, 13]: N, K, rows, block, "
+      "SM, %globaltimer ns at start / pdl_wait passed / x staged / end, then clock64 at the "
+      "same four stages.");
   ops.def(
       "copy_bandwidth_gbs",
       [](int64_t bytes, int iters) {

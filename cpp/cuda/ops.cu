@@ -423,7 +423,71 @@ std::vector<float> random_floats(size_t n, uint64_t seed) {
   return x;
 }
 
+// One link of a chain of dependent kernels, the least a step's kernel does: wait for the kernel
+// before, read a value another block of it wrote, write one for the next kernel. The two halves
+// of `values` alternate between links (link i reads half i % 2 and writes the other).
+__global__ void dependent_link_kernel(int* values, int link) {
+  pdl_launch_dependents();
+  pdl_wait();
+  if (threadIdx.x == 0) {
+    const int* in = values + (link % 2) * gridDim.x;
+    int* out = values + (1 - link % 2) * gridDim.x;
+    out[blockIdx.x] = in[(blockIdx.x + 1) % gridDim.x] + 1;
+  }
+}
+
+// `rounds` grid-wide barriers inside one kernel (every block resident: launched cooperatively),
+// each the same hand-over as a link above: a value written before the barrier, another block's
+// read after it. Arrival is a release add on one counter, the wait an acquire spin on it.
+__global__ void grid_barrier_kernel(unsigned* counter, int* values, int rounds) {
+  for (int r = 0; r < rounds; ++r) {
+    __syncthreads();  // the block's work of this round is done
+    if (threadIdx.x == 0) {
+      int* mine = values + (r % 2) * gridDim.x;
+      mine[blockIdx.x] += 1;
+      asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+      const unsigned target = unsigned(r + 1) * gridDim.x;
+      unsigned seen = 0;
+      do {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+      } while (seen < target);
+      values[(1 - r % 2) * gridDim.x + blockIdx.x] = mine[(blockIdx.x + 1) % gridDim.x];
+    }
+  }
+}
+
 }  // namespace
+
+double time_dependency(bool barrier, int blocks_per_sm, int threads, int rounds, int iters) {
+  const int blocks = blocks_per_sm * num_sms();
+  DevArray<int> values(2 * size_t(blocks));
+  DevArray<unsigned> counter(1);
+  CUDA_CHECK(cudaMemset(values.get(), 0, values.size() * sizeof(int)));
+  if (!barrier) {
+    return graph_median_ms(kStream, iters, rounds, [&](int i, cudaStream_t capture) {
+      launch_kernel(dependent_link_kernel, dim3(blocks), dim3(threads), 0, capture,
+                    /*pdl=*/true, values.get(), i);
+    }) * 1e3;
+  }
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grid_barrier_kernel,
+                                                           threads, 0));
+  if (blocks_per_sm > per_sm) {
+    throw std::invalid_argument("time_dependency: " + std::to_string(blocks_per_sm) +
+                                " blocks an SM of " + std::to_string(threads) +
+                                " threads do not fit at once (at most " + std::to_string(per_sm) +
+                                ")");
+  }
+  unsigned* counter_ptr = counter.get();
+  int* values_ptr = values.get();
+  void* args[] = {&counter_ptr, &values_ptr, &rounds};
+  return median_ms(kStream, iters, [&] {
+           CUDA_CHECK(cudaMemsetAsync(counter_ptr, 0, sizeof(unsigned), kStream));
+           CUDA_CHECK(cudaLaunchCooperativeKernel(
+               reinterpret_cast<const void*>(grid_barrier_kernel), dim3(blocks), dim3(threads),
+               args, 0, kStream));
+         }) * 1e3 / rounds;
+}
 
 double time_decode_attention(int num_seqs, int context_len, int num_heads, int head_size,
                              int block_size, DType dtype, int iters, int partition_size,

@@ -140,6 +140,13 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
 // the next one's weights, as a step's do.
 double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters,
                         int warps_per_row = 0, int prefetch_mb = 0);
+// Microseconds one all-to-all hand-over between thread blocks costs: barrier false, a kernel
+// boundary (a chain of `rounds` tiny kernels launched programmatically, replayed from a CUDA
+// graph, each of blocks_per_sm x SMs blocks reading a value another block of the kernel before
+// wrote); true, a
+// grid-wide barrier inside one cooperative kernel (a release add and an acquire spin on one
+// counter) with the same hand-over. The floor under each dependent step of a batch-1 decode.
+double time_dependency(bool barrier, int blocks_per_sm, int threads, int rounds, int iters);
 // Device-to-device copy bandwidth in GB/s (bytes read + bytes written), buffers of `bytes`.
 double copy_bandwidth_gbs(int64_t bytes, int iters);
 

@@ -23,6 +23,7 @@
 #include "cuda/cuda_common.cuh"
 #include "cuda/layernorm.cuh"
 #include "cuda/skinny_gemm.cuh"
+#include "cuda/stage_trace.cuh"
 
 namespace pagedgpt2::cuda {
 namespace {
@@ -202,6 +203,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
   };
 
+  StageTrace trace;  // opt-in (PAGEDGPT2_TRACE); nothing otherwise
   pdl_launch_dependents();
   Vec<T, V> w[kUnroll];
   load_first(blockIdx.x, w);
@@ -213,6 +215,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   prefetch_l2_share(p.prefetch);
   if constexpr (IN == SkinnyInput::kLayerNorm) __syncthreads();  // ln_w, ln_b staged
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
+  trace.mark(1);
   load_residual(blockIdx.x, in);
   int32_t slot = -1;
   if constexpr (OUT == SkinnyOutput::kBiasQkv) {
@@ -220,6 +223,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
   stage_x<T, M, IN>(xs, p, ln_w, ln_b);
   __syncthreads();
+  trace.mark(2);
 
   // NOTE: the grid is at most what fits on the GPU at once; a block takes row groups
   // blockIdx.x, + gridDim.x, ... so x is staged once per block, and the next group's first
@@ -307,6 +311,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
     in = next_in;
   }
+  trace.commit(p.N, p.K, p.rows);
 }
 
 // Blocks of kernel (with smem bytes of shared memory) that fit on one SM at once.
@@ -398,6 +403,31 @@ void launch_skinny_gemm(const SkinnyParams<T>& p, SkinnyInput input, SkinnyOutpu
     default: return launch_rows<T, 8>(p, input, output, num_sms, stream, pdl);
   }
 }
+
+#if defined(PAGEDGPT2_TRACE)
+bool stage_trace_built() { return true; }
+
+void stage_trace_reset() {
+  const unsigned zero = 0;
+  CUDA_CHECK(cudaMemcpyToSymbol(g_stage_count, &zero, sizeof(zero)));
+}
+
+std::vector<StageRecord> stage_trace_read() {
+  CUDA_CHECK(cudaDeviceSynchronize());
+  unsigned count = 0;
+  CUDA_CHECK(cudaMemcpyFromSymbol(&count, g_stage_count, sizeof(count)));
+  std::vector<StageRecord> records(std::min<unsigned>(count, kStageTraceCapacity));
+  if (!records.empty()) {
+    CUDA_CHECK(cudaMemcpyFromSymbol(records.data(), g_stage_records,
+                                    records.size() * sizeof(StageRecord)));
+  }
+  return records;
+}
+#else
+bool stage_trace_built() { return false; }
+void stage_trace_reset() {}
+std::vector<StageRecord> stage_trace_read() { return {}; }
+#endif
 
 template void launch_skinny_gemm<float>(const SkinnyParams<float>&, SkinnyInput, SkinnyOutput, int,
                                         cudaStream_t, bool);

@@ -1,5 +1,6 @@
 """Tools that measure without a GPU or read a GPU run's logs: tools/bench_host.py (host time over
-an emulated GPU) and tools/sanitize.py's log summary and test slices."""
+an emulated GPU), tools/sanitize.py's log summary and test slices, and tools/trace_gemv.py's
+reading of the GEMV's stage records."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))
 import bench_host  # noqa: E402
 import sanitize  # noqa: E402
+import trace_gemv  # noqa: E402
 
 
 class _Real:
@@ -57,6 +59,15 @@ def test_sanitize_summary_reads_pytest_and_the_sanitizers():
     assert sanitize.runs_cublaslt("tests/gpu/test_kernels.py::test_matmul[float16-shape0-bias]")
     assert sanitize.runs_cublaslt("tests/gpu/test_kernels.py::test_skinny_matches_cublas")
     assert not sanitize.runs_cublaslt("tests/gpu/test_kernels.py::test_skinny_matmul[float16-1-bias]")
+    assert sanitize.runs_cublaslt("tests/gpu/test_engine_gpu.py::test_cpu_and_gpu_engines_agree")
+
+
+def test_sanitize_runs_the_tests_that_measure_free_memory_alone():
+    alone = ["tests/gpu/test_engine_gpu.py::test_kv_pool_is_sized_from_free_memory_and_steps_allocate_nothing",
+             "tests/gpu/test_bundled_model_gpu.py::test_bundled_model_matches_cpu[float16]"]
+    assert all(sanitize.needs_gpu_alone(t) for t in alone)
+    assert not sanitize.needs_gpu_alone("tests/gpu/test_engine_gpu.py::test_cpu_and_gpu_engines_agree")
+    assert not sanitize.needs_gpu_alone("tests/gpu/test_kernels.py::test_gelu[float16]")
 
 
 def test_sanitize_parts_cover_every_test_once():
@@ -66,3 +77,37 @@ def test_sanitize_parts_cover_every_test_once():
     assert sanitize.part_of(tests, "1/1") == tests
     with pytest.raises(ValueError, match="K/N"):
         sanitize.part_of(tests, "4/3")
+
+
+def _stage_record(n, k, block, start_ns, stages_ns, clock=2.0):
+    """A record as ops.stage_trace() gives it: stages_ns are the waited/staged/end offsets."""
+    g = [start_ns] + [start_ns + t for t in stages_ns]
+    return [n, k, 1, block, block % 132, *g, *(int(1000 + clock * (t - start_ns)) for t in g)]
+
+
+def test_trace_groups_blocks_into_launches_and_times_them_after_the_one_before():
+    c = 768
+    rng = np.random.default_rng(5)
+    rows, t = [], 10_000
+    for _ in range(3):  # three layers: fc (4 blocks) then fc_proj (2 blocks), overlapping
+        fc_end = t + 4000
+        for b in rng.permutation(4):
+            rows.append(_stage_record(4 * c, c, b, t + 100 * b, [1000, 2000, 4000 - 100 * b]))
+        for b in rng.permutation(2):  # block 0 starts early, block 1 after fc's end
+            start = fc_end - 500 if b == 0 else fc_end + 300
+            rows.append(_stage_record(c, 4 * c, b, start, [fc_end + 900 - start, fc_end + 1500 - start,
+                                                           fc_end + 2500 - start + 200 * b]))
+        t = fc_end + 2700 + 5000
+    records = np.array(rows, dtype=np.uint64)
+    order = trace_gemv.launches(records)
+    assert [len(launch) for launch in order] == [4, 2] * 3
+    assert all(sorted(launch[:, trace_gemv.BLOCK].tolist()) == list(range(len(launch))) for launch in order)
+    assert trace_gemv.cycles_per_ns(records) == pytest.approx(2.0)
+    table = trace_gemv.summarize(records, c)
+    proj = table["fc_proj"]
+    assert proj["launches"] == 3 and proj["blocks"] == 2 and proj["early"] == 0.5
+    assert proj["start"] == pytest.approx(0.3) and proj["waited"] == pytest.approx(0.9)
+    assert proj["end"] == pytest.approx(2.7)
+    # The block that ended last started after fc's end: 0.6 us to its wait, 0.6 to x, 1.2 more.
+    assert (proj["crit_wait"], proj["crit_stage"], proj["crit_tail"]) == pytest.approx((0.6, 0.6, 1.2))
+    assert table["ln_2+fc"]["launches"] == 2  # the first launch has no traced launch before it

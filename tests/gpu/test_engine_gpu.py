@@ -276,7 +276,6 @@ def _logits_under(hf_model_dirs, monkeypatch, dtype, env: dict[str, str | None])
     """Teacher-forced logits of four sequences (decode steps of 4 and 3 rows through cuBLASLt,
     then 2 and 1 through the GEMVs) from an engine built with env set (None: unset)."""
     _, _, engine_dir = hf_model_dirs["d64"]
-    monkeypatch.setenv("PAGEDGPT2_PERSISTENT", "0")
     for name, value in env.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)
