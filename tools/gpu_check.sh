@@ -57,7 +57,7 @@ fi
 
 if has sanitize; then
   # memcheck and racecheck over every kernel test, in parallel shards, our kernels instrumented
-  # (cuBLASLt's are not: see tools/sanitize.py). The engine tests need one shard and ~11 minutes
+  # (cuBLASLt's are not: see tools/sanitize.py). The engine tests need one shard and 6-9 minutes
   # under memcheck, two device calls: the command is in tools/sanitize.py's docstring.
   banner "compute-sanitizer memcheck and racecheck (${SANITIZE_PATHS:-tests/gpu/test_kernels.py})"
   logs=/tmp/pagedgpt2-sanitize  # a log a shard: more files than the device tool brings back

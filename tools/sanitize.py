@@ -11,7 +11,7 @@ racecheck leaves out every test that runs cuBLASLt (its process dies on them): t
 in CUBLASLT_TESTS and the engine tests, whose prompts go through cuBLASLt GEMMs. The kernels of
 ours those run are checked by the kernel tests, which call each of them directly.
 
-The engine tests are slow under memcheck (~19 s a test in one process, H200) and gain nothing
+The engine tests are slow under memcheck (9-19 s a test in one process, H200) and gain nothing
 from shards: seven shards of them beside the kernel tests got 0-2 tests each through in 370 s
 (nineteenth session), so run them in one shard, split across device calls with --part. A few
 of them need the GPU to themselves (ALONE_TESTS: they compare the device's free memory before

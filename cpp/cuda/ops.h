@@ -143,9 +143,9 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
 // Microseconds one all-to-all hand-over between thread blocks costs: barrier false, a kernel
 // boundary (a chain of `rounds` tiny kernels launched programmatically, replayed from a CUDA
 // graph, each of blocks_per_sm x SMs blocks reading a value another block of the kernel before
-// wrote); true, a
-// grid-wide barrier inside one cooperative kernel (a release add and an acquire spin on one
-// counter) with the same hand-over. The floor under each dependent step of a batch-1 decode.
+// wrote); true, a grid-wide barrier inside one cooperative kernel (a release add and an acquire
+// spin on one counter) with the same hand-over. The floor under each dependent step of a
+// batch-1 decode.
 double time_dependency(bool barrier, int blocks_per_sm, int threads, int rounds, int iters);
 // Device-to-device copy bandwidth in GB/s (bytes read + bytes written), buffers of `bytes`.
 double copy_bandwidth_gbs(int64_t bytes, int iters);
