@@ -21,7 +21,6 @@
 #include <utility>
 
 #include "cuda/cuda_common.cuh"
-#include "cuda/layernorm.cuh"
 #include "cuda/skinny_gemm.cuh"
 #include "cuda/stage_trace.cuh"
 
@@ -33,9 +32,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;  // 16-byte weight vectors in flight per lane
 constexpr int kMinBlocksPerSm = 3;  // register cap: 3 x 8 warps keep ~100 KB of W in flight
 // NOTE: 4-warp blocks, 7 an SM (72 registers, 28 warps an SM) were slower everywhere on an H200
-// (gpt2 batch 1 0.313 -> 0.380 ms a step, gpt2-xl 2.06 -> 2.68; spills at 1 row), and broke the
-// LayerNorm prologue, which normalizes row m in warp m. notes.md, fifteenth session.
-static_assert(kWarps >= kSkinnyMaxRows, "the LayerNorm prologue normalizes row m in warp m");
+// (gpt2 batch 1 0.313 -> 0.380 ms a step, gpt2-xl 2.06 -> 2.68; spills at 1 row). notes.md,
+// fifteenth session.
 constexpr size_t kMaxSmem = 100 * 1024 + kWarps * kSkinnyMaxRows * 4;  // x and the partials
 // ... and the LayerNorm parameters too: under the 163 KB a block may ask for on sm_80 (227 on
 // sm_90).
@@ -58,55 +56,117 @@ __device__ __forceinline__ void stage_ln_params(float* w, float* b, const float*
   }
 }
 
-// ln_w, ln_b: the LayerNorm parameters in shared memory (kLayerNorm).
-template <typename T, int M, SkinnyInput IN>
-__device__ __forceinline__ void stage_x(float* xs, const SkinnyParams<T>& p, const float* ln_w,
-                                        const float* ln_b) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int K = p.K;
-  if constexpr (IN == SkinnyInput::kLayerNorm) {
-    // Warp m normalizes row m in place in shared memory: the row is copied in with all its loads
-    // in flight at once (one memory latency), then the statistics are two passes over shared
-    // memory. NOTE: holding the row in registers instead cost 40 registers per thread, which
-    // halved the blocks per SM.
-    if (warp < M) {
-      const int m = warp;
-      float* dst = xs + m * K;
-      if (m < p.rows) {
-        const int64_t row = p.x_rows ? p.x_rows[m] : m;
-        const float* x = static_cast<const float*>(p.x) + row * K;
-        if (K % 4 == 0) {
-          const float4* x4 = reinterpret_cast<const float4*>(x);
-          float4* d4 = reinterpret_cast<float4*>(dst);
-#pragma unroll 8
-          for (int j = lane; j < K / 4; j += 32) d4[j] = x4[j];
-        } else {
-          for (int k = lane; k < K; k += 32) dst[k] = x[k];
-        }
-        __syncwarp();
-        // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
-        warp_layernorm_row(dst, ln_w, ln_b, K, p.eps,
-                           [&](int k, float y) { dst[k] = to_float(from_float<T>(y)); });
-      } else {
-        for (int k = lane; k < K; k += 32) dst[k] = 0.f;
-      }
+// Copies n_vecs 16-byte vectors with all threads: load(i) reads vector i, store(i, v) writes
+// it. kStageBatch loads a thread are in flight before their stores, so a block copies its x in
+// one round trip to L2 (a few at most) instead of one per vector a thread.
+// NOTE: measured (H200, tools/trace_gemv.py): copying x one vector at a time took 0.7 us a
+// round trip, 2 round trips at gpt2's fc_proj (K 3,072) and 4 at gpt2-xl's (K 6,400).
+constexpr int kStageBatch = 4;
+template <typename VecT, typename Load, typename Store>
+__device__ __forceinline__ void stage_vectors(int n_vecs, Load load, Store store) {
+  for (int base = threadIdx.x; base < n_vecs; base += kStageBatch * kThreads) {
+    VecT v[kStageBatch];
+#pragma unroll
+    for (int j = 0; j < kStageBatch; ++j) {
+      if (base + j * kThreads < n_vecs) v[j] = load(base + j * kThreads);
     }
+#pragma unroll
+    for (int j = 0; j < kStageBatch; ++j) {
+      if (base + j * kThreads < n_vecs) store(base + j * kThreads, v[j]);
+    }
+  }
+}
+
+// Normalizes the M rows of xs [M, K] in place with every thread of the block (the rows are
+// staged and the block synced): two passes (the mean, then the variance about it), each summed
+// across the block through red [kWarps, M]. Rows m >= rows (zeros) are left as they are.
+// NOTE: one warp a row, as before, took 1.4 us (gpt2, K 768) to 3.2 us (gpt2-xl, K 1,600) at
+// batch 1 with the other 7 warps idle (H200, tools/trace_gemv.py).
+template <typename T, int M>
+__device__ __forceinline__ void block_layernorm_rows(float* xs, float* red, const float* ln_w,
+                                                     const float* ln_b, int K, int rows,
+                                                     float eps) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // The sum over the block of f(m, x) for each row m, given to every thread.
+  auto block_sums = [&](auto f, float (&out)[M]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = 0.f;
+      for (int k = threadIdx.x; k < K; k += kThreads) v += f(m, xs[m * K + k]);
+      v = warp_sum(v);
+      if (lane == 0) red[warp * M + m] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = 0.f;
+#pragma unroll
+      for (int j = 0; j < kWarps; ++j) v += red[j * M + m];
+      out[m] = v;
+    }
+    __syncthreads();  // red is reused
+  };
+  float mean[M], rstd[M];
+  block_sums([](int, float x) { return x; }, mean);
+#pragma unroll
+  for (int m = 0; m < M; ++m) mean[m] /= K;
+  block_sums([&](int m, float x) { return (x - mean[m]) * (x - mean[m]); }, rstd);
+#pragma unroll
+  for (int m = 0; m < M; ++m) rstd[m] = 1.f / sqrtf(rstd[m] / K + eps);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    if (m >= rows) continue;
+    for (int k = threadIdx.x; k < K; k += kThreads) {
+      // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
+      const float y = (xs[m * K + k] - mean[m]) * rstd[m] * ln_w[k] + ln_b[k];
+      xs[m * K + k] = to_float(from_float<T>(y));
+    }
+  }
+}
+
+// x staged into xs [M, K] as float32, rows m >= p.rows zero; with kLayerNorm, normalized (ln_w,
+// ln_b: the LayerNorm parameters in shared memory; red: [kWarps, M] scratch). The caller syncs.
+template <typename T, int M, SkinnyInput IN>
+__device__ __forceinline__ void stage_x(float* xs, float* red, const SkinnyParams<T>& p,
+                                        const float* ln_w, const float* ln_b) {
+  const int K = p.K;
+  auto row_of = [&](int m) { return int64_t(p.x_rows ? p.x_rows[m] : m); };
+  if constexpr (IN == SkinnyInput::kLayerNorm) {
+    // x is the float32 residual stream; K % 8 == 0 (skinny_gemm_supported).
+    const int vecs_per_row = K / 4;
+    const float* x = static_cast<const float*>(p.x);
+    stage_vectors<float4>(
+        M * vecs_per_row,
+        [&](int i) {
+          const int m = i / vecs_per_row;
+          return m < p.rows ? reinterpret_cast<const float4*>(x + row_of(m) * K)[i % vecs_per_row]
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
+        },
+        [&](int i, float4 v) { reinterpret_cast<float4*>(xs)[i] = v; });
+    __syncthreads();
+    block_layernorm_rows<T, M>(xs, red, ln_w, ln_b, K, p.rows, p.eps);
   } else {
     constexpr int V = kVec16<T>;
+    using VecT = Vec<T, V>;
     const int vecs_per_row = K / V;
-    for (int i = threadIdx.x; i < M * vecs_per_row; i += kThreads) {
-      const int m = i / vecs_per_row, k = (i % vecs_per_row) * V;
-      float v[V];
-      if (m < p.rows) {
-        const int64_t row = p.x_rows ? p.x_rows[m] : m;
-        load_floats<T, V>(static_cast<const T*>(p.x) + row * K + k, v);
-      } else {
+    const T* x = static_cast<const T*>(p.x);
+    stage_vectors<VecT>(
+        M * vecs_per_row,
+        [&](int i) {
+          const int m = i / vecs_per_row;
+          VecT v;
+          if (m < p.rows) {
+            v = reinterpret_cast<const VecT*>(x + row_of(m) * K)[i % vecs_per_row];
+          } else {
 #pragma unroll
-        for (int e = 0; e < V; ++e) v[e] = 0.f;
-      }
+            for (int e = 0; e < V; ++e) v.v[e] = from_float<T>(0.f);
+          }
+          return v;
+        },
+        [&](int i, const VecT& v) {
 #pragma unroll
-      for (int e = 0; e < V; ++e) xs[m * K + k + e] = v[e];
-    }
+          for (int e = 0; e < V; ++e) xs[i * V + e] = to_float(v.v[e]);
+        });
   }
 }
 
@@ -221,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   if constexpr (OUT == SkinnyOutput::kBiasQkv) {
     if (writer) slot = p.slot_mapping[lane];
   }
-  stage_x<T, M, IN>(xs, p, ln_w, ln_b);
+  stage_x<T, M, IN>(xs, partial, p, ln_w, ln_b);
   __syncthreads();
   trace.mark(2);
 
