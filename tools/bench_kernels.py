@@ -110,16 +110,19 @@ def gemv_table(ops, copy_gbs):
 
 def dependency_table(ops):
     """The floor under each dependent step of a batch-1 decode: one all-to-all hand-over between
-    thread blocks (256 threads), as a boundary between programmatically launched kernels and as
-    a grid-wide barrier inside one kernel, at 1, 2 and 3 blocks an SM (the skinny GEMV runs 3)."""
+    thread blocks (256 threads), as a boundary between programmatically launched kernels (alone,
+    and with each kernel asking L2 for the next 4 MB of "weights", as the GEMVs do) and as a
+    grid-wide barrier inside one kernel, at 1, 2 and 3 blocks an SM (the skinny GEMV runs 3)."""
     rows = []
     print("one all-to-all hand-over between thread blocks (us): kernel boundary vs grid barrier")
-    print(f"{'blocks an SM':>12} {'kernel':>7} {'barrier':>7}")
+    print(f"{'blocks an SM':>12} {'kernel':>7} {'+4 MB L2':>8} {'barrier':>7}")
     for per_sm in (1, 2, 3):
         kernel_us = ops.time_dependency("kernel", per_sm)
+        prefetch_us = ops.time_dependency("kernel", per_sm, prefetch_mb=4)
         barrier_us = ops.time_dependency("barrier", per_sm)
-        rows.append(dict(per_sm=per_sm, kernel_us=kernel_us, barrier_us=barrier_us))
-        print(f"{per_sm:>12} {kernel_us:>7.2f} {barrier_us:>7.2f}")
+        rows.append(dict(per_sm=per_sm, kernel_us=kernel_us, kernel_prefetch_4mb_us=prefetch_us,
+                         barrier_us=barrier_us))
+        print(f"{per_sm:>12} {kernel_us:>7.2f} {prefetch_us:>8.2f} {barrier_us:>7.2f}")
     return rows
 
 

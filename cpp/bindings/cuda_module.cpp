@@ -379,21 +379,26 @@ void bind_ops(nb::module_& m) {
       "L2 (unless prefetch_mb asks for the next one's); warps_per_row 0: as the launcher picks.");
   ops.def(
       "time_dependency",
-      [](std::string kind, int blocks_per_sm, int threads, int rounds, int iters) {
+      [](std::string kind, int blocks_per_sm, int threads, int rounds, int iters,
+         int prefetch_mb) {
         if (kind != "kernel" && kind != "barrier") {
           throw std::invalid_argument("kind must be 'kernel' or 'barrier', got '" + kind + "'");
         }
         if (blocks_per_sm < 1 || threads < 32 || threads > 1024 || threads % 32 != 0 ||
-            rounds < 1 || iters < 1) {
+            rounds < 1 || iters < 1 || prefetch_mb < 0 || prefetch_mb > 64) {
           throw std::invalid_argument(
               "time_dependency: need blocks_per_sm >= 1, threads a multiple of 32 in [32, 1024], "
-              "rounds >= 1 and iters >= 1");
+              "rounds >= 1, iters >= 1 and prefetch_mb in [0, 64]");
+        }
+        if (kind == "barrier" && prefetch_mb != 0) {
+          throw std::invalid_argument("time_dependency: prefetch_mb is for kind 'kernel'");
         }
         nb::gil_scoped_release release;
         return cuda::ops::time_dependency(kind == "barrier", blocks_per_sm, threads, rounds,
-                                          iters);
+                                          iters, prefetch_mb);
       },
       "kind"_a, "blocks_per_sm"_a, "threads"_a = 256, "rounds"_a = 256, "iters"_a = 20,
+      "prefetch_mb"_a = 0,
       "Median us of one all-to-all hand-over between thread blocks: 'kernel', a boundary "
       "between programmatically launched kernels (graph-replayed); 'barrier', a grid-wide "
       "barrier inside one cooperative kernel.");

@@ -426,8 +426,11 @@ std::vector<float> random_floats(size_t n, uint64_t seed) {
 // One link of a chain of dependent kernels, the least a step's kernel does: wait for the kernel
 // before, read a value another block of it wrote, write one for the next kernel. The two halves
 // of `values` alternate between links (link i reads half i % 2 and writes the other).
-__global__ void dependent_link_kernel(int* values, int link) {
+// prefetch: asked of L2 by the blocks together before they wait, as the skinny GEMV asks for the
+// next GEMVs' weights (does a kernel end later while its prefetches are in flight?).
+__global__ void dependent_link_kernel(int* values, int link, L2Range prefetch) {
   pdl_launch_dependents();
+  prefetch_l2_share(prefetch);
   pdl_wait();
   if (threadIdx.x == 0) {
     const int* in = values + (link % 2) * gridDim.x;
@@ -458,15 +461,22 @@ __global__ void grid_barrier_kernel(unsigned* counter, int* values, int rounds) 
 
 }  // namespace
 
-double time_dependency(bool barrier, int blocks_per_sm, int threads, int rounds, int iters) {
+double time_dependency(bool barrier, int blocks_per_sm, int threads, int rounds, int iters,
+                       int prefetch_mb) {
   const int blocks = blocks_per_sm * num_sms();
   DevArray<int> values(2 * size_t(blocks));
   DevArray<unsigned> counter(1);
   CUDA_CHECK(cudaMemset(values.get(), 0, values.size() * sizeof(int)));
   if (!barrier) {
+    // Links ask for consecutive prefetch_mb slices of 256 MB (more than L2 holds), as a step's
+    // GEMVs ask for the next weights.
+    const size_t slice = size_t(prefetch_mb) << 20;
+    const size_t slices = slice ? std::max<size_t>(1, (size_t(256) << 20) / slice) : 1;
+    DevArray<char> weights(slice * slices);
     return graph_median_ms(kStream, iters, rounds, [&](int i, cudaStream_t capture) {
+      const L2Range prefetch{weights.get() + (size_t(i) % slices) * slice, slice};
       launch_kernel(dependent_link_kernel, dim3(blocks), dim3(threads), 0, capture,
-                    /*pdl=*/true, values.get(), i);
+                    /*pdl=*/true, values.get(), i, prefetch);
     }) * 1e3;
   }
   int per_sm = 0;

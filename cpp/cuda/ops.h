@@ -145,8 +145,10 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
 // graph, each of blocks_per_sm x SMs blocks reading a value another block of the kernel before
 // wrote); true, a grid-wide barrier inside one cooperative kernel (a release add and an acquire
 // spin on one counter) with the same hand-over. The floor under each dependent step of a
-// batch-1 decode.
-double time_dependency(bool barrier, int blocks_per_sm, int threads, int rounds, int iters);
+// batch-1 decode. prefetch_mb (kernel boundaries only): each link's blocks also ask L2 for that
+// many MB of memory not in it before they wait, as the skinny GEMV does.
+double time_dependency(bool barrier, int blocks_per_sm, int threads, int rounds, int iters,
+                       int prefetch_mb = 0);
 // Device-to-device copy bandwidth in GB/s (bytes read + bytes written), buffers of `bytes`.
 double copy_bandwidth_gbs(int64_t bytes, int iters);
 
