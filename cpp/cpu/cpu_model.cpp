@@ -47,20 +47,11 @@ CpuModel::CpuModel(const ModelConfig& config, const HostWeights& weights, int nu
                              " blocks of " + std::to_string(kv_bytes_per_block()) + " bytes");
   }
   for (int l = 0; l < cfg_.n_layer; ++l) {
-    const std::string p = "h." + std::to_string(l) + ".";
     Layer layer;
-    layer.ln_1_w = take(weights, p + "ln_1.weight", {C});
-    layer.ln_1_b = take(weights, p + "ln_1.bias", {C});
-    layer.qkv_w = take(weights, p + "attn.qkv.weight", {3 * C, C});
-    layer.qkv_b = take(weights, p + "attn.qkv.bias", {3 * C});
-    layer.proj_w = take(weights, p + "attn.proj.weight", {C, C});
-    layer.proj_b = take(weights, p + "attn.proj.bias", {C});
-    layer.ln_2_w = take(weights, p + "ln_2.weight", {C});
-    layer.ln_2_b = take(weights, p + "ln_2.bias", {C});
-    layer.fc_w = take(weights, p + "mlp.fc.weight", {I, C});
-    layer.fc_b = take(weights, p + "mlp.fc.bias", {I});
-    layer.fc_proj_w = take(weights, p + "mlp.proj.weight", {C, I});
-    layer.fc_proj_b = take(weights, p + "mlp.proj.bias", {C});
+    for_each_layer_tensor(layer, l, C, I, [&](const std::string& name, std::vector<int64_t> shape,
+                                              const float** dst) {
+      *dst = take(weights, name, shape);
+    });
     layer.k_cache = kv_pool_.get() + (2 * l) * layer_floats;
     layer.v_cache = kv_pool_.get() + (2 * l + 1) * layer_floats;
     layers_.push_back(layer);

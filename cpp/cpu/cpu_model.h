@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/layer_weights.h"
 #include "engine/model.h"
 
 namespace pagedgpt2::cpu {
@@ -27,21 +28,9 @@ class CpuModel : public Model {
   std::string device_name() const override { return "cpu"; }
 
  private:
-  struct Layer {
-    const float* ln_1_w;  // [C]
-    const float* ln_1_b;  // [C]
-    const float* qkv_w;   // [3C, C]
-    const float* qkv_b;   // [3C]
-    const float* proj_w;  // [C, C]
-    const float* proj_b;  // [C]
-    const float* ln_2_w;  // [C]
-    const float* ln_2_b;  // [C]
-    const float* fc_w;    // [I, C]
-    const float* fc_b;    // [I]
-    const float* fc_proj_w;  // [C, I]
-    const float* fc_proj_b;  // [C]
-    float* k_cache;       // [num_blocks, block_size, H, D]
-    float* v_cache;       // [num_blocks, block_size, H, D]
+  struct Layer : LayerWeights<float> {
+    float* k_cache;  // [num_blocks, block_size, H, D]
+    float* v_cache;  // [num_blocks, block_size, H, D]
   };
 
   const float* take(const HostWeights& weights, const std::string& name,

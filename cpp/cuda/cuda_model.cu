@@ -47,6 +47,7 @@
 #include "cuda/sampling.cuh"
 #include "cuda/skinny_gemm.cuh"
 #include "cuda/write_kv.cuh"
+#include "engine/layer_weights.h"
 
 namespace pagedgpt2::cuda {
 namespace {
@@ -250,21 +251,7 @@ class Engine final : public CudaModel::Impl {
   void copy_blocks(const int32_t* src, const int32_t* dst, int num_copies) override;
 
  private:
-  // One layer's tensors.
-  struct Layer {
-    const float* ln_1_w;  // [C]
-    const float* ln_1_b;  // [C]
-    const T* qkv_w;       // [3C, C]
-    const T* qkv_b;       // [3C]
-    const T* proj_w;      // [C, C]
-    const T* proj_b;      // [C]
-    const float* ln_2_w;  // [C]
-    const float* ln_2_b;  // [C]
-    const T* fc_w;        // [I, C]
-    const T* fc_b;        // [I]
-    const T* fc_proj_w;   // [C, I]
-    const T* fc_proj_b;   // [C]
-  };
+  using Layer = LayerWeights<T>;
 
   void upload_weights(const HostWeights& weights);
   void allocate_activations();
@@ -472,23 +459,12 @@ void Engine<T>::upload_weights(const HostWeights& weights) {
   specs.push_back({"ln_f.bias", {C}, true, reinterpret_cast<const void**>(&ln_f_b_)});
   layers_.resize(L_);
   for (int l = 0; l < L_; ++l) {
-    const std::string p = "h." + std::to_string(l) + ".";
-    Layer& w = layers_[l];
-    auto add = [&](const std::string& name, std::vector<int64_t> shape, bool fp32, auto** dst) {
-      specs.push_back({p + name, shape, fp32, reinterpret_cast<const void**>(dst)});
-    };
-    add("ln_1.weight", {C}, true, &w.ln_1_w);
-    add("ln_1.bias", {C}, true, &w.ln_1_b);
-    add("attn.qkv.weight", {3 * C, C}, false, &w.qkv_w);
-    add("attn.qkv.bias", {3 * C}, false, &w.qkv_b);
-    add("attn.proj.weight", {C, C}, false, &w.proj_w);
-    add("attn.proj.bias", {C}, false, &w.proj_b);
-    add("ln_2.weight", {C}, true, &w.ln_2_w);
-    add("ln_2.bias", {C}, true, &w.ln_2_b);
-    add("mlp.fc.weight", {I, C}, false, &w.fc_w);
-    add("mlp.fc.bias", {I}, false, &w.fc_b);
-    add("mlp.proj.weight", {C, I}, false, &w.fc_proj_w);
-    add("mlp.proj.bias", {C}, false, &w.fc_proj_b);
+    for_each_layer_tensor(layers_[l], l, C, I, [&](const std::string& name,
+                                                   std::vector<int64_t> shape, auto** dst) {
+      // The LayerNorm parameters (const float**) stay float32.
+      constexpr bool fp32 = std::is_same_v<decltype(dst), const float**>;
+      specs.push_back({name, std::move(shape), fp32, reinterpret_cast<const void**>(dst)});
+    });
   }
 
   size_t total = 0, largest = 0;

@@ -95,6 +95,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     samples: list[Sequence]  # grows to params.n when the prompt's prefill forks
+    text_ahead: bool = False  # generate()'s: its text is decoded while the backend runs
 
     @property
     def is_finished(self) -> bool:
@@ -184,7 +185,6 @@ class Engine:
         self.runner = ModelRunner(self.backend, self.kv)
         self._seq_ids = itertools.count()
         self._requests: dict[int, Request] = {}  # live requests by id
-        self._text_wanted: set[int] = set()  # generate()'s requests: detokenized ahead
         # A decode run launched ahead and not yet read: its batch and steps.
         self._running_ahead: tuple[list[ScheduledSeq], int] | None = None
 
@@ -334,11 +334,11 @@ class Engine:
         """The text bytes of the tokens generate()'s sequences in batch have so far, all but the
         newest (a stop token, whose text is left out, can only be the newest), so that the
         outputs at the end decode only their last few tokens."""
-        wanted = self._text_wanted
         for item in batch:
             seq = item.seq
             end = len(seq.output_ids) - 1
-            if end > seq.num_detokenized and seq.request_id in wanted:
+            request = self._requests.get(seq.request_id)
+            if end > seq.num_detokenized and request is not None and request.text_ahead:
                 ids = self._text_ids(seq.output_ids[seq.num_detokenized:end])
                 seq.text_bytes += self.tokenizer.decode_bytes_valid(ids)
                 seq.num_detokenized = end
@@ -410,7 +410,7 @@ class Engine:
         self.scheduler.max_num_batched_tokens = self.generate_batched_tokens
         try:
             for request in requests:
-                self._text_wanted.add(request.request_id)
+                request.text_ahead = True
                 self._start(request)
             unfinished = {r.request_id for r in requests}
             while unfinished:
@@ -421,7 +421,6 @@ class Engine:
             self.scheduler.max_num_batched_tokens = self.max_num_batched_tokens
             for request in requests:
                 self.abort(request.request_id)
-                self._text_wanted.discard(request.request_id)
         return [self._output(r) for r in requests]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:

@@ -513,4 +513,4 @@ def test_text_decoded_ahead_during_runs_equals_decoding_at_the_end(hf_model_dirs
         for sample in out.samples:
             ids = sample.token_ids[:-1] if sample.finish_reason == "stop" else sample.token_ids
             assert sample.text == eng.tokenizer.decode(ids)
-    assert len(outs[2].samples) == 3 and not eng._text_wanted
+    assert len(outs[2].samples) == 3 and not eng._requests  # nothing left behind
