@@ -11,9 +11,10 @@ proj, that is the QKV GEMV, so attention is inside its figures), medians over th
     start   when the last block started
     waited  when the last block passed pdl_wait
     staged  when the last block had x staged
+    mult    when the last block's warp 0 had the products of its first rows (its weights in)
     end     when the last block ended: the GEMV's share of the step
     crit    stage lengths of the block that ended last, from its SM's own clock: start -> waited,
-            waited -> staged, staged -> end
+            waited -> staged, staged -> multiplied, multiplied -> end
 
     python tools/trace_gemv.py --model gpt2 gpt2-xl
 """
@@ -31,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CAPACITY = 1 << 18  # records the trace holds (kStageTraceCapacity); later blocks are dropped
 # Columns of ops.stage_trace().
 N, K, ROWS, BLOCK, SM = range(5)
-G0, G1, G2, G3 = range(5, 9)    # %globaltimer (ns): start, pdl_wait passed, x staged, end
-C0, C1, C2, C3 = range(9, 13)   # clock64 of the block's SM at the same stages
+# %globaltimer (ns): start, pdl_wait passed, x staged, first products, end
+G0, G1, G2, G3, G4 = range(5, 10)
+C0, C1, C2, C3, C4 = range(10, 15)  # clock64 of the block's SM at the same stages
 
 
 def launches(records: np.ndarray) -> list[np.ndarray]:
@@ -54,8 +56,8 @@ def launches(records: np.ndarray) -> list[np.ndarray]:
 
 def cycles_per_ns(records: np.ndarray) -> float:
     """The SMs' clock against %globaltimer, from blocks that ran at least 2 us."""
-    ns = records[:, G3].astype(np.float64) - records[:, G0]
-    cycles = records[:, C3].astype(np.float64) - records[:, C0]
+    ns = records[:, G4].astype(np.float64) - records[:, G0]
+    cycles = records[:, C4].astype(np.float64) - records[:, C0]
     long = ns >= 2000
     return float(np.median(cycles[long] / ns[long])) if long.any() else 1.0
 
@@ -63,12 +65,13 @@ def cycles_per_ns(records: np.ndarray) -> float:
 def launch_figures(launch: np.ndarray, prev_end: int, clock: float) -> dict:
     """One launch's figures (us after prev_end, the end of the traced launch before it)."""
     us = lambda t: (int(t) - prev_end) / 1e3  # noqa: E731
-    crit = launch[np.argmax(launch[:, G3])]
+    crit = launch[np.argmax(launch[:, G4])]
     stage = lambda a, b: float(int(crit[b]) - int(crit[a])) / clock / 1e3  # noqa: E731
     return dict(blocks=len(launch), early=float(np.mean(launch[:, G0].astype(np.int64) < prev_end)),
                 start=us(launch[:, G0].max()), waited=us(launch[:, G1].max()),
-                staged=us(launch[:, G2].max()), end=us(launch[:, G3].max()),
-                crit_wait=stage(C0, C1), crit_stage=stage(C1, C2), crit_tail=stage(C2, C3))
+                staged=us(launch[:, G2].max()), mult=us(launch[:, G3].max()), end=us(launch[:, G4].max()),
+                crit_wait=stage(C0, C1), crit_stage=stage(C1, C2), crit_mult=stage(C2, C3),
+                crit_tail=stage(C3, C4))
 
 
 def gemv_name(n: int, k: int, c: int, vocab_min: int = 50000) -> str:
@@ -84,21 +87,22 @@ def summarize(records: np.ndarray, c: int) -> dict[str, dict]:
     rows: dict[str, list[dict]] = {}
     for prev, launch in zip(order, order[1:]):
         name = gemv_name(int(launch[0, N]), int(launch[0, K]), c)
-        rows.setdefault(name, []).append(launch_figures(launch, int(prev[:, G3].max()), clock))
+        rows.setdefault(name, []).append(launch_figures(launch, int(prev[:, G4].max()), clock))
     return {name: {key: statistics.median(f[key] for f in figs) for key in figs[0]} | {"launches": len(figs)}
             for name, figs in rows.items()}
 
 
 def print_table(model: str, table: dict[str, dict]) -> None:
     print(f"{model}: us after the end of the traced GEMV before (proj: after QKV, attention inside)")
-    print(f"{'GEMV':<9} {'n':>4} {'blocks':>6} {'early':>6} {'start':>6} {'waited':>6} {'staged':>6} {'end':>6}"
-          f"   crit: {'wait':>5} {'stage':>5} {'tail':>5}")
+    print(f"{'GEMV':<9} {'n':>4} {'blocks':>6} {'early':>6} {'start':>6} {'waited':>6} {'staged':>6} {'mult':>6}"
+          f" {'end':>6}   crit: {'wait':>5} {'stage':>5} {'mult':>5} {'tail':>5}")
     for name in ("ln_1+QKV", "proj", "ln_2+fc", "fc_proj", "LM head"):
         if name in table:
             f = table[name]
             print(f"{name:<9} {f['launches']:>4} {f['blocks']:>6.0f} {f['early']:>6.0%} {f['start']:>6.2f} "
-                  f"{f['waited']:>6.2f} {f['staged']:>6.2f} {f['end']:>6.2f}   "
-                  f"      {f['crit_wait']:>5.2f} {f['crit_stage']:>5.2f} {f['crit_tail']:>5.2f}")
+                  f"{f['waited']:>6.2f} {f['staged']:>6.2f} {f['mult']:>6.2f} {f['end']:>6.2f}   "
+                  f"      {f['crit_wait']:>5.2f} {f['crit_stage']:>5.2f} {f['crit_mult']:>5.2f} "
+                  f"{f['crit_tail']:>5.2f}")
 
 
 def main() -> None:
@@ -128,7 +132,7 @@ def main() -> None:
         if len(records) >= CAPACITY:
             print(f"the trace filled its {CAPACITY} records: only the first steps are in it")
         records = records[records[:, ROWS] == 1]  # the decode steps' GEMVs
-        stamps = np.unique(records[:, G0:G3 + 1])
+        stamps = np.unique(records[:, G0:G4 + 1])
         print(f"{len(records)} block records; smallest %globaltimer step {int(np.diff(stamps).min())} ns; "
               f"SM clock {cycles_per_ns(records):.2f} cycles/ns")
         print_table(name, summarize(records, CONFIGS[name]["n_embd"]))

@@ -414,21 +414,21 @@ void bind_ops(nb::module_& m) {
               "-C cmake.define.PAGEDGPT2_TRACE=ON)");
         }
         const std::vector<cuda::StageRecord> records = cuda::stage_trace_read();
-        auto out = owned_array<uint64_t>({records.size(), 13});
+        constexpr size_t kColumns = 5 + 2 * cuda::kStages;
+        auto out = owned_array<uint64_t>({records.size(), kColumns});
         uint64_t* row = out.data();
         for (const cuda::StageRecord& r : records) {
-          const uint64_t fields[13] = {r.N, r.K, r.rows, r.block, r.sm,
-                                       r.global_ns[0], r.global_ns[1], r.global_ns[2],
-                                       r.global_ns[3], r.clocks[0], r.clocks[1], r.clocks[2],
-                                       r.clocks[3]};
-          std::memcpy(row, fields, sizeof(fields));
-          row += 13;
+          const uint64_t head[5] = {r.N, r.K, r.rows, r.block, r.sm};
+          std::memcpy(row, head, sizeof(head));
+          std::memcpy(row + 5, r.global_ns, sizeof(r.global_ns));
+          std::memcpy(row + 5 + cuda::kStages, r.clocks, sizeof(r.clocks));
+          row += kColumns;
         }
         return out;
       },
-      "The skinny GEMV's stage records since the last reset, uint64 [n, 13]: N, K, rows, block, "
-      "SM, %globaltimer ns at start / pdl_wait passed / x staged / end, then clock64 at the "
-      "same four stages.");
+      "The skinny GEMV's stage records since the last reset, uint64 [n, 15]: N, K, rows, block, "
+      "SM, %globaltimer ns at start / pdl_wait passed / x staged / first products / end, then "
+      "clock64 at the same five stages.");
   ops.def(
       "copy_bandwidth_gbs",
       [](int64_t bytes, int iters) {

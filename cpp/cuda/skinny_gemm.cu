@@ -334,6 +334,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
       }
     }
+    if (group == int(blockIdx.x)) trace.mark_after(3, acc[0]);
     // The next group's first weights, bias and residual go out before this one is reduced.
     EpilogueInputs next_in = in;
     if (group + int(gridDim.x) < num_groups) {

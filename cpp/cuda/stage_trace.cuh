@@ -1,6 +1,6 @@
 // Opt-in stage trace of the skinny GEMV (CMake option PAGEDGPT2_TRACE, off by default): thread 0
-// of every block writes one record of when the block started, passed pdl_wait, had x staged
-// and ended, so that tools/trace_gemv.py can say which stage of which block sets a batch-1
+// of every block writes one record of when the block started, passed pdl_wait, had x staged,
+// had its first products and ended, so that tools/trace_gemv.py can say which stage of which block sets a batch-1
 // step's critical path. Built without the option, every call below compiles to nothing.
 //
 // Two clocks: %globaltimer (ns, one clock for the whole GPU: orders blocks of different SMs and
@@ -12,13 +12,15 @@
 
 namespace pagedgpt2::cuda {
 
-// One block's record. Stages: 0 start, 1 pdl_wait passed, 2 x staged, 3 end.
+// One block's record. Stages: 0 start, 1 pdl_wait passed, 2 x staged, 3 warp 0's products of
+// its first rows in registers (so its weights had arrived), 4 end.
+constexpr int kStages = 5;
 struct StageRecord {
   uint32_t N, K, rows, block;   // the GEMV's shape and this block
   uint32_t sm;                  // the SM it ran on
   uint32_t pad;
-  uint64_t global_ns[4];        // %globaltimer at each stage
-  uint64_t clocks[4];           // clock64 at each stage
+  uint64_t global_ns[kStages];  // %globaltimer at each stage
+  uint64_t clocks[kStages];     // clock64 at each stage
 };
 
 constexpr int kStageTraceCapacity = 1 << 18;  // records (~20k a gpt2 batch-1 step)
@@ -47,11 +49,21 @@ class StageTrace {
     uint64_t t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     stamps()[stage] = t;
-    stamps()[4 + stage] = clock64();
+    stamps()[kStages + stage] = clock64();
+  }
+  // Marks a stage that is only reached once `value` is computed: it is stored to shared memory
+  // first, and the clocks are read after that store.
+  __device__ __forceinline__ void mark_after(int stage, float value) {
+    if (threadIdx.x != 0) return;
+    *reinterpret_cast<volatile float*>(&stamps()[2 * kStages]) = value;
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    stamps()[stage] = t;
+    stamps()[kStages + stage] = clock64();
   }
   // Marks the end and writes the record.
   __device__ __forceinline__ void commit(int N, int K, int rows) {
-    mark(3);
+    mark(kStages - 1);
     if (threadIdx.x != 0) return;
     const unsigned i = atomicAdd(&g_stage_count, 1u);
     if (i >= kStageTraceCapacity) return;
@@ -59,12 +71,14 @@ class StageTrace {
     unsigned sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
     r.N = N, r.K = K, r.rows = rows, r.block = blockIdx.x, r.sm = sm, r.pad = 0;
-    for (int s = 0; s < 4; ++s) r.global_ns[s] = stamps()[s], r.clocks[s] = stamps()[4 + s];
+    for (int s = 0; s < kStages; ++s) {
+      r.global_ns[s] = stamps()[s], r.clocks[s] = stamps()[kStages + s];
+    }
   }
 
  private:
   __device__ __forceinline__ static uint64_t* stamps() {
-    __shared__ uint64_t s[8];  // globaltimer, then clock64, at the four stages
+    __shared__ uint64_t s[2 * kStages + 1];  // globaltimer, then clock64, at each stage; a sink
     return s;
   }
 };
@@ -72,6 +86,7 @@ class StageTrace {
 class StageTrace {
  public:
   __device__ __forceinline__ void mark(int) {}
+  __device__ __forceinline__ void mark_after(int, float) {}
   __device__ __forceinline__ void commit(int, int, int) {}
 };
 #endif  // PAGEDGPT2_TRACE

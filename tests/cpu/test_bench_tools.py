@@ -80,7 +80,8 @@ def test_sanitize_parts_cover_every_test_once():
 
 
 def _stage_record(n, k, block, start_ns, stages_ns, clock=2.0):
-    """A record as ops.stage_trace() gives it: stages_ns are the waited/staged/end offsets."""
+    """A record as ops.stage_trace() gives it: stages_ns are the waited/staged/multiplied/end
+    offsets."""
     g = [start_ns] + [start_ns + t for t in stages_ns]
     return [n, k, 1, block, block % 132, *g, *(int(1000 + clock * (t - start_ns)) for t in g)]
 
@@ -92,10 +93,11 @@ def test_trace_groups_blocks_into_launches_and_times_them_after_the_one_before()
     for _ in range(3):  # three layers: fc (4 blocks) then fc_proj (2 blocks), overlapping
         fc_end = t + 4000
         for b in rng.permutation(4):
-            rows.append(_stage_record(4 * c, c, b, t + 100 * b, [1000, 2000, 4000 - 100 * b]))
+            rows.append(_stage_record(4 * c, c, b, t + 100 * b, [1000, 2000, 3000, 4000 - 100 * b]))
         for b in rng.permutation(2):  # block 0 starts early, block 1 after fc's end
             start = fc_end - 500 if b == 0 else fc_end + 300
             rows.append(_stage_record(c, 4 * c, b, start, [fc_end + 900 - start, fc_end + 1500 - start,
+                                                           fc_end + 2100 - start + 100 * b,
                                                            fc_end + 2500 - start + 200 * b]))
         t = fc_end + 2700 + 5000
     records = np.array(rows, dtype=np.uint64)
@@ -107,7 +109,9 @@ def test_trace_groups_blocks_into_launches_and_times_them_after_the_one_before()
     proj = table["fc_proj"]
     assert proj["launches"] == 3 and proj["blocks"] == 2 and proj["early"] == 0.5
     assert proj["start"] == pytest.approx(0.3) and proj["waited"] == pytest.approx(0.9)
-    assert proj["end"] == pytest.approx(2.7)
-    # The block that ended last started after fc's end: 0.6 us to its wait, 0.6 to x, 1.2 more.
-    assert (proj["crit_wait"], proj["crit_stage"], proj["crit_tail"]) == pytest.approx((0.6, 0.6, 1.2))
+    assert proj["mult"] == pytest.approx(2.2) and proj["end"] == pytest.approx(2.7)
+    # The block that ended last started after fc's end: 0.6 us to its wait, 0.6 to x, 0.7 to its
+    # products, 0.5 more.
+    assert (proj["crit_wait"], proj["crit_stage"], proj["crit_mult"], proj["crit_tail"]) == \
+        pytest.approx((0.6, 0.6, 0.7, 0.5))
     assert table["ln_2+fc"]["launches"] == 2  # the first launch has no traced launch before it
