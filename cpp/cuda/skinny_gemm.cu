@@ -82,6 +82,9 @@ __device__ __forceinline__ void stage_vectors(int n_vecs, Load load, Store store
 // across the block through red [kWarps, M]. Rows m >= rows (zeros) are left as they are.
 // NOTE: one warp a row, as before, took 1.4 us (gpt2, K 768) to 3.2 us (gpt2-xl, K 1,600) at
 // batch 1 with the other 7 warps idle (H200, tools/trace_gemv.py).
+// NOTE: both sums in one pass, kept in registers while x is staged (x - the row's first value
+// and its square, 2 barriers after the wait instead of 6), was slower: gpt2 batch 1 0.289 ->
+// 0.297 ms, gpt2-xl 1.93 -> 1.99 (H200; ptxas spilled 3 more values to the 1-row QKV's loop).
 template <typename T, int M>
 __device__ __forceinline__ void block_layernorm_rows(float* xs, float* red, const float* ln_w,
                                                      const float* ln_b, int K, int rows,
