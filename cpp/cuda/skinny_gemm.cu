@@ -80,8 +80,9 @@ __device__ __forceinline__ void stage_vectors(int n_vecs, Load load, Store store
 // Normalizes the M rows of xs [M, K] in place with every thread of the block (the rows are
 // staged and the block synced): two passes (the mean, then the variance about it), each summed
 // across the block through red [kWarps, M]. Rows m >= rows (zeros) are left as they are.
-// NOTE: one warp a row, as before, took 1.4 us (gpt2, K 768) to 3.2 us (gpt2-xl, K 1,600) at
-// batch 1 with the other 7 warps idle (H200, tools/trace_gemv.py).
+// NOTE: measured (H200, tools/trace_gemv.py, batch 1): staging and normalizing x took 2.4-2.5
+// us at gpt2 (K 768) and 3.3-3.8 at gpt2-xl (K 1,600) with one warp a row and the other 7 idle;
+// 2.0-2.1 and 2.6-2.8 this way (gpt2 0.311 -> 0.289 ms a step, gpt2-xl 2.06 -> 1.93).
 // NOTE: both sums in one pass, kept in registers while x is staged (x - the row's first value
 // and its square, 2 barriers after the wait instead of 6), was slower: gpt2 batch 1 0.289 ->
 // 0.297 ms, gpt2-xl 1.93 -> 1.99 (H200; ptxas spilled 3 more values to the 1-row QKV's loop).

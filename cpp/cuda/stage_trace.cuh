@@ -1,7 +1,8 @@
 // Opt-in stage trace of the skinny GEMV (CMake option PAGEDGPT2_TRACE, off by default): thread 0
 // of every block writes one record of when the block started, passed pdl_wait, had x staged,
-// had its first products and ended, so that tools/trace_gemv.py can say which stage of which block sets a batch-1
-// step's critical path. Built without the option, every call below compiles to nothing.
+// had its first products and ended, so that tools/trace_gemv.py can say which stage of which
+// block sets a batch-1 step's critical path. Built without the option, every call below
+// compiles to nothing.
 //
 // Two clocks: %globaltimer (ns, one clock for the whole GPU: orders blocks of different SMs and
 // kernels) and clock64 (cycles of the block's own SM: exact stage lengths within a block).

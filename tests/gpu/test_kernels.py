@@ -501,6 +501,15 @@ def test_kernel_timers_reject_bad_arguments():
         gpu.time_decode_attention(4, 64, 12, 64, 16, copies=-1)
     with pytest.raises(ValueError, match="warps_per_row"):
         gpu.time_skinny_gemm(1, 768, 768, 16, 5, 3, 0)
+    with pytest.raises(ValueError, match="kind must be 'kernel' or 'barrier', got 'graph'"):
+        gpu.time_dependency("graph", 1)
+    with pytest.raises(ValueError, match=r"prefetch_mb in \[0, 64\]"):
+        gpu.time_dependency("kernel", 1, prefetch_mb=65)
+    with pytest.raises(ValueError, match="prefetch_mb is for kind 'kernel'"):
+        gpu.time_dependency("barrier", 1, prefetch_mb=4)
+    if not gpu.stage_trace_built():  # the default build: no trace to read
+        with pytest.raises(RuntimeError, match="PAGEDGPT2_TRACE=ON"):
+            gpu.stage_trace()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
