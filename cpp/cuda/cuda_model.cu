@@ -315,6 +315,9 @@ class Engine final : public CudaModel::Impl {
   // gained nothing, batch 256 lost in one run (docs/notes.md, eighth session).
   // PAGEDGPT2_L2_PREFETCH_MB overrides it (0: off).
   size_t l2_lookahead_ = size_t(4) << 20;
+  // When the skinny GEMVs let the next kernel launch (SkinnyParams::trigger).
+  // PAGEDGPT2_GEMV_TRIGGER (0-2) overrides it, for measurements.
+  int gemv_trigger_ = 0;
   // Wide steps: decode attention writes the decode rows' K/V (write_kv takes only the prompt
   // rows). PAGEDGPT2_ATTENTION_WRITES_KV=0 leaves every row to write_kv, for comparison.
   bool attention_writes_kv_ = true;
@@ -407,6 +410,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* mb = std::getenv("PAGEDGPT2_L2_PREFETCH_MB")) {
     l2_lookahead_ = size_t(std::max(std::atoi(mb), 0)) << 20;
+  }
+  if (const char* trigger = std::getenv("PAGEDGPT2_GEMV_TRIGGER")) {
+    gemv_trigger_ = std::clamp(std::atoi(trigger), 0, 2);
   }
   if (const char* fused = std::getenv("PAGEDGPT2_ATTENTION_WRITES_KV")) {
     attention_writes_kv_ = std::string(fused) != "0";
@@ -846,6 +852,7 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   q.k_cache = k_cache(l), q.v_cache = v_cache(l), q.slot_mapping = st.slot_mapping;
   q.rows = n, q.N = 3 * C_, q.K = C_;
   q.prefetch = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
+  q.trigger = gemv_trigger_;
   launch_skinny_gemm<T>(q, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                         pdl_);
   enqueue_attention(st, k_cache(l), v_cache(l));  // the QKV GEMV asked for the proj weights
@@ -853,6 +860,7 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
   p.rows = n, p.N = C_, p.K = C_;
   p.prefetch = l2_ahead(w.proj_w + size_t(C_) * C_);
+  p.trigger = gemv_trigger_;
   launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                         stream_, pdl_);
   SkinnyParams<T> f;
@@ -860,12 +868,14 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
   f.rows = n, f.N = I_, f.K = C_;
   f.prefetch = l2_ahead(w.fc_w + size_t(I_) * C_);
+  f.trigger = gemv_trigger_;
   launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
                         pdl_);
   SkinnyParams<T> g;
   g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
   g.rows = n, g.N = C_, g.K = I_;
   g.prefetch = l2_ahead(l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
+  g.trigger = gemv_trigger_;
   launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                         stream_, pdl_);
 }
@@ -911,6 +921,7 @@ bool Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
     p.x = residual_, p.x_rows = idx, p.ln_weight = ln_f_w_, p.ln_bias = ln_f_b_, p.eps = eps_;
     p.weight = wte_, p.out = logits_;
     p.rows = rows, p.N = V_, p.K = C_;
+    p.trigger = gemv_trigger_;
     launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kLogits, num_sms_, stream_,
                           pdl_);
     return false;

@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   };
 
   StageTrace trace;  // opt-in (PAGEDGPT2_TRACE); nothing otherwise
-  pdl_launch_dependents();
+  if (p.trigger == 0) pdl_launch_dependents();
   Vec<T, V> w[kUnroll];
   load_first(blockIdx.x, w);
   EpilogueInputs in;
@@ -288,6 +288,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   stage_x<T, M, IN>(xs, partial, p, ln_w, ln_b);
   __syncthreads();
   trace.mark(2);
+  if (p.trigger == 1) pdl_launch_dependents();
 
   // NOTE: the grid is at most what fits on the GPU at once; a block takes row groups
   // blockIdx.x, + gridDim.x, ... so x is staged once per block, and the next group's first
@@ -338,7 +339,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
       }
     }
-    if (group == int(blockIdx.x)) trace.mark_after(3, acc[0]);
+    if (group == int(blockIdx.x)) {
+      trace.mark_after(3, acc[0]);
+      if (p.trigger == 2) pdl_launch_dependents();
+    }
     // The next group's first weights, bias and residual go out before this one is reduced.
     EpilogueInputs next_in = in;
     if (group + int(gridDim.x) < num_groups) {

@@ -54,6 +54,10 @@ struct SkinnyParams {
   // Asked of L2 by the blocks together, after their first weight loads and before waiting on
   // the previous kernel (the weights of the GEMVs after this one; never waited for).
   L2Range prefetch;
+  // When the block lets the next kernel's blocks launch (pdl_launch_dependents): at its start
+  // (0), once x is staged (1) or once it has the products of its first rows (2). Later keeps the
+  // next kernel's pre-wait loads off this block's SM while it multiplies, but starts them later.
+  int trigger = 0;
 };
 
 // Whether the skinny kernel takes a product of `rows` rows over K inputs: rows <= 8, K a

@@ -315,3 +315,14 @@ def test_l2_prefetch_changes_no_result(hf_model_dirs, monkeypatch, dtype):
     for mb in (None, "1024"):
         _assert_same_logits(off, _logits_under(hf_model_dirs, monkeypatch, dtype,
                                                {"PAGEDGPT2_L2_PREFETCH_MB": mb}))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gemv_trigger_changes_no_result(hf_model_dirs, monkeypatch, dtype):
+    """Where the skinny GEMVs let the next kernel launch (PAGEDGPT2_GEMV_TRIGGER: at their
+    start, once x is staged, once the first products are in) changes when work overlaps, never
+    a result."""
+    start = _logits_under(hf_model_dirs, monkeypatch, dtype, {"PAGEDGPT2_GEMV_TRIGGER": "0"})
+    for trigger in ("1", "2"):
+        _assert_same_logits(start, _logits_under(hf_model_dirs, monkeypatch, dtype,
+                                                 {"PAGEDGPT2_GEMV_TRIGGER": trigger}))
