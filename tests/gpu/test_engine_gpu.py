@@ -315,6 +315,9 @@ def test_l2_prefetch_changes_no_result(hf_model_dirs, monkeypatch, dtype):
     for mb in (None, "1024"):
         _assert_same_logits(off, _logits_under(hf_model_dirs, monkeypatch, dtype,
                                                {"PAGEDGPT2_L2_PREFETCH_MB": mb}))
+    _assert_same_logits(off, _logits_under(hf_model_dirs, monkeypatch, dtype,
+                                           {"PAGEDGPT2_L2_PREFETCH_MB": None,
+                                            "PAGEDGPT2_L2_PREFETCH_GEMVS": "3"}))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
