@@ -318,6 +318,9 @@ class Engine final : public CudaModel::Impl {
   // When the skinny GEMVs let the next kernel launch (SkinnyParams::trigger).
   // PAGEDGPT2_GEMV_TRIGGER (0-2) overrides it, for measurements.
   int gemv_trigger_ = 0;
+  // SkinnyParams::max_blocks_per_sm of the layer GEMVs. PAGEDGPT2_GEMV_BLOCKS_PER_SM overrides
+  // it, for measurements.
+  int gemv_blocks_per_sm_ = 0;
   // Which of a layer's skinny GEMVs ask L2 for the weights ahead: bit 0 QKV, 1 proj, 2 fc,
   // 3 fc_proj. PAGEDGPT2_L2_PREFETCH_GEMVS overrides it, for measurements (twentieth session:
   // at gpt2 batch 1 QKV and proj ended sooner with their prefetch, fc and fc_proj later).
@@ -417,6 +420,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* gemvs = std::getenv("PAGEDGPT2_L2_PREFETCH_GEMVS")) {
     prefetch_gemvs_ = std::atoi(gemvs) & 0xf;
+  }
+  if (const char* blocks = std::getenv("PAGEDGPT2_GEMV_BLOCKS_PER_SM")) {
+    gemv_blocks_per_sm_ = std::max(std::atoi(blocks), 0);
   }
   if (const char* trigger = std::getenv("PAGEDGPT2_GEMV_TRIGGER")) {
     gemv_trigger_ = std::clamp(std::atoi(trigger), 0, 2);
@@ -863,7 +869,7 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
     return prefetch_gemvs_ >> bit & 1 ? l2_ahead(weight_end) : L2Range{};
   };
   q.prefetch = ahead(0, w.qkv_w + size_t(3) * C_ * C_);
-  q.trigger = gemv_trigger_;
+  q.trigger = gemv_trigger_, q.max_blocks_per_sm = gemv_blocks_per_sm_;
   launch_skinny_gemm<T>(q, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                         pdl_);
   enqueue_attention(st, k_cache(l), v_cache(l));  // the QKV GEMV asked for the proj weights
@@ -871,7 +877,7 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
   p.rows = n, p.N = C_, p.K = C_;
   p.prefetch = ahead(1, w.proj_w + size_t(C_) * C_);
-  p.trigger = gemv_trigger_;
+  p.trigger = gemv_trigger_, p.max_blocks_per_sm = gemv_blocks_per_sm_;
   launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                         stream_, pdl_);
   SkinnyParams<T> f;
@@ -879,14 +885,14 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
   f.rows = n, f.N = I_, f.K = C_;
   f.prefetch = ahead(2, w.fc_w + size_t(I_) * C_);
-  f.trigger = gemv_trigger_;
+  f.trigger = gemv_trigger_, f.max_blocks_per_sm = gemv_blocks_per_sm_;
   launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
                         pdl_);
   SkinnyParams<T> g;
   g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
   g.rows = n, g.N = C_, g.K = I_;
   g.prefetch = ahead(3, l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
-  g.trigger = gemv_trigger_;
+  g.trigger = gemv_trigger_, g.max_blocks_per_sm = gemv_blocks_per_sm_;
   launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                         stream_, pdl_);
 }

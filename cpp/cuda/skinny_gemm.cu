@@ -41,10 +41,10 @@ constexpr size_t kMaxSmemWithLayerNorm = 160 * 1024;
 
 int padded_rows(int rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
-// x [m_tile, K], the partial sums [kWarps, m_tile] and, with a LayerNorm prologue, its
-// weight and bias [2, K].
+// x [m_tile, K], the partial sums [kWarps, m_tile], the rows' cache slots [m_tile] and, with a
+// LayerNorm prologue, its weight and bias [2, K].
 size_t smem_bytes(int m_tile, int K, bool layernorm) {
-  return (size_t(m_tile) * K + kWarps * m_tile + (layernorm ? 2 * size_t(K) : 0)) * 4;
+  return (size_t(m_tile) * K + (kWarps + 1) * m_tile + (layernorm ? 2 * size_t(K) : 0)) * 4;
 }
 
 // Copies the LayerNorm weight and bias into shared memory (all threads; the caller syncs).
@@ -189,7 +189,7 @@ struct EpilogueInputs {
 template <int M, SkinnyOutput OUT>
 constexpr int kRowsPerWarp = OUT == SkinnyOutput::kLogits && M <= 2 ? 4 : 1;
 
-// slot: the cache slot of row m (kBiasQkv), loaded after the wait.
+// slot: the cache slot of row m (kBiasQkv), copied into shared memory beside x.
 template <typename T, SkinnyOutput OUT>
 __device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n, float y,
                                          const EpilogueInputs& in, int32_t slot) {
@@ -223,7 +223,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   extern __shared__ float smem[];
   float* xs = smem;                        // [M, K]
   float* partial = smem + M * p.K;         // [kWarps, M]
-  float* ln_w = partial + kWarps * M;      // [K] (kLayerNorm)
+  int32_t* slots = reinterpret_cast<int32_t*>(partial + kWarps * M);  // [M] (kBiasQkv)
+  float* ln_w = partial + (kWarps + 1) * M;  // [K] (kLayerNorm)
   float* ln_b = ln_w + p.K;                // [K] (kLayerNorm)
   constexpr int V = kVec16<T>;
   constexpr int R = kRowsPerWarp<M, OUT>;  // > 1: warps_per_row is 1, no bias or residual
@@ -281,11 +282,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
   trace.mark(1);
   load_residual(blockIdx.x, in);
-  int32_t slot = -1;
+  // NOTE: the rows' cache slots are copied into shared memory beside x (cp.async: no register).
+  // Held in a register across the LayerNorm, the slot was spilled, and the spill's store waited
+  // for the slot's load before x's loads went out: two round trips to L2 instead of one.
   if constexpr (OUT == SkinnyOutput::kBiasQkv) {
-    if (writer) slot = p.slot_mapping[lane];
+    if (threadIdx.x < p.rows) cp_async4(&slots[threadIdx.x], &p.slot_mapping[threadIdx.x]);
+    cp_async_commit();
   }
   stage_x<T, M, IN>(xs, partial, p, ln_w, ln_b);
+  if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
   __syncthreads();
   trace.mark(2);
   if (p.trigger == 1) pdl_launch_dependents();
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       for (int i = 0; i < M * R; ++i) {
         if (i == m * R + r) y = acc[i];
       }
-      epilogue<T, OUT>(p, m, n + r, y, in, slot);
+      epilogue<T, OUT>(p, m, n + r, y, in, OUT == SkinnyOutput::kBiasQkv ? slots[m] : -1);
     }
     in = next_in;
   }
@@ -411,8 +416,9 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
   const size_t smem = smem_bytes(M, p.K, IN == SkinnyInput::kLayerNorm);
   auto kernel = skinny_gemm_kernel<T, M, IN, OUT>;
   allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
-  const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row * R),
-                              resident_blocks_per_sm(kernel, smem) * num_sms);
+  int per_sm = resident_blocks_per_sm(kernel, smem);
+  if (p.max_blocks_per_sm > 0) per_sm = std::min(per_sm, p.max_blocks_per_sm);
+  const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row * R), per_sm * num_sms);
   launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row);
 }
 

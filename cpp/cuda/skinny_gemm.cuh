@@ -58,6 +58,10 @@ struct SkinnyParams {
   // (0), once x is staged (1) or once it has the products of its first rows (2). Later keeps the
   // next kernel's pre-wait loads off this block's SM while it multiplies, but starts them later.
   int trigger = 0;
+  // The grid's blocks an SM at most (0: as many as fit). Fewer leave room for the next kernel's
+  // blocks to start (and load their weights) while this one runs; each block then takes more
+  // row groups, whose weights after the first are loaded after the wait.
+  int max_blocks_per_sm = 0;
 };
 
 // Whether the skinny kernel takes a product of `rows` rows over K inputs: rows <= 8, K a

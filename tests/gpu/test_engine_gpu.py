@@ -323,9 +323,14 @@ def test_l2_prefetch_changes_no_result(hf_model_dirs, monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_gemv_trigger_changes_no_result(hf_model_dirs, monkeypatch, dtype):
     """Where the skinny GEMVs let the next kernel launch (PAGEDGPT2_GEMV_TRIGGER: at their
-    start, once x is staged, once the first products are in) changes when work overlaps, never
-    a result."""
+    start, once x is staged, once the first products are in) and how many blocks an SM they
+    take (PAGEDGPT2_GEMV_BLOCKS_PER_SM) change when work overlaps, never a result."""
     start = _logits_under(hf_model_dirs, monkeypatch, dtype, {"PAGEDGPT2_GEMV_TRIGGER": "0"})
     for trigger in ("1", "2"):
         _assert_same_logits(start, _logits_under(hf_model_dirs, monkeypatch, dtype,
                                                  {"PAGEDGPT2_GEMV_TRIGGER": trigger}))
+    # Fewer blocks an SM: each block takes more row groups (and loads them after the wait).
+    for blocks in ("1", "2"):
+        _assert_same_logits(start, _logits_under(hf_model_dirs, monkeypatch, dtype,
+                                                 {"PAGEDGPT2_GEMV_TRIGGER": None,
+                                                  "PAGEDGPT2_GEMV_BLOCKS_PER_SM": blocks}))
