@@ -321,6 +321,10 @@ class Engine final : public CudaModel::Impl {
   // SkinnyParams::max_blocks_per_sm of the layer GEMVs. PAGEDGPT2_GEMV_BLOCKS_PER_SM overrides
   // it, for measurements.
   int gemv_blocks_per_sm_ = 0;
+  // The fewest tokens a decode attention partition takes (decode_partition_size). The
+  // workspace is sized at the default, the most partitions; larger values only split less.
+  // PAGEDGPT2_DECODE_MIN_PARTITION overrides it, for measurements.
+  int decode_min_partition_ = kDecodeMinPartition;
   // Which of a layer's skinny GEMVs ask L2 for the weights ahead: bit 0 QKV, 1 proj, 2 fc,
   // 3 fc_proj. PAGEDGPT2_L2_PREFETCH_GEMVS overrides it, for measurements (twentieth session:
   // at gpt2 batch 1 QKV and proj ended sooner with their prefetch, fc and fc_proj later).
@@ -420,6 +424,10 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* gemvs = std::getenv("PAGEDGPT2_L2_PREFETCH_GEMVS")) {
     prefetch_gemvs_ = std::atoi(gemvs) & 0xf;
+  }
+  if (const char* part = std::getenv("PAGEDGPT2_DECODE_MIN_PARTITION")) {
+    const int p = std::atoi(part) / kDecodeMinPartition * kDecodeMinPartition;
+    decode_min_partition_ = std::max(p, kDecodeMinPartition);
   }
   if (const char* blocks = std::getenv("PAGEDGPT2_GEMV_BLOCKS_PER_SM")) {
     gemv_blocks_per_sm_ = std::max(std::atoi(blocks), 0);
@@ -707,7 +715,7 @@ Step Engine<T>::make_step(const StepLayout& layout, int num_decode_seqs, int max
   const int nd = std::max(st.num_decode_seqs, 1);
   st.heads_per_block = decode_heads_per_block(nd, H_, num_sms_);
   st.partition_size = decode_partition_size(nd, H_, std::max(max_context_len, 1), num_sms_,
-                                            st.heads_per_block);
+                                            st.heads_per_block, decode_min_partition_);
   auto ptr = [&](size_t offset) { return reinterpret_cast<const int32_t*>(step_dev_ + offset); };
   st.token_ids = ptr(layout.token_ids);
   st.positions = ptr(layout.positions);

@@ -326,41 +326,59 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     float acc[M * R];  // [m * R + r]
 #pragma unroll
     for (int i = 0; i < M * R; ++i) acc[i] = 0.f;
-    if (active) {
-      for (int c = kslice * 32 + lane; c < run; c += kUnroll * stride) {
-        uint4 next[kUnroll];
+    // The vectors of chunk `base` (warp-uniform: lane l takes base + l + u * stride).
+    auto load_chunk = [&](uint4 (&wv)[kUnroll], int base) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int idx = c + (kUnroll + u) * stride;
-          if (idx < run) next[u] = reinterpret_cast<const uint4*>(w_row)[idx];
-        }
+      for (int u = 0; u < kUnroll; ++u) {
+        const int idx = base + lane + u * stride;
+        if (idx < run) wv[u] = reinterpret_cast<const uint4*>(w_row)[idx];
+      }
+    };
+    auto multiply_chunk = [&](const uint4 (&wv)[kUnroll], int base) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int idx = c + u * stride;
-          if (idx < run) {
-            int r = 0;  // which of the warp's rows vector idx belongs to
+      for (int u = 0; u < kUnroll; ++u) {
+        const int idx = base + lane + u * stride;
+        if (idx < run) {
+          int r = 0;  // which of the warp's rows vector idx belongs to
 #pragma unroll
-            for (int j = 1; j < R; ++j) r += idx >= j * num_vecs;
-            const int k = (idx - r * num_vecs) * V;
-            float wf[V];
-            unpack16<T>(w[u], wf);
+          for (int j = 1; j < R; ++j) r += idx >= j * num_vecs;
+          const int k = (idx - r * num_vecs) * V;
+          float wf[V];
+          unpack16<T>(wv[u], wf);
 #pragma unroll
-            for (int m = 0; m < M; ++m) {
-              const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + k);
-              float dot = 0.f;
+          for (int m = 0; m < M; ++m) {
+            const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + k);
+            float dot = 0.f;
 #pragma unroll
-              for (int q = 0; q < V / 4; ++q) {
-                const float4 x4 = xv[q];
-                dot += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
-                       wf[4 * q + 3] * x4.w;
-              }
-#pragma unroll
-              for (int j = 0; j < R; ++j) acc[m * R + j] += j == r ? dot : 0.f;
+            for (int q = 0; q < V / 4; ++q) {
+              const float4 x4 = xv[q];
+              dot += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
+                     wf[4 * q + 3] * x4.w;
             }
+#pragma unroll
+            for (int j = 0; j < R; ++j) acc[m * R + j] += j == r ? dot : 0.f;
           }
         }
+      }
+    };
+    // w holds the first chunk (loaded before the wait); the next chunk's loads go out before a
+    // chunk is multiplied. NOTE: at 1-2 rows the two buffers take turns, so neither is copied
+    // into the other (the copies were ~80 moves a warp after the wait); at 4-8 rows that made
+    // ptxas spill, so those copy.
+    if (active) {
+      const int chunk = kUnroll * stride;
+      uint4 other[kUnroll];
+      for (int base = kslice * 32; base < run; base += (M <= 2 ? 2 : 1) * chunk) {
+        load_chunk(other, base + chunk);
+        multiply_chunk(w, base);
+        if constexpr (M <= 2) {
+          if (base + chunk >= run) break;
+          load_chunk(w, base + 2 * chunk);
+          multiply_chunk(other, base + chunk);
+        } else {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
+          for (int u = 0; u < kUnroll; ++u) w[u] = other[u];
+        }
       }
     }
     if (group == int(blockIdx.x)) {

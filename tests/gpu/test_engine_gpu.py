@@ -334,3 +334,13 @@ def test_gemv_trigger_changes_no_result(hf_model_dirs, monkeypatch, dtype):
         _assert_same_logits(start, _logits_under(hf_model_dirs, monkeypatch, dtype,
                                                  {"PAGEDGPT2_GEMV_TRIGGER": None,
                                                   "PAGEDGPT2_GEMV_BLOCKS_PER_SM": blocks}))
+
+
+def test_decode_min_partition_changes_no_result_beyond_rounding(hf_model_dirs, monkeypatch):
+    """Decode attention split into partitions of 64 tokens (the default at these contexts) and
+    left whole (PAGEDGPT2_DECODE_MIN_PARTITION=1024) sum in another order, nothing more."""
+    split = _logits_under(hf_model_dirs, monkeypatch, "float32", {})
+    whole = _logits_under(hf_model_dirs, monkeypatch, "float32",
+                          {"PAGEDGPT2_DECODE_MIN_PARTITION": "1024"})
+    for x, y in zip(split, whole, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
