@@ -28,6 +28,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
+constexpr int kMinPartitionSize = 64;
 constexpr int kTargetBlocksPerSm = 4;  // split until the grid has this many blocks per SM
 // K + V of one tile, as aimed for, and of all stages: a block on one head streams 8 KB tiles,
 // four deep; a block of four heads 16 KB tiles (one cache block of 16 tokens for gpt2), two deep.
@@ -477,24 +478,24 @@ int decode_heads_per_block(int num_seqs, int num_heads, int num_sms) {
 }
 
 int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms,
-                           int heads_per_block, int min_partition) {
+                           int heads_per_block) {
   max_context_len = std::max(max_context_len, 1);
   const int64_t items = int64_t(num_seqs) * ((num_heads + heads_per_block - 1) / heads_per_block);
   // NOTE: split until the grid holds kTargetBlocksPerSm blocks per SM, never below
-  // min_partition tokens per block. The one-pass kernel has no per-partition limit; a split
+  // kMinPartitionSize tokens per block. The one-pass kernel has no per-partition limit; a split
   // costs one partial row per block and a merge by the last block. Measured choices: notes.md.
   int parts =
       int(std::max<int64_t>(1, (int64_t(kTargetBlocksPerSm) * num_sms + items - 1) / items));
-  return std::min(parts, std::max(1, max_context_len / min_partition));
+  return std::min(parts, std::max(1, max_context_len / kMinPartitionSize));
 }
 
 int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms,
-                          int heads_per_block, int min_partition) {
+                          int heads_per_block) {
   max_context_len = std::max(max_context_len, 1);
-  const int parts = decode_partition_count(num_seqs, num_heads, max_context_len, num_sms,
-                                           heads_per_block, min_partition);
+  const int parts =
+      decode_partition_count(num_seqs, num_heads, max_context_len, num_sms, heads_per_block);
   const int size = (max_context_len + parts - 1) / parts;
-  return (size + kDecodeMinPartition - 1) / kDecodeMinPartition * kDecodeMinPartition;
+  return (size + kMinPartitionSize - 1) / kMinPartitionSize * kMinPartitionSize;
 }
 
 bool decode_attention_supported(int head_size, int elem_size) {

@@ -36,13 +36,11 @@ int decode_heads_per_block(int num_seqs, int num_heads, int num_sms);
 
 // How many partitions a context of max_context_len is split into (non-decreasing in
 // max_context_len: the model sizes DecodeWorkspace with it at n_positions), and the partition
-// length that gives (tokens per thread block, a multiple of 64). min_partition: the fewest
-// tokens a partition takes (a multiple of 64; larger splits less).
-constexpr int kDecodeMinPartition = 64;
+// length that gives (tokens per thread block, a multiple of 64).
 int decode_partition_count(int num_seqs, int num_heads, int max_context_len, int num_sms,
-                           int heads_per_block, int min_partition = kDecodeMinPartition);
+                           int heads_per_block);
 int decode_partition_size(int num_seqs, int num_heads, int max_context_len, int num_sms,
-                          int heads_per_block, int min_partition = kDecodeMinPartition);
+                          int heads_per_block);
 inline int decode_num_partitions(int max_context_len, int partition_size) {
   return (max_context_len + partition_size - 1) / partition_size;
 }

@@ -315,20 +315,6 @@ class Engine final : public CudaModel::Impl {
   // gained nothing, batch 256 lost in one run (docs/notes.md, eighth session).
   // PAGEDGPT2_L2_PREFETCH_MB overrides it (0: off).
   size_t l2_lookahead_ = size_t(4) << 20;
-  // When the skinny GEMVs let the next kernel launch (SkinnyParams::trigger).
-  // PAGEDGPT2_GEMV_TRIGGER (0-2) overrides it, for measurements.
-  int gemv_trigger_ = 0;
-  // SkinnyParams::max_blocks_per_sm of the layer GEMVs. PAGEDGPT2_GEMV_BLOCKS_PER_SM overrides
-  // it, for measurements.
-  int gemv_blocks_per_sm_ = 0;
-  // The fewest tokens a decode attention partition takes (decode_partition_size). The
-  // workspace is sized at the default, the most partitions; larger values only split less.
-  // PAGEDGPT2_DECODE_MIN_PARTITION overrides it, for measurements.
-  int decode_min_partition_ = kDecodeMinPartition;
-  // Which of a layer's skinny GEMVs ask L2 for the weights ahead: bit 0 QKV, 1 proj, 2 fc,
-  // 3 fc_proj. PAGEDGPT2_L2_PREFETCH_GEMVS overrides it, for measurements (twentieth session:
-  // at gpt2 batch 1 QKV and proj ended sooner with their prefetch, fc and fc_proj later).
-  int prefetch_gemvs_ = 0xf;
   // Wide steps: decode attention writes the decode rows' K/V (write_kv takes only the prompt
   // rows). PAGEDGPT2_ATTENTION_WRITES_KV=0 leaves every row to write_kv, for comparison.
   bool attention_writes_kv_ = true;
@@ -421,19 +407,6 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* mb = std::getenv("PAGEDGPT2_L2_PREFETCH_MB")) {
     l2_lookahead_ = size_t(std::max(std::atoi(mb), 0)) << 20;
-  }
-  if (const char* gemvs = std::getenv("PAGEDGPT2_L2_PREFETCH_GEMVS")) {
-    prefetch_gemvs_ = std::atoi(gemvs) & 0xf;
-  }
-  if (const char* part = std::getenv("PAGEDGPT2_DECODE_MIN_PARTITION")) {
-    const int p = std::atoi(part) / kDecodeMinPartition * kDecodeMinPartition;
-    decode_min_partition_ = std::max(p, kDecodeMinPartition);
-  }
-  if (const char* blocks = std::getenv("PAGEDGPT2_GEMV_BLOCKS_PER_SM")) {
-    gemv_blocks_per_sm_ = std::max(std::atoi(blocks), 0);
-  }
-  if (const char* trigger = std::getenv("PAGEDGPT2_GEMV_TRIGGER")) {
-    gemv_trigger_ = std::clamp(std::atoi(trigger), 0, 2);
   }
   if (const char* fused = std::getenv("PAGEDGPT2_ATTENTION_WRITES_KV")) {
     attention_writes_kv_ = std::string(fused) != "0";
@@ -715,7 +688,7 @@ Step Engine<T>::make_step(const StepLayout& layout, int num_decode_seqs, int max
   const int nd = std::max(st.num_decode_seqs, 1);
   st.heads_per_block = decode_heads_per_block(nd, H_, num_sms_);
   st.partition_size = decode_partition_size(nd, H_, std::max(max_context_len, 1), num_sms_,
-                                            st.heads_per_block, decode_min_partition_);
+                                            st.heads_per_block);
   auto ptr = [&](size_t offset) { return reinterpret_cast<const int32_t*>(step_dev_ + offset); };
   st.token_ids = ptr(layout.token_ids);
   st.positions = ptr(layout.positions);
@@ -872,35 +845,27 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   q.weight = w.qkv_w, q.bias = w.qkv_b, q.out = qkv_;
   q.k_cache = k_cache(l), q.v_cache = v_cache(l), q.slot_mapping = st.slot_mapping;
   q.rows = n, q.N = 3 * C_, q.K = C_;
-  // The weights ahead of a GEMV's own, if prefetch_gemvs_ has its bit.
-  auto ahead = [&](int bit, const void* weight_end) {
-    return prefetch_gemvs_ >> bit & 1 ? l2_ahead(weight_end) : L2Range{};
-  };
-  q.prefetch = ahead(0, w.qkv_w + size_t(3) * C_ * C_);
-  q.trigger = gemv_trigger_, q.max_blocks_per_sm = gemv_blocks_per_sm_;
+  q.prefetch = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
   launch_skinny_gemm<T>(q, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                         pdl_);
   enqueue_attention(st, k_cache(l), v_cache(l));  // the QKV GEMV asked for the proj weights
   SkinnyParams<T> p;
   p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
   p.rows = n, p.N = C_, p.K = C_;
-  p.prefetch = ahead(1, w.proj_w + size_t(C_) * C_);
-  p.trigger = gemv_trigger_, p.max_blocks_per_sm = gemv_blocks_per_sm_;
+  p.prefetch = l2_ahead(w.proj_w + size_t(C_) * C_);
   launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                         stream_, pdl_);
   SkinnyParams<T> f;
   f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_bias = w.ln_2_b, f.eps = eps_;
   f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
   f.rows = n, f.N = I_, f.K = C_;
-  f.prefetch = ahead(2, w.fc_w + size_t(I_) * C_);
-  f.trigger = gemv_trigger_, f.max_blocks_per_sm = gemv_blocks_per_sm_;
+  f.prefetch = l2_ahead(w.fc_w + size_t(I_) * C_);
   launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
                         pdl_);
   SkinnyParams<T> g;
   g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
   g.rows = n, g.N = C_, g.K = I_;
-  g.prefetch = ahead(3, l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
-  g.trigger = gemv_trigger_, g.max_blocks_per_sm = gemv_blocks_per_sm_;
+  g.prefetch = l2_ahead(l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
   launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                         stream_, pdl_);
 }
@@ -946,7 +911,6 @@ bool Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
     p.x = residual_, p.x_rows = idx, p.ln_weight = ln_f_w_, p.ln_bias = ln_f_b_, p.eps = eps_;
     p.weight = wte_, p.out = logits_;
     p.rows = rows, p.N = V_, p.K = C_;
-    p.trigger = gemv_trigger_;
     launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kLogits, num_sms_, stream_,
                           pdl_);
     return false;

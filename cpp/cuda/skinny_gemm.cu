@@ -64,7 +64,11 @@ __device__ __forceinline__ void stage_ln_params(float* w, float* b, const float*
 // round trip, 2 round trips at gpt2's fc_proj (K 3,072) and 4 at gpt2-xl's (K 6,400).
 // NOTE: after pdl_wait every instruction is on the step's critical path, and a warp's are
 // dependent: the row of vector i is found by M - 1 compares, not by a division (an integer
-// division by a runtime value is ~40 dependent instructions, once per vector).
+// division by a runtime value is ~40 dependent instructions, once per vector). Loads stay raw
+// (uint4) until stored: a Vec<__half, 8> was repacked register by register right after its
+// load, so each load waited for the one before. With the LayerNorm loops below and 1/K from
+// the host, this cut the 1-row kernels' code after the wait by ~40% and gpt2's batch-1 step
+// from 0.288 to 0.252 ms (gpt2-xl 1.93 -> 1.68; H200, notes.md, twenty-first session).
 constexpr int kStageBatch = 4;
 template <int M, typename Load, typename Store>
 __device__ __forceinline__ void stage_vectors(int vecs_per_row, Load load, Store store) {
@@ -88,15 +92,6 @@ __device__ __forceinline__ void stage_vectors(int vecs_per_row, Load load, Store
   }
 }
 
-// Normalizes the M rows of xs [M, K] in place with every thread of the block (the rows are
-// staged and the block synced): two passes (the mean, then the variance about it), each summed
-// across the block through red [kWarps, M]. Rows m >= rows (zeros) are left as they are.
-// NOTE: measured (H200, tools/trace_gemv.py, batch 1): staging and normalizing x took 2.4-2.5
-// us at gpt2 (K 768) and 3.3-3.8 at gpt2-xl (K 1,600) with one warp a row and the other 7 idle;
-// 2.0-2.1 and 2.6-2.8 this way (gpt2 0.311 -> 0.289 ms a step, gpt2-xl 2.06 -> 1.93).
-// NOTE: both sums in one pass, kept in registers while x is staged (x - the row's first value
-// and its square, 2 barriers after the wait instead of 6), was slower: gpt2 batch 1 0.289 ->
-// 0.297 ms, gpt2-xl 1.93 -> 1.99 (H200; ptxas spilled 3 more values to the 1-row QKV's loop).
 // Calls f(k) for k = threadIdx.x, + kThreads, ... < K, U at a time: their shared-memory loads are
 // in flight together (an unrolled loop of unknown count runs its remainder one by one).
 template <int U, typename F>
@@ -110,7 +105,16 @@ __device__ __forceinline__ void for_each_k(int K, F f) {
   }
 }
 
-// inv_k: 1 / K, computed before the wait (a float division is a call on the critical path).
+// Normalizes the M rows of xs [M, K] in place with every thread of the block (the rows are
+// staged and the block synced): two passes (the mean, then the variance about it), each summed
+// across the block through red [kWarps, M]. Rows m >= rows (zeros) are left as they are.
+// NOTE: measured (H200, tools/trace_gemv.py, batch 1): staging and normalizing x took 2.4-2.5
+// us at gpt2 (K 768) and 3.3-3.8 at gpt2-xl (K 1,600) with one warp a row and the other 7 idle;
+// 2.0-2.1 and 2.6-2.8 this way (gpt2 0.311 -> 0.289 ms a step, gpt2-xl 2.06 -> 1.93).
+// NOTE: both sums in one pass, kept in registers while x is staged (x - the row's first value
+// and its square, 2 barriers after the wait instead of 6), was slower: gpt2 batch 1 0.289 ->
+// 0.297 ms, gpt2-xl 1.93 -> 1.99 (H200; ptxas spilled 3 more values to the 1-row QKV's loop).
+// inv_k: 1 / K from the host (a float division is a call on the critical path), and rsqrtf.
 template <typename T, int M>
 __device__ __forceinline__ void block_layernorm_rows(float* xs, float* red, const float* ln_w,
                                                      const float* ln_b, int K, float inv_k,
@@ -289,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   };
 
   StageTrace trace;  // opt-in (PAGEDGPT2_TRACE); nothing otherwise
-  if (p.trigger == 0) pdl_launch_dependents();
+  pdl_launch_dependents();
   uint4 w[kUnroll];  // raw weight vectors
   load_first(blockIdx.x, w);
   EpilogueInputs in;
@@ -313,7 +317,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
   __syncthreads();
   trace.mark(2);
-  if (p.trigger == 1) pdl_launch_dependents();
 
   // NOTE: the grid is at most what fits on the GPU at once; a block takes row groups
   // blockIdx.x, + gridDim.x, ... so x is staged once per block, and the next group's first
@@ -363,8 +366,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     };
     // w holds the first chunk (loaded before the wait); the next chunk's loads go out before a
     // chunk is multiplied. NOTE: at 1-2 rows the two buffers take turns, so neither is copied
-    // into the other (the copies were ~80 moves a warp after the wait); at 4-8 rows that made
-    // ptxas spill, so those copy.
+    // into the other (the copies were ~80 moves a warp after the wait: gpt2 batch 1 0.253 ->
+    // 0.248 ms, H200); at 4-8 rows that made ptxas spill, so those copy.
     if (active) {
       const int chunk = kUnroll * stride;
       uint4 other[kUnroll];
@@ -381,10 +384,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         }
       }
     }
-    if (group == int(blockIdx.x)) {
-      trace.mark_after(3, acc[0]);
-      if (p.trigger == 2) pdl_launch_dependents();
-    }
+    if (group == int(blockIdx.x)) trace.mark_after(3, acc[0]);
     // The next group's first weights, bias and residual go out before this one is reduced.
     EpilogueInputs next_in = in;
     if (group + int(gridDim.x) < num_groups) {
@@ -453,9 +453,8 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
   const size_t smem = smem_bytes(M, p.K, IN == SkinnyInput::kLayerNorm);
   auto kernel = skinny_gemm_kernel<T, M, IN, OUT>;
   allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
-  int per_sm = resident_blocks_per_sm(kernel, smem);
-  if (p.max_blocks_per_sm > 0) per_sm = std::min(per_sm, p.max_blocks_per_sm);
-  const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row * R), per_sm * num_sms);
+  const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row * R),
+                              resident_blocks_per_sm(kernel, smem) * num_sms);
   launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row,
                 1.f / float(p.K));
 }

@@ -54,14 +54,6 @@ struct SkinnyParams {
   // Asked of L2 by the blocks together, after their first weight loads and before waiting on
   // the previous kernel (the weights of the GEMVs after this one; never waited for).
   L2Range prefetch;
-  // When the block lets the next kernel's blocks launch (pdl_launch_dependents): at its start
-  // (0), once x is staged (1) or once it has the products of its first rows (2). Later keeps the
-  // next kernel's pre-wait loads off this block's SM while it multiplies, but starts them later.
-  int trigger = 0;
-  // The grid's blocks an SM at most (0: as many as fit). Fewer leave room for the next kernel's
-  // blocks to start (and load their weights) while this one runs; each block then takes more
-  // row groups, whose weights after the first are loaded after the wait.
-  int max_blocks_per_sm = 0;
 };
 
 // Whether the skinny kernel takes a product of `rows` rows over K inputs: rows <= 8, K a

@@ -315,32 +315,3 @@ def test_l2_prefetch_changes_no_result(hf_model_dirs, monkeypatch, dtype):
     for mb in (None, "1024"):
         _assert_same_logits(off, _logits_under(hf_model_dirs, monkeypatch, dtype,
                                                {"PAGEDGPT2_L2_PREFETCH_MB": mb}))
-    _assert_same_logits(off, _logits_under(hf_model_dirs, monkeypatch, dtype,
-                                           {"PAGEDGPT2_L2_PREFETCH_MB": None,
-                                            "PAGEDGPT2_L2_PREFETCH_GEMVS": "3"}))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_gemv_trigger_changes_no_result(hf_model_dirs, monkeypatch, dtype):
-    """Where the skinny GEMVs let the next kernel launch (PAGEDGPT2_GEMV_TRIGGER: at their
-    start, once x is staged, once the first products are in) and how many blocks an SM they
-    take (PAGEDGPT2_GEMV_BLOCKS_PER_SM) change when work overlaps, never a result."""
-    start = _logits_under(hf_model_dirs, monkeypatch, dtype, {"PAGEDGPT2_GEMV_TRIGGER": "0"})
-    for trigger in ("1", "2"):
-        _assert_same_logits(start, _logits_under(hf_model_dirs, monkeypatch, dtype,
-                                                 {"PAGEDGPT2_GEMV_TRIGGER": trigger}))
-    # Fewer blocks an SM: each block takes more row groups (and loads them after the wait).
-    for blocks in ("1", "2"):
-        _assert_same_logits(start, _logits_under(hf_model_dirs, monkeypatch, dtype,
-                                                 {"PAGEDGPT2_GEMV_TRIGGER": None,
-                                                  "PAGEDGPT2_GEMV_BLOCKS_PER_SM": blocks}))
-
-
-def test_decode_min_partition_changes_no_result_beyond_rounding(hf_model_dirs, monkeypatch):
-    """Decode attention split into partitions of 64 tokens (the default at these contexts) and
-    left whole (PAGEDGPT2_DECODE_MIN_PARTITION=1024) sum in another order, nothing more."""
-    split = _logits_under(hf_model_dirs, monkeypatch, "float32", {})
-    whole = _logits_under(hf_model_dirs, monkeypatch, "float32",
-                          {"PAGEDGPT2_DECODE_MIN_PARTITION": "1024"})
-    for x, y in zip(split, whole, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
