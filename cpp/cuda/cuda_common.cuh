@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <set>
 #include <stdexcept>
@@ -116,6 +117,29 @@ __device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) x.v[i] = from_float<T>(in[i]);
   *reinterpret_cast<Vec<T, N>*>(p) = x;
+}
+
+// The kVec16<T> elements of 16 raw bytes (one uint4 load) as floats. Kept raw until used, a
+// loaded vector is not repacked register by register (which makes the warp wait for the load).
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& bits, float (&out)[kVec16<T>]) {
+  const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = __uint_as_float(words[i]);
+    } else if constexpr (std::is_same_v<T, __half>) {
+      __half2 h;
+      memcpy(&h, &words[i], 4);
+      const float2 f = __half22float2(h);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    } else {
+      __nv_bfloat162 h;
+      memcpy(&h, &words[i], 4);
+      const float2 f = __bfloat1622float2(h);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  }
 }
 
 __device__ __forceinline__ float gelu_tanh(float x) {
@@ -302,6 +326,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
                "r"(valid ? 16 : 0)
                : "memory");
+}
+// Copies 4 bytes (4-aligned) without a register: the thread does not wait for the load.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most N of this thread's committed groups are still in flight.

@@ -41,10 +41,10 @@ constexpr size_t kMaxSmemWithLayerNorm = 160 * 1024;
 
 int padded_rows(int rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
-// x [m_tile, K], the partial sums [kWarps, m_tile] and, with a LayerNorm prologue, its
-// weight and bias [2, K].
+// x [m_tile, K], the partial sums [kWarps, m_tile], the rows' cache slots [m_tile] and, with a
+// LayerNorm prologue, its weight and bias [2, K].
 size_t smem_bytes(int m_tile, int K, bool layernorm) {
-  return (size_t(m_tile) * K + kWarps * m_tile + (layernorm ? 2 * size_t(K) : 0)) * 4;
+  return (size_t(m_tile) * K + (kWarps + 1) * m_tile + (layernorm ? 2 * size_t(K) : 0)) * 4;
 }
 
 // Copies the LayerNorm weight and bias into shared memory (all threads; the caller syncs).
@@ -56,23 +56,51 @@ __device__ __forceinline__ void stage_ln_params(float* w, float* b, const float*
   }
 }
 
-// Copies n_vecs 16-byte vectors with all threads: load(i) reads vector i, store(i, v) writes
-// it. kStageBatch loads a thread are in flight before their stores, so a block copies its x in
-// one round trip to L2 (a few at most) instead of one per vector a thread.
+// Copies the M rows of vecs_per_row 16-byte vectors each with all threads: load(m, c) reads
+// vector c of row m (raw bytes), store(i, v) writes vector i = m * vecs_per_row + c. kStageBatch
+// loads a thread are in flight before their stores, so a block copies its x in one round trip
+// to L2 (a few at most) instead of one per vector a thread.
 // NOTE: measured (H200, tools/trace_gemv.py): copying x one vector at a time took 0.7 us a
 // round trip, 2 round trips at gpt2's fc_proj (K 3,072) and 4 at gpt2-xl's (K 6,400).
+// NOTE: after pdl_wait every instruction is on the step's critical path, and a warp's are
+// dependent: the row of vector i is found by M - 1 compares, not by a division (an integer
+// division by a runtime value is ~40 dependent instructions, once per vector). Loads stay raw
+// (uint4) until stored: a Vec<__half, 8> was repacked register by register right after its
+// load, so each load waited for the one before. With the LayerNorm loops below and 1/K from
+// the host, this cut the 1-row kernels' code after the wait by ~40% and gpt2's batch-1 step
+// from 0.288 to 0.252 ms (gpt2-xl 1.93 -> 1.68; H200, notes.md, twenty-first session).
 constexpr int kStageBatch = 4;
-template <typename VecT, typename Load, typename Store>
-__device__ __forceinline__ void stage_vectors(int n_vecs, Load load, Store store) {
+template <int M, typename Load, typename Store>
+__device__ __forceinline__ void stage_vectors(int vecs_per_row, Load load, Store store) {
+  const int n_vecs = M * vecs_per_row;
   for (int base = threadIdx.x; base < n_vecs; base += kStageBatch * kThreads) {
-    VecT v[kStageBatch];
+    uint4 v[kStageBatch];
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
-      if (base + j * kThreads < n_vecs) v[j] = load(base + j * kThreads);
+      const int i = base + j * kThreads;
+      if (i < n_vecs) {
+        int m = 0;
+#pragma unroll
+        for (int r = 1; r < M; ++r) m += i >= r * vecs_per_row;
+        v[j] = load(m, i - m * vecs_per_row);
+      }
     }
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       if (base + j * kThreads < n_vecs) store(base + j * kThreads, v[j]);
+    }
+  }
+}
+
+// Calls f(k) for k = threadIdx.x, + kThreads, ... < K, U at a time: their shared-memory loads are
+// in flight together (an unrolled loop of unknown count runs its remainder one by one).
+template <int U, typename F>
+__device__ __forceinline__ void for_each_k(int K, F f) {
+#pragma unroll 1
+  for (int k0 = threadIdx.x; k0 < K; k0 += U * kThreads) {
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      if (k0 + j * kThreads < K) f(k0 + j * kThreads);
     }
   }
 }
@@ -86,17 +114,19 @@ __device__ __forceinline__ void stage_vectors(int n_vecs, Load load, Store store
 // NOTE: both sums in one pass, kept in registers while x is staged (x - the row's first value
 // and its square, 2 barriers after the wait instead of 6), was slower: gpt2 batch 1 0.289 ->
 // 0.297 ms, gpt2-xl 1.93 -> 1.99 (H200; ptxas spilled 3 more values to the 1-row QKV's loop).
+// inv_k: 1 / K from the host (a float division is a call on the critical path), and rsqrtf.
 template <typename T, int M>
 __device__ __forceinline__ void block_layernorm_rows(float* xs, float* red, const float* ln_w,
-                                                     const float* ln_b, int K, int rows,
-                                                     float eps) {
+                                                     const float* ln_b, int K, float inv_k,
+                                                     int rows, float eps) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int kLnUnroll = M <= 2 ? 4 : 1;  // more rows would spill
   // The sum over the block of f(m, x) for each row m, given to every thread.
   auto block_sums = [&](auto f, float (&out)[M]) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float v = 0.f;
-      for (int k = threadIdx.x; k < K; k += kThreads) v += f(m, xs[m * K + k]);
+      for_each_k<kLnUnroll>(K, [&](int k) { v += f(m, xs[m * K + k]); });
       v = warp_sum(v);
       if (lane == 0) red[warp * M + m] = v;
     }
@@ -113,18 +143,18 @@ __device__ __forceinline__ void block_layernorm_rows(float* xs, float* red, cons
   float mean[M], rstd[M];
   block_sums([](int, float x) { return x; }, mean);
 #pragma unroll
-  for (int m = 0; m < M; ++m) mean[m] /= K;
+  for (int m = 0; m < M; ++m) mean[m] *= inv_k;
   block_sums([&](int m, float x) { return (x - mean[m]) * (x - mean[m]); }, rstd);
 #pragma unroll
-  for (int m = 0; m < M; ++m) rstd[m] = 1.f / sqrtf(rstd[m] / K + eps);
+  for (int m = 0; m < M; ++m) rstd[m] = rsqrtf(rstd[m] * inv_k + eps);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     if (m >= rows) continue;
-    for (int k = threadIdx.x; k < K; k += kThreads) {
+    for_each_k<kLnUnroll>(K, [&](int k) {
       // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
       const float y = (xs[m * K + k] - mean[m]) * rstd[m] * ln_w[k] + ln_b[k];
       xs[m * K + k] = to_float(from_float<T>(y));
-    }
+    });
   }
 }
 
@@ -132,44 +162,38 @@ __device__ __forceinline__ void block_layernorm_rows(float* xs, float* red, cons
 // ln_b: the LayerNorm parameters in shared memory; red: [kWarps, M] scratch). The caller syncs.
 template <typename T, int M, SkinnyInput IN>
 __device__ __forceinline__ void stage_x(float* xs, float* red, const SkinnyParams<T>& p,
-                                        const float* ln_w, const float* ln_b) {
+                                        const float* ln_w, const float* ln_b, float inv_k) {
   const int K = p.K;
   auto row_of = [&](int m) { return int64_t(p.x_rows ? p.x_rows[m] : m); };
   if constexpr (IN == SkinnyInput::kLayerNorm) {
     // x is the float32 residual stream; K % 8 == 0 (skinny_gemm_supported).
-    const int vecs_per_row = K / 4;
     const float* x = static_cast<const float*>(p.x);
-    stage_vectors<float4>(
-        M * vecs_per_row,
-        [&](int i) {
-          const int m = i / vecs_per_row;
-          return m < p.rows ? reinterpret_cast<const float4*>(x + row_of(m) * K)[i % vecs_per_row]
-                            : make_float4(0.f, 0.f, 0.f, 0.f);
+    stage_vectors<M>(
+        K / 4,
+        [&](int m, int c) {
+          return m < p.rows ? reinterpret_cast<const uint4*>(x + row_of(m) * K)[c]
+                            : make_uint4(0, 0, 0, 0);
         },
-        [&](int i, float4 v) { reinterpret_cast<float4*>(xs)[i] = v; });
+        [&](int i, const uint4& v) { reinterpret_cast<uint4*>(xs)[i] = v; });
     __syncthreads();
-    block_layernorm_rows<T, M>(xs, red, ln_w, ln_b, K, p.rows, p.eps);
+    block_layernorm_rows<T, M>(xs, red, ln_w, ln_b, K, inv_k, p.rows, p.eps);
   } else {
     constexpr int V = kVec16<T>;
-    using VecT = Vec<T, V>;
-    const int vecs_per_row = K / V;
     const T* x = static_cast<const T*>(p.x);
-    stage_vectors<VecT>(
-        M * vecs_per_row,
-        [&](int i) {
-          const int m = i / vecs_per_row;
-          VecT v;
-          if (m < p.rows) {
-            v = reinterpret_cast<const VecT*>(x + row_of(m) * K)[i % vecs_per_row];
-          } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) v.v[e] = from_float<T>(0.f);
-          }
-          return v;
+    stage_vectors<M>(
+        K / V,
+        [&](int m, int c) {
+          return m < p.rows ? reinterpret_cast<const uint4*>(x + row_of(m) * K)[c]
+                            : make_uint4(0, 0, 0, 0);  // zero bits: 0.0 in every T
         },
-        [&](int i, const VecT& v) {
+        [&](int i, const uint4& v) {
+          float f[V];
+          unpack16<T>(v, f);
 #pragma unroll
-          for (int e = 0; e < V; ++e) xs[i * V + e] = to_float(v.v[e]);
+          for (int q = 0; q < V / 4; ++q) {
+            reinterpret_cast<float4*>(xs + i * V)[q] =
+                make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
+          }
         });
   }
 }
@@ -189,7 +213,7 @@ struct EpilogueInputs {
 template <int M, SkinnyOutput OUT>
 constexpr int kRowsPerWarp = OUT == SkinnyOutput::kLogits && M <= 2 ? 4 : 1;
 
-// slot: the cache slot of row m (kBiasQkv), loaded after the wait.
+// slot: the cache slot of row m (kBiasQkv), copied into shared memory beside x.
 template <typename T, SkinnyOutput OUT>
 __device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n, float y,
                                          const EpilogueInputs& in, int32_t slot) {
@@ -219,11 +243,12 @@ __device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n,
 
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
-    skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row) {
+    skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row, float inv_k) {
   extern __shared__ float smem[];
   float* xs = smem;                        // [M, K]
   float* partial = smem + M * p.K;         // [kWarps, M]
-  float* ln_w = partial + kWarps * M;      // [K] (kLayerNorm)
+  int32_t* slots = reinterpret_cast<int32_t*>(partial + kWarps * M);  // [M] (kBiasQkv)
+  float* ln_w = partial + (kWarps + 1) * M;  // [K] (kLayerNorm)
   float* ln_b = ln_w + p.K;                // [K] (kLayerNorm)
   constexpr int V = kVec16<T>;
   constexpr int R = kRowsPerWarp<M, OUT>;  // > 1: warps_per_row is 1, no bias or residual
@@ -238,14 +263,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   auto row_of = [&](int group) { return group * rows_per_block + warp / warps_per_row * R; };
   auto run_vecs = [&](int n) { return n < p.N ? min(R, p.N - n) * num_vecs : 0; };
   // The first kUnroll vectors this lane reads of the rows it takes in `group`.
-  auto load_first = [&](int group, Vec<T, V> (&w)[kUnroll]) {
+  auto load_first = [&](int group, uint4 (&w)[kUnroll]) {
     const int n = row_of(group);
     const int run = run_vecs(n);
     const T* w_row = p.weight + int64_t(n) * p.K;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int idx = kslice * 32 + lane + u * stride;
-      if (idx < run) w[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
+      if (idx < run) w[u] = reinterpret_cast<const uint4*>(w_row)[idx];
     }
   };
 
@@ -269,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   StageTrace trace;  // opt-in (PAGEDGPT2_TRACE); nothing otherwise
   pdl_launch_dependents();
-  Vec<T, V> w[kUnroll];
+  uint4 w[kUnroll];  // raw weight vectors
   load_first(blockIdx.x, w);
   EpilogueInputs in;
   load_bias(blockIdx.x, in);
@@ -281,11 +306,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
   trace.mark(1);
   load_residual(blockIdx.x, in);
-  int32_t slot = -1;
+  // NOTE: the rows' cache slots are copied into shared memory beside x (cp.async: no register).
+  // Held in a register across the LayerNorm, the slot was spilled, and the spill's store waited
+  // for the slot's load before x's loads went out: two round trips to L2 instead of one.
   if constexpr (OUT == SkinnyOutput::kBiasQkv) {
-    if (writer) slot = p.slot_mapping[lane];
+    if (threadIdx.x < p.rows) cp_async4(&slots[threadIdx.x], &p.slot_mapping[threadIdx.x]);
+    cp_async_commit();
   }
-  stage_x<T, M, IN>(xs, partial, p, ln_w, ln_b);
+  stage_x<T, M, IN>(xs, partial, p, ln_w, ln_b, inv_k);
+  if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
   __syncthreads();
   trace.mark(2);
 
@@ -300,42 +329,59 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     float acc[M * R];  // [m * R + r]
 #pragma unroll
     for (int i = 0; i < M * R; ++i) acc[i] = 0.f;
-    if (active) {
-      for (int c = kslice * 32 + lane; c < run; c += kUnroll * stride) {
-        Vec<T, V> next[kUnroll];
+    // The vectors of chunk `base` (warp-uniform: lane l takes base + l + u * stride).
+    auto load_chunk = [&](uint4 (&wv)[kUnroll], int base) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int idx = c + (kUnroll + u) * stride;
-          if (idx < run) next[u] = reinterpret_cast<const Vec<T, V>*>(w_row)[idx];
-        }
+      for (int u = 0; u < kUnroll; ++u) {
+        const int idx = base + lane + u * stride;
+        if (idx < run) wv[u] = reinterpret_cast<const uint4*>(w_row)[idx];
+      }
+    };
+    auto multiply_chunk = [&](const uint4 (&wv)[kUnroll], int base) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int idx = c + u * stride;
-          if (idx < run) {
-            int r = 0;  // which of the warp's rows vector idx belongs to
+      for (int u = 0; u < kUnroll; ++u) {
+        const int idx = base + lane + u * stride;
+        if (idx < run) {
+          int r = 0;  // which of the warp's rows vector idx belongs to
 #pragma unroll
-            for (int j = 1; j < R; ++j) r += idx >= j * num_vecs;
-            const int k = (idx - r * num_vecs) * V;
-            float wf[V];
+          for (int j = 1; j < R; ++j) r += idx >= j * num_vecs;
+          const int k = (idx - r * num_vecs) * V;
+          float wf[V];
+          unpack16<T>(wv[u], wf);
 #pragma unroll
-            for (int e = 0; e < V; ++e) wf[e] = to_float(w[u].v[e]);
+          for (int m = 0; m < M; ++m) {
+            const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + k);
+            float dot = 0.f;
 #pragma unroll
-            for (int m = 0; m < M; ++m) {
-              const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + k);
-              float dot = 0.f;
-#pragma unroll
-              for (int q = 0; q < V / 4; ++q) {
-                const float4 x4 = xv[q];
-                dot += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
-                       wf[4 * q + 3] * x4.w;
-              }
-#pragma unroll
-              for (int j = 0; j < R; ++j) acc[m * R + j] += j == r ? dot : 0.f;
+            for (int q = 0; q < V / 4; ++q) {
+              const float4 x4 = xv[q];
+              dot += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
+                     wf[4 * q + 3] * x4.w;
             }
+#pragma unroll
+            for (int j = 0; j < R; ++j) acc[m * R + j] += j == r ? dot : 0.f;
           }
         }
+      }
+    };
+    // w holds the first chunk (loaded before the wait); the next chunk's loads go out before a
+    // chunk is multiplied. NOTE: at 1-2 rows the two buffers take turns, so neither is copied
+    // into the other (the copies were ~80 moves a warp after the wait: gpt2 batch 1 0.253 ->
+    // 0.248 ms, H200); at 4-8 rows that made ptxas spill, so those copy.
+    if (active) {
+      const int chunk = kUnroll * stride;
+      uint4 other[kUnroll];
+      for (int base = kslice * 32; base < run; base += (M <= 2 ? 2 : 1) * chunk) {
+        load_chunk(other, base + chunk);
+        multiply_chunk(w, base);
+        if constexpr (M <= 2) {
+          if (base + chunk >= run) break;
+          load_chunk(w, base + 2 * chunk);
+          multiply_chunk(other, base + chunk);
+        } else {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) w[u] = next[u];
+          for (int u = 0; u < kUnroll; ++u) w[u] = other[u];
+        }
       }
     }
     if (group == int(blockIdx.x)) trace.mark_after(3, acc[0]);
@@ -372,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       for (int i = 0; i < M * R; ++i) {
         if (i == m * R + r) y = acc[i];
       }
-      epilogue<T, OUT>(p, m, n + r, y, in, slot);
+      epilogue<T, OUT>(p, m, n + r, y, in, OUT == SkinnyOutput::kBiasQkv ? slots[m] : -1);
     }
     in = next_in;
   }
@@ -409,7 +455,8 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
   allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
   const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row * R),
                               resident_blocks_per_sm(kernel, smem) * num_sms);
-  launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row);
+  launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row,
+                1.f / float(p.K));
 }
 
 template <typename T, int M>
