@@ -119,8 +119,9 @@ __device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
   *reinterpret_cast<Vec<T, N>*>(p) = x;
 }
 
-// The kVec16<T> elements of 16 raw bytes (one uint4 load) as floats. Kept raw until used, a
-// loaded vector is not repacked register by register (which makes the warp wait for the load).
+// The kVec16<T> elements of 16 raw bytes (one uint4 load) as floats. A vector kept raw until
+// it is used is not repacked register by register right after its load (a repack makes the
+// warp wait for the load there).
 template <typename T>
 __device__ __forceinline__ void unpack16(const uint4& bits, float (&out)[kVec16<T>]) {
   const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
