@@ -254,6 +254,7 @@ class Engine final : public CudaModel::Impl {
   using Layer = LayerWeights<T>;
 
   void upload_weights(const HostWeights& weights);
+  void fold_layernorms();
   void allocate_activations();
   void warm_up_gemms();
   void allocate_kv_pool(int num_blocks_arg, double gpu_memory_fraction);
@@ -336,6 +337,11 @@ class Engine final : public CudaModel::Impl {
   const float* ln_f_w_ = nullptr;  // [C]
   const float* ln_f_b_ = nullptr;  // [C]
   std::vector<Layer> layers_;
+  // The LayerNorms before the skinny GEMVs, folded into them (SkinnyParams::ln_fold): [2, 3C]
+  // for ln_1 + QKV and [2, I] for ln_2 + fc in each layer, [2, V] for ln_f + the LM head.
+  DeviceBuffer ln_folds_;
+  std::vector<const float*> qkv_folds_, fc_folds_;
+  const float* lm_head_fold_ = nullptr;
 
   DeviceBuffer activations_;
   float* residual_ = nullptr;      // [max_tokens, C] fp32 residual stream
@@ -421,6 +427,7 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   while (!buckets_.empty() && buckets_.back() > max_tokens_) buckets_.pop_back();
 
   upload_weights(weights);
+  fold_layernorms();
   allocate_activations();
   warm_up_gemms();
   allocate_kv_pool(num_blocks_arg, gpu_memory_fraction);
@@ -508,6 +515,23 @@ void Engine<T>::upload_weights(const HostWeights& weights) {
     *s.dst = dst;
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // staging is freed on return
+}
+
+template <typename T>
+void Engine<T>::fold_layernorms() {
+  const size_t per_layer = 2 * size_t(3 * C_ + I_);
+  ln_folds_.reset((per_layer * L_ + 2 * size_t(V_)) * sizeof(float), "the folded LayerNorms");
+  float* f = reinterpret_cast<float*>(ln_folds_.get());
+  for (const Layer& w : layers_) {
+    launch_fold_layernorm<T>(f, w.qkv_w, w.ln_1_w, w.ln_1_b, w.qkv_b, 3 * C_, C_, stream_);
+    qkv_folds_.push_back(f);
+    f += 2 * size_t(3 * C_);
+    launch_fold_layernorm<T>(f, w.fc_w, w.ln_2_w, w.ln_2_b, w.fc_b, I_, C_, stream_);
+    fc_folds_.push_back(f);
+    f += 2 * size_t(I_);
+  }
+  launch_fold_layernorm<T>(f, wte_, ln_f_w_, ln_f_b_, nullptr, V_, C_, stream_);
+  lm_head_fold_ = f;
 }
 
 template <typename T>
@@ -841,7 +865,7 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   const int n = st.layout.T;
   const Layer& w = layers_[l];
   SkinnyParams<T> q;
-  q.x = residual_, q.ln_weight = w.ln_1_w, q.ln_bias = w.ln_1_b, q.eps = eps_;
+  q.x = residual_, q.ln_weight = w.ln_1_w, q.ln_fold = qkv_folds_[l], q.eps = eps_;
   q.weight = w.qkv_w, q.bias = w.qkv_b, q.out = qkv_;
   q.k_cache = k_cache(l), q.v_cache = v_cache(l), q.slot_mapping = st.slot_mapping;
   q.rows = n, q.N = 3 * C_, q.K = C_;
@@ -856,7 +880,7 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                         stream_, pdl_);
   SkinnyParams<T> f;
-  f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_bias = w.ln_2_b, f.eps = eps_;
+  f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_fold = fc_folds_[l], f.eps = eps_;
   f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
   f.rows = n, f.N = I_, f.K = C_;
   f.prefetch = l2_ahead(w.fc_w + size_t(I_) * C_);
@@ -908,7 +932,8 @@ bool Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
   const int32_t* idx = st.logits_indices + r0;
   if (rows <= skinny_max_rows_ && skinny_gemm_supported(rows, C_)) {
     SkinnyParams<T> p;
-    p.x = residual_, p.x_rows = idx, p.ln_weight = ln_f_w_, p.ln_bias = ln_f_b_, p.eps = eps_;
+    p.x = residual_, p.x_rows = idx, p.ln_weight = ln_f_w_, p.ln_fold = lm_head_fold_;
+    p.eps = eps_;
     p.weight = wte_, p.out = logits_;
     p.rows = rows, p.N = V_, p.K = C_;
     launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kLogits, num_sms_, stream_,

@@ -253,9 +253,14 @@ void skinny_matmul(float* out, const float* in, const float* weight, const float
     auto b = upload<T>(bias, bias ? out_features : 0);
     auto lw = upload<float>(ln_weight, ln ? in_features : 0);
     auto lb = upload<float>(ln_bias, ln ? in_features : 0);
+    DevArray<float> fold(ln ? 2 * size_t(out_features) : 0);
+    if (ln) {
+      launch_fold_layernorm<T>(fold.get(), w->get(), lw->get(), lb->get(),
+                               bias ? b->get() : nullptr, out_features, in_features, kStream);
+    }
     SkinnyParams<T> p;
     p.x = ln ? static_cast<const void*>(x_f->get()) : static_cast<const void*>(x_t->get());
-    p.ln_weight = lw->get(), p.ln_bias = lb->get(), p.eps = eps;
+    p.ln_weight = lw->get(), p.ln_fold = fold.get(), p.eps = eps;
     p.weight = w->get(), p.bias = bias ? b->get() : nullptr;
     p.rows = num_tokens, p.N = out_features, p.K = in_features;
     SkinnyOutput kind = !bias ? SkinnyOutput::kLogits

@@ -6,14 +6,14 @@
 // NOTE: warps_per_row is picked per launch so that there are >= 2 blocks per SM: N=768 layers
 // (proj, fc_proj) split K over 4 warps, N >= 2304 use one warp per output.
 // NOTE: the first batch of weight loads is issued before x is staged, so the DRAM latency of W
-// overlaps the LayerNorm prologue. The grid never exceeds what is resident at once: blocks loop
+// overlaps x's copy. The grid never exceeds what is resident at once: blocks loop
 // over row groups (x staged once per block, no second wave waiting to start its loads).
 // NOTE: the blocks also ask L2 for p.prefetch (a few MB of the next GEMVs' weights, see
 // l2_ahead in cuda_model.cu) before they wait: the next kernel's first loads then hit L2.
 // NOTE: at batch 1 a GEMV is a chain of dependent memory round trips, and only those after
 // pdl_wait are on the step's critical path. So everything that does not depend on the kernel
-// before (the LayerNorm parameters, into shared memory; each row's bias) is loaded before the
-// wait, and what does (the residual row it adds to, the QKV's cache slots) is loaded right after
+// before (the LayerNorm weight, into shared memory; each row's bias or LayerNorm fold) is
+// loaded before the wait, and what does (the residual row it adds to, the QKV's cache slots) is loaded right after
 // it, beside x, instead of in the epilogue.
 #include <algorithm>
 #include <map>
@@ -41,23 +41,21 @@ constexpr size_t kMaxSmemWithLayerNorm = 160 * 1024;
 
 int padded_rows(int rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
-// x [m_tile, K], the partial sums [kWarps, m_tile], the rows' cache slots [m_tile] and, with a
-// LayerNorm prologue, its weight and bias [2, K].
+// x [m_tile, K], with a LayerNorm its weight [K] (both read as float4: K % 8 == 0 keeps them
+// 16-byte aligned), the partial sums [kWarps, m_tile], the rows' cache slots [m_tile] and, with
+// a LayerNorm, the rows' statistics (ln_row_stats) [kWarps, m_tile, 2].
 size_t smem_bytes(int m_tile, int K, bool layernorm) {
-  return (size_t(m_tile) * K + (kWarps + 1) * m_tile + (layernorm ? 2 * size_t(K) : 0)) * 4;
+  return (size_t(m_tile) * K + (kWarps + 1) * m_tile +
+          (layernorm ? 2 * kWarps * m_tile + size_t(K) : 0)) * 4;
 }
 
-// Copies the LayerNorm weight and bias into shared memory (all threads; the caller syncs).
-__device__ __forceinline__ void stage_ln_params(float* w, float* b, const float* ln_weight,
-                                                const float* ln_bias, int K) {
-  for (int k = threadIdx.x; k < K; k += kThreads) {
-    w[k] = ln_weight[k];
-    b[k] = ln_bias[k];
-  }
+// Copies the LayerNorm weight into shared memory (all threads; the caller syncs).
+__device__ __forceinline__ void stage_ln_weight(float* w, const float* ln_weight, int K) {
+  for (int k = threadIdx.x; k < K; k += kThreads) w[k] = ln_weight[k];
 }
 
 // Copies the M rows of vecs_per_row 16-byte vectors each with all threads: load(m, c) reads
-// vector c of row m (raw bytes), store(i, v) writes vector i = m * vecs_per_row + c. kStageBatch
+// vector c of row m (raw bytes), store(m, i, v) writes vector i = m * vecs_per_row + c. kStageBatch
 // loads a thread are in flight before their stores, so a block copies its x in one round trip
 // to L2 (a few at most) instead of one per vector a thread.
 // NOTE: measured (H200, tools/trace_gemv.py): copying x one vector at a time took 0.7 us a
@@ -66,117 +64,100 @@ __device__ __forceinline__ void stage_ln_params(float* w, float* b, const float*
 // dependent: the row of vector i is found by M - 1 compares, not by a division (an integer
 // division by a runtime value is ~40 dependent instructions, once per vector). Loads stay raw
 // (uint4) until stored: a Vec<__half, 8> was repacked register by register right after its
-// load, so each load waited for the one before. With the LayerNorm loops below and 1/K from
-// the host, this cut the 1-row kernels' code after the wait by ~40% and gpt2's batch-1 step
+// load, so each load waited for the one before. With the two-pass LayerNorm's loops unrolled
+// and 1/K from the host, this cut the 1-row kernels' code after the wait by ~40% and gpt2's batch-1 step
 // from 0.288 to 0.252 ms (gpt2-xl 1.93 -> 1.68; H200, notes.md, twenty-first session).
 constexpr int kStageBatch = 4;
 template <int M, typename Load, typename Store>
 __device__ __forceinline__ void stage_vectors(int vecs_per_row, Load load, Store store) {
   const int n_vecs = M * vecs_per_row;
   for (int base = threadIdx.x; base < n_vecs; base += kStageBatch * kThreads) {
+    auto row_of = [&](int i) {
+      int m = 0;
+#pragma unroll
+      for (int r = 1; r < M; ++r) m += i >= r * vecs_per_row;
+      return m;
+    };
     uint4 v[kStageBatch];
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       const int i = base + j * kThreads;
-      if (i < n_vecs) {
-        int m = 0;
-#pragma unroll
-        for (int r = 1; r < M; ++r) m += i >= r * vecs_per_row;
-        v[j] = load(m, i - m * vecs_per_row);
-      }
+      if (i < n_vecs) v[j] = load(row_of(i), i - row_of(i) * vecs_per_row);
     }
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
-      if (base + j * kThreads < n_vecs) store(base + j * kThreads, v[j]);
+      const int i = base + j * kThreads;
+      if (i < n_vecs) store(row_of(i), i, v[j]);
     }
   }
 }
 
-// Calls f(k) for k = threadIdx.x, + kThreads, ... < K, U at a time: their shared-memory loads are
-// in flight together (an unrolled loop of unknown count runs its remainder one by one).
-template <int U, typename F>
-__device__ __forceinline__ void for_each_k(int K, F f) {
-#pragma unroll 1
-  for (int k0 = threadIdx.x; k0 < K; k0 += U * kThreads) {
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      if (k0 + j * kThreads < K) f(k0 + j * kThreads);
-    }
-  }
-}
-
-// Normalizes the M rows of xs [M, K] in place with every thread of the block (the rows are
-// staged and the block synced): two passes (the mean, then the variance about it), each summed
-// across the block through red [kWarps, M]. Rows m >= rows (zeros) are left as they are.
-// NOTE: measured (H200, tools/trace_gemv.py, batch 1): staging and normalizing x took 2.4-2.5
-// us at gpt2 (K 768) and 3.3-3.8 at gpt2-xl (K 1,600) with one warp a row and the other 7 idle;
-// 2.0-2.1 and 2.6-2.8 this way (gpt2 0.311 -> 0.289 ms a step, gpt2-xl 2.06 -> 1.93).
-// NOTE: both sums in one pass, kept in registers while x is staged (x - the row's first value
-// and its square, 2 barriers after the wait instead of 6), was slower: gpt2 batch 1 0.289 ->
-// 0.297 ms, gpt2-xl 1.93 -> 1.99 (H200; ptxas spilled 3 more values to the 1-row QKV's loop).
-// inv_k: 1 / K from the host (a float division is a call on the critical path), and rsqrtf.
-template <typename T, int M>
-__device__ __forceinline__ void block_layernorm_rows(float* xs, float* red, const float* ln_w,
-                                                     const float* ln_b, int K, float inv_k,
-                                                     int rows, float eps) {
+// LayerNorm folded into the GEMV (see SkinnyParams::ln_fold): x - x0 (x0: the row's first
+// element) is staged times the weight, and each thread sums x - x0 and its square over the
+// vectors it stages; stats holds the warps' sums [kWarps, M, 2]. After the block syncs,
+// ln_row_stats gives a row's mean - x0 and 1 / std for the epilogue:
+// y = rstd * (dot - (mean - x0) * s) + c, dot being the staged row's product with W's row.
+// NOTE: the LayerNorm before the multiply cost two block sums (4 barriers) and a pass over x
+// after the wait (H200, gpt2 batch 1: QKV's x staged 1.5 us after the wait, a plain x 0.8).
+// Now nothing but x's copy lies between the wait and the multiply. Everything is about x0, not
+// 0: neither E[d^2] - E[d]^2 nor dot - (mean - x0) * s cancels when a row's mean is large
+// beside its spread (a kernel test has rows at 1,000 +- 1).
+template <int M>
+__device__ __forceinline__ void ln_warp_stats(float* stats, const float (&sum)[M],
+                                              const float (&sq)[M]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int kLnUnroll = M <= 2 ? 4 : 1;  // more rows would spill
-  // The sum over the block of f(m, x) for each row m, given to every thread.
-  auto block_sums = [&](auto f, float (&out)[M]) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float v = 0.f;
-      for_each_k<kLnUnroll>(K, [&](int k) { v += f(m, xs[m * K + k]); });
-      v = warp_sum(v);
-      if (lane == 0) red[warp * M + m] = v;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float v = 0.f;
-#pragma unroll
-      for (int j = 0; j < kWarps; ++j) v += red[j * M + m];
-      out[m] = v;
-    }
-    __syncthreads();  // red is reused
-  };
-  float mean[M], rstd[M];
-  block_sums([](int, float x) { return x; }, mean);
-#pragma unroll
-  for (int m = 0; m < M; ++m) mean[m] *= inv_k;
-  block_sums([&](int m, float x) { return (x - mean[m]) * (x - mean[m]); }, rstd);
-#pragma unroll
-  for (int m = 0; m < M; ++m) rstd[m] = rsqrtf(rstd[m] * inv_k + eps);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    if (m >= rows) continue;
-    for_each_k<kLnUnroll>(K, [&](int k) {
-      // Rounded to T, as the wide path's LayerNorm output is before its GEMM.
-      const float y = (xs[m * K + k] - mean[m]) * rstd[m] * ln_w[k] + ln_b[k];
-      xs[m * K + k] = to_float(from_float<T>(y));
-    });
+    const float s = warp_sum(sum[m]), q = warp_sum(sq[m]);
+    if (lane == 0) stats[(warp * M + m) * 2] = s, stats[(warp * M + m) * 2 + 1] = q;
   }
 }
 
-// x staged into xs [M, K] as float32, rows m >= p.rows zero; with kLayerNorm, normalized (ln_w,
-// ln_b: the LayerNorm parameters in shared memory; red: [kWarps, M] scratch). The caller syncs.
+// Row m's mean - x0 and 1 / sqrt(var + eps) from stats (after the block synced).
+__device__ __forceinline__ float2 ln_row_stats(const float* stats, int M, int m, float inv_k,
+                                               float eps) {
+  float s = 0.f, q = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) s += stats[(w * M + m) * 2], q += stats[(w * M + m) * 2 + 1];
+  const float d = s * inv_k;
+  return make_float2(d, rsqrtf(fmaxf(q * inv_k - d * d, 0.f) + eps));
+}
+
+// x staged into xs [M, K] as float32, rows m >= p.rows zero; with kLayerNorm, x - x0 times ln_w
+// (the LayerNorm weight in shared memory), and the rows' statistics into stats (ln_warp_stats).
+// The caller syncs.
 template <typename T, int M, SkinnyInput IN>
-__device__ __forceinline__ void stage_x(float* xs, float* red, const SkinnyParams<T>& p,
-                                        const float* ln_w, const float* ln_b, float inv_k) {
+__device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyParams<T>& p,
+                                        const float* ln_w) {
   const int K = p.K;
   auto row_of = [&](int m) { return int64_t(p.x_rows ? p.x_rows[m] : m); };
   if constexpr (IN == SkinnyInput::kLayerNorm) {
     // x is the float32 residual stream; K % 8 == 0 (skinny_gemm_supported).
     const float* x = static_cast<const float*>(p.x);
+    float x0[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) x0[m] = m < p.rows ? x[row_of(m) * K] : 0.f;
+    float sum[M] = {}, sq[M] = {};
     stage_vectors<M>(
         K / 4,
         [&](int m, int c) {
           return m < p.rows ? reinterpret_cast<const uint4*>(x + row_of(m) * K)[c]
                             : make_uint4(0, 0, 0, 0);
         },
-        [&](int i, const uint4& v) { reinterpret_cast<uint4*>(xs)[i] = v; });
-    __syncthreads();
-    block_layernorm_rows<T, M>(xs, red, ln_w, ln_b, K, inv_k, p.rows, p.eps);
+        [&](int m, int i, const uint4& v) {
+          const float4 f = make_float4(__uint_as_float(v.x), __uint_as_float(v.y),
+                                       __uint_as_float(v.z), __uint_as_float(v.w));
+#pragma unroll
+          for (int r = 0; r < M; ++r) {
+            if (r != m) continue;
+            const float a = f.x - x0[r], b = f.y - x0[r], c = f.z - x0[r], d = f.w - x0[r];
+            sum[r] += (a + b) + (c + d);
+            sq[r] += (a * a + b * b) + (c * c + d * d);
+            const float4 g = reinterpret_cast<const float4*>(ln_w)[i - m * (K / 4)];
+            reinterpret_cast<float4*>(xs)[i] = make_float4(a * g.x, b * g.y, c * g.z, d * g.w);
+          }
+        });
+    ln_warp_stats<M>(stats, sum, sq);
   } else {
     constexpr int V = kVec16<T>;
     const T* x = static_cast<const T*>(p.x);
@@ -186,7 +167,7 @@ __device__ __forceinline__ void stage_x(float* xs, float* red, const SkinnyParam
           return m < p.rows ? reinterpret_cast<const uint4*>(x + row_of(m) * K)[c]
                             : make_uint4(0, 0, 0, 0);  // zero bits: 0.0 in every T
         },
-        [&](int i, const uint4& v) {
+        [&](int, int i, const uint4& v) {
           float f[V];
           unpack16<T>(v, f);
 #pragma unroll
@@ -198,10 +179,11 @@ __device__ __forceinline__ void stage_x(float* xs, float* red, const SkinnyParam
   }
 }
 
-// What the epilogue of output (m, n) adds, loaded ahead of it: the bias (before the wait) and
-// the residual value (after it).
+// What the epilogue of output (m, n) adds, loaded ahead of it: the bias (with a LayerNorm, c
+// and s of its fold) before the wait, and the residual value after it.
 struct EpilogueInputs {
   float bias = 0.f;
+  float ln_sum = 0.f;
   float residual = 0.f;
 };
 
@@ -218,11 +200,11 @@ template <typename T, SkinnyOutput OUT>
 __device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n, float y,
                                          const EpilogueInputs& in, int32_t slot) {
   const int64_t o = int64_t(m) * p.N + n;
+  y += in.bias;  // 0 for logits without a LayerNorm
   if constexpr (OUT == SkinnyOutput::kLogits) {
     static_cast<float*>(p.out)[o] = y;
     return;
   } else {
-    y += in.bias;
     if constexpr (OUT == SkinnyOutput::kBiasResidual) {
       static_cast<float*>(p.out)[o] = in.residual + y;
     } else if constexpr (OUT == SkinnyOutput::kBiasGelu) {
@@ -245,11 +227,12 @@ template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row, float inv_k) {
   extern __shared__ float smem[];
-  float* xs = smem;                        // [M, K]
-  float* partial = smem + M * p.K;         // [kWarps, M]
+  constexpr bool kLn = IN == SkinnyInput::kLayerNorm;
+  float* xs = smem;                              // [M, K]
+  float* ln_w = xs + M * p.K;                    // [K] (kLayerNorm)
+  float* partial = ln_w + (kLn ? p.K : 0);       // [kWarps, M]
   int32_t* slots = reinterpret_cast<int32_t*>(partial + kWarps * M);  // [M] (kBiasQkv)
-  float* ln_w = partial + (kWarps + 1) * M;  // [K] (kLayerNorm)
-  float* ln_b = ln_w + p.K;                // [K] (kLayerNorm)
+  float* ln_stats = partial + (kWarps + 1) * M;  // [kWarps, M, 2] (kLayerNorm)
   constexpr int V = kVec16<T>;
   constexpr int R = kRowsPerWarp<M, OUT>;  // > 1: warps_per_row is 1, no bias or residual
   static_assert(R == 1 || OUT == SkinnyOutput::kLogits, "several rows a warp: logits only");
@@ -278,8 +261,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   // product row m of its r-th row.
   const bool writer = kslice == 0 && lane < M * R && lane % M < p.rows;
   auto load_bias = [&](int group, EpilogueInputs& in) {
-    const int n = row_of(group);
-    if constexpr (OUT != SkinnyOutput::kLogits) {
+    const int n = row_of(group) + lane / M;  // this writer's row
+    if constexpr (kLn) {
+      if (writer && n < p.N) in.ln_sum = p.ln_fold[n], in.bias = p.ln_fold[p.N + n];
+    } else if constexpr (OUT != SkinnyOutput::kLogits) {
       if (writer && n < p.N) in.bias = to_float(p.bias[n]);
     }
   };
@@ -298,22 +283,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   load_first(blockIdx.x, w);
   EpilogueInputs in;
   load_bias(blockIdx.x, in);
-  if constexpr (IN == SkinnyInput::kLayerNorm) {
-    stage_ln_params(ln_w, ln_b, p.ln_weight, p.ln_bias, p.K);
-  }
+  if constexpr (kLn) stage_ln_weight(ln_w, p.ln_weight, p.K);
   prefetch_l2_share(p.prefetch);
-  if constexpr (IN == SkinnyInput::kLayerNorm) __syncthreads();  // ln_w, ln_b staged
+  if constexpr (kLn) __syncthreads();  // ln_w staged
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
   trace.mark(1);
   load_residual(blockIdx.x, in);
   // NOTE: the rows' cache slots are copied into shared memory beside x (cp.async: no register).
-  // Held in a register across the LayerNorm, the slot was spilled, and the spill's store waited
+  // Held in a register across the (then two-pass) LayerNorm, the slot was spilled, and the spill's store waited
   // for the slot's load before x's loads went out: two round trips to L2 instead of one.
   if constexpr (OUT == SkinnyOutput::kBiasQkv) {
     if (threadIdx.x < p.rows) cp_async4(&slots[threadIdx.x], &p.slot_mapping[threadIdx.x]);
     cp_async_commit();
   }
-  stage_x<T, M, IN>(xs, partial, p, ln_w, ln_b, inv_k);
+  stage_x<T, M, IN>(xs, ln_stats, p, ln_w);
   if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
   __syncthreads();
   trace.mark(2);
@@ -418,6 +401,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       for (int i = 0; i < M * R; ++i) {
         if (i == m * R + r) y = acc[i];
       }
+      if constexpr (kLn) {  // mean - x0 and 1 / std of product row m
+        const float2 ln = ln_row_stats(ln_stats, M, m, inv_k, p.eps);
+        y = ln.y * (y - ln.x * in.ln_sum);
+      }
       epilogue<T, OUT>(p, m, n + r, y, in, OUT == SkinnyOutput::kBiasQkv ? slots[m] : -1);
     }
     in = next_in;
@@ -492,7 +479,40 @@ void launch_rows(const SkinnyParams<T>& p, SkinnyInput in, SkinnyOutput out, int
   throw std::invalid_argument("skinny GEMM: unsupported prologue/epilogue pair");
 }
 
+// fold [2, N] = (W ln_weight, W ln_bias + bias): a warp per row of W, in float32.
+template <typename T>
+__global__ void fold_layernorm_kernel(float* __restrict__ fold, const T* __restrict__ weight,
+                                      const float* __restrict__ ln_weight,
+                                      const float* __restrict__ ln_bias,
+                                      const T* __restrict__ bias, int N, int K) {
+  const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (n >= N) return;
+  const T* w = weight + int64_t(n) * K;
+  float s = 0.f, c = 0.f;
+  for (int k = lane; k < K; k += 32) {
+    const float x = to_float(w[k]);
+    s += x * ln_weight[k];
+    c += x * ln_bias[k];
+  }
+  s = warp_sum(s), c = warp_sum(c);
+  if (lane == 0) {
+    fold[n] = s;
+    fold[N + n] = c + (bias ? to_float(bias[n]) : 0.f);
+  }
+}
+
 }  // namespace
+
+template <typename T>
+void launch_fold_layernorm(float* fold, const T* weight, const float* ln_weight,
+                           const float* ln_bias, const T* bias, int N, int K,
+                           cudaStream_t stream) {
+  if (N <= 0) return;
+  constexpr int kRowsPerBlock = kThreads / 32;
+  fold_layernorm_kernel<T><<<ceil_div(N, kRowsPerBlock), kThreads, 0, stream>>>(
+      fold, weight, ln_weight, ln_bias, bias, N, K);
+  CUDA_CHECK_LAUNCH();
+}
 
 bool skinny_gemm_supported(int rows, int K) {
   return rows >= 1 && rows <= kSkinnyMaxRows && K % 8 == 0 &&
@@ -507,6 +527,10 @@ void launch_skinny_gemm(const SkinnyParams<T>& p, SkinnyInput input, SkinnyOutpu
   if (!skinny_gemm_supported(p.rows, p.K)) {
     throw std::invalid_argument("skinny GEMM: unsupported shape rows=" + std::to_string(p.rows) +
                                 ", K=" + std::to_string(p.K));
+  }
+  if (input == SkinnyInput::kLayerNorm && !(p.ln_weight && p.ln_fold)) {
+    throw std::invalid_argument(
+        "skinny GEMM: a LayerNorm input needs ln_weight and ln_fold (launch_fold_layernorm)");
   }
   switch (padded_rows(p.rows)) {
     case 1: return launch_rows<T, 1>(p, input, output, num_sms, stream, pdl);
@@ -547,5 +571,13 @@ template void launch_skinny_gemm<__half>(const SkinnyParams<__half>&, SkinnyInpu
                                          int, cudaStream_t, bool);
 template void launch_skinny_gemm<__nv_bfloat16>(const SkinnyParams<__nv_bfloat16>&, SkinnyInput,
                                                 SkinnyOutput, int, cudaStream_t, bool);
+
+#define INSTANTIATE_FOLD(T)                                                                   \
+  template void launch_fold_layernorm<T>(float*, const T*, const float*, const float*,      \
+                                         const T*, int, int, cudaStream_t);
+INSTANTIATE_FOLD(float)
+INSTANTIATE_FOLD(__half)
+INSTANTIATE_FOLD(__nv_bfloat16)
+#undef INSTANTIATE_FOLD
 
 }  // namespace pagedgpt2::cuda

@@ -1,8 +1,9 @@
 // The skinny GEMM: out = x @ W^T for a handful of rows (decode at small batch), where the cost is
 // streaming W once and the fixed cost of each launch. Instead of cuBLAS it is a weight-streaming
 // GEMV with the work around the product fused in:
-//   prologue: LayerNorm of the fp32 residual rows (optionally gathered by x_rows), or a plain
-//             activation in T;
+//   prologue: the fp32 residual rows (optionally gathered by x_rows) times the LayerNorm weight,
+//             their mean and variance summed on the way (the rest of the LayerNorm is folded
+//             into the epilogue), or a plain activation in T;
 //   epilogue: + bias, + bias then GELU, residual += (+ bias), + bias with the K/V columns also
 //             written to their paged-cache slots (QKV + write_kv), or float32 logits.
 // NOTE: with programmatic dependent launch (pdl) the weight prefetch of a GEMV overlaps the tail
@@ -24,7 +25,7 @@ constexpr int kSkinnyMaxRows = 8;
 
 enum class SkinnyInput {
   kActivation,  // x: T [rows, K]
-  kLayerNorm,   // x: float [*, K] (the residual stream), normalized with ln_weight/ln_bias
+  kLayerNorm,   // x: float [*, K] (the residual stream), normalized with ln_weight and ln_fold
 };
 
 enum class SkinnyOutput {
@@ -39,11 +40,13 @@ template <typename T>
 struct SkinnyParams {
   const void* x = nullptr;            // see SkinnyInput
   const int32_t* x_rows = nullptr;    // [rows]: product row m reads x row x_rows[m]; nullptr = m
+  // kLayerNorm: LayerNorm(x) W^T + bias, as rstd * ((x * ln_weight) W^T - mean * s) + c, with
+  // s = W ln_weight and c = W ln_bias + bias from fold_layernorm (ln_bias and bias not read).
   const float* ln_weight = nullptr;   // [K] (kLayerNorm)
-  const float* ln_bias = nullptr;     // [K] (kLayerNorm)
+  const float* ln_fold = nullptr;     // [2, N]: s, then c (kLayerNorm)
   float eps = 1e-5f;
   const T* weight = nullptr;          // [N, K]
-  const T* bias = nullptr;            // [N] (unused by kLogits)
+  const T* bias = nullptr;            // [N] (kActivation; unused by kLogits)
   void* out = nullptr;                // see SkinnyOutput
   T* k_cache = nullptr;               // kBiasQkv: [num_blocks, block_size, H, D]
   T* v_cache = nullptr;               // kBiasQkv: [num_blocks, block_size, H, D]
@@ -66,5 +69,13 @@ bool skinny_gemm_supported(int rows, int K);
 template <typename T>
 void launch_skinny_gemm(const SkinnyParams<T>& p, SkinnyInput input, SkinnyOutput output,
                         int num_sms, cudaStream_t stream, bool pdl = false);
+
+// The LayerNorm folded into a GEMV over W [N, K] (SkinnyParams::ln_fold): fold [2, N] =
+// (W ln_weight, W ln_bias + bias), in float32 from W's elements as stored. bias may be nullptr.
+// Run once per weight, at load time.
+template <typename T>
+void launch_fold_layernorm(float* fold, const T* weight, const float* ln_weight,
+                           const float* ln_bias, const T* bias, int N, int K,
+                           cudaStream_t stream);
 
 }  // namespace pagedgpt2::cuda

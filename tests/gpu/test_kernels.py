@@ -266,7 +266,8 @@ def test_skinny_matmul(rng, dtype, rows, variant):
                             gelu=variant == "gelu", dtype=dtype)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else TOL[dtype]
     if ln and dtype != "float32":
-        # LayerNorm outputs sitting on a rounding boundary may round the other way on the GPU.
+        # The reference rounds the LayerNorm's output to dtype, as the wide path does; the skinny
+        # GEMV folds the LayerNorm into its epilogue and rounds nothing.
         tol = dict(rtol=2 * tol["rtol"], atol=2 * tol["atol"])
     np.testing.assert_allclose(got, want, **tol)
 
@@ -300,6 +301,28 @@ def test_skinny_lm_head(rng, dtype, rows):
     got = gpu.skinny_matmul(x, w, None, ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, dtype=dtype)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else {k: 2 * v for k, v in TOL[dtype].items()}
     np.testing.assert_allclose(got, want, **tol)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_skinny_layernorm_of_rows_far_from_zero(rng, rows):
+    """The skinny GEMV folds its LayerNorm into the epilogue and sums each row's variance in one
+    pass, about the row's first element: a mean 1,000 times the spread (where E[x^2] - mean^2
+    would lose every digit in float32) must normalize as exactly as a row about zero. The
+    reference is float64 numpy: the CPU op's float32 two-pass LayerNorm is itself ~1e-3 off
+    here (its mean of 768 values near 1,000 is 6e-5 off)."""
+    K, N = 768, 2304
+    x = rng.standard_normal((rows, K)).astype(np.float32)
+    x[0] += 1000.0
+    if rows > 2:
+        x[2] = x[2] * 300.0 - 50.0
+    w = randn(rng, (N, K), "float32", 1.0 / np.sqrt(K))
+    b = randn(rng, (N,), "float32")
+    ln_w, ln_b = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    xd = x.astype(np.float64)
+    normed = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
+    want = (normed * ln_w + ln_b) @ w.astype(np.float64).T + b
+    got = gpu.skinny_matmul(x, w, b, ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, dtype="float32")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [1, 2])
