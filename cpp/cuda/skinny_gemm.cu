@@ -13,8 +13,8 @@
 // NOTE: at batch 1 a GEMV is a chain of dependent memory round trips, and only those after
 // pdl_wait are on the step's critical path. So everything that does not depend on the kernel
 // before (the LayerNorm weight, into shared memory; each row's bias or LayerNorm fold) is
-// loaded before the wait, and what does (the residual row it adds to, the QKV's cache slots) is loaded right after
-// it, beside x, instead of in the epilogue.
+// loaded before the wait, and what does (the residual row it adds to, the QKV's cache slots)
+// is loaded right after it, beside x, instead of in the epilogue.
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -55,9 +55,9 @@ __device__ __forceinline__ void stage_ln_weight(float* w, const float* ln_weight
 }
 
 // Copies the M rows of vecs_per_row 16-byte vectors each with all threads: load(m, c) reads
-// vector c of row m (raw bytes), store(m, i, v) writes vector i = m * vecs_per_row + c. kStageBatch
-// loads a thread are in flight before their stores, so a block copies its x in one round trip
-// to L2 (a few at most) instead of one per vector a thread.
+// vector c of row m (raw bytes), store(m, i, v) writes vector i = m * vecs_per_row + c.
+// kStageBatch loads a thread are in flight before their stores, so a block copies its x in one
+// round trip to L2 (a few at most) instead of one per vector a thread.
 // NOTE: measured (H200, tools/trace_gemv.py): copying x one vector at a time took 0.7 us a
 // round trip, 2 round trips at gpt2's fc_proj (K 3,072) and 4 at gpt2-xl's (K 6,400).
 // NOTE: after pdl_wait every instruction is on the step's critical path, and a warp's are
@@ -65,8 +65,9 @@ __device__ __forceinline__ void stage_ln_weight(float* w, const float* ln_weight
 // division by a runtime value is ~40 dependent instructions, once per vector). Loads stay raw
 // (uint4) until stored: a Vec<__half, 8> was repacked register by register right after its
 // load, so each load waited for the one before. With the two-pass LayerNorm's loops unrolled
-// and 1/K from the host, this cut the 1-row kernels' code after the wait by ~40% and gpt2's batch-1 step
-// from 0.288 to 0.252 ms (gpt2-xl 1.93 -> 1.68; H200, notes.md, twenty-first session).
+// and 1/K from the host, this cut the 1-row kernels' code after the wait by ~40% and gpt2's
+// batch-1 step from 0.288 to 0.252 ms (gpt2-xl 1.93 -> 1.68; H200, notes.md, twenty-first
+// session).
 constexpr int kStageBatch = 4;
 template <int M, typename Load, typename Store>
 __device__ __forceinline__ void stage_vectors(int vecs_per_row, Load load, Store store) {
@@ -290,8 +291,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   trace.mark(1);
   load_residual(blockIdx.x, in);
   // NOTE: the rows' cache slots are copied into shared memory beside x (cp.async: no register).
-  // Held in a register across the (then two-pass) LayerNorm, the slot was spilled, and the spill's store waited
-  // for the slot's load before x's loads went out: two round trips to L2 instead of one.
+  // Held in a register across the (then two-pass) LayerNorm, the slot was spilled, and the
+  // spill's store waited for the slot's load before x's loads went out: two round trips to L2
+  // instead of one.
   if constexpr (OUT == SkinnyOutput::kBiasQkv) {
     if (threadIdx.x < p.rows) cp_async4(&slots[threadIdx.x], &p.slot_mapping[threadIdx.x]);
     cp_async_commit();

@@ -40,8 +40,9 @@ template <typename T>
 struct SkinnyParams {
   const void* x = nullptr;            // see SkinnyInput
   const int32_t* x_rows = nullptr;    // [rows]: product row m reads x row x_rows[m]; nullptr = m
-  // kLayerNorm: LayerNorm(x) W^T + bias, as rstd * ((x * ln_weight) W^T - mean * s) + c, with
-  // s = W ln_weight and c = W ln_bias + bias from fold_layernorm (ln_bias and bias not read).
+  // kLayerNorm: LayerNorm(x) W^T + bias, as rstd * (((x - x0) * ln_weight) W^T - (mean - x0) * s)
+  // + c (x0: the row's first element), with s = W ln_weight and c = W ln_bias + bias from
+  // launch_fold_layernorm (ln_bias and bias are not read).
   const float* ln_weight = nullptr;   // [K] (kLayerNorm)
   const float* ln_fold = nullptr;     // [2, N]: s, then c (kLayerNorm)
   float eps = 1e-5f;
