@@ -73,7 +73,7 @@ template <int M, typename Load, typename Store>
 __device__ __forceinline__ void stage_vectors(int vecs_per_row, Load load, Store store) {
   const int n_vecs = M * vecs_per_row;
   for (int base = threadIdx.x; base < n_vecs; base += kStageBatch * kThreads) {
-    auto row_of = [&](int i) {
+    auto row_of_vector = [&](int i) {
       int m = 0;
 #pragma unroll
       for (int r = 1; r < M; ++r) m += i >= r * vecs_per_row;
@@ -83,12 +83,12 @@ __device__ __forceinline__ void stage_vectors(int vecs_per_row, Load load, Store
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       const int i = base + j * kThreads;
-      if (i < n_vecs) v[j] = load(row_of(i), i - row_of(i) * vecs_per_row);
+      if (i < n_vecs) v[j] = load(row_of_vector(i), i - row_of_vector(i) * vecs_per_row);
     }
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       const int i = base + j * kThreads;
-      if (i < n_vecs) store(row_of(i), i, v[j]);
+      if (i < n_vecs) store(row_of_vector(i), i, v[j]);
     }
   }
 }
