@@ -301,6 +301,41 @@ void bind_ops(nb::module_& m) {
       "The decode kernel doing write_kv itself, as in a wide decode step: returns (out, k_cache, "
       "v_cache), sequence s's new K/V (its qkv row) written to slot_mapping[s] (-1: not).");
   ops.def(
+      "decode_attention_proj",
+      [](FloatTensor qkv, FloatTensor k_cache, FloatTensor v_cache, IntArray positions,
+         IntMatrix block_tables, int num_heads, FloatTensor weight, FloatArray bias,
+         FloatTensor residual, std::string dtype, int partition_size, int heads_per_block) {
+        if (k_cache.ndim() != 4 || qkv.ndim() != 2 || residual.ndim() != 2) {
+          throw std::invalid_argument(
+              "decode_attention_proj: caches [num_blocks, block_size, H, D], qkv [S, 3C], "
+              "residual [S, C]");
+        }
+        const int S = int(qkv.shape(0)), C = int(qkv.shape(1)) / 3;
+        if (num_heads <= 0 || C % num_heads != 0 || int(k_cache.shape(2)) != num_heads ||
+            int(k_cache.shape(3)) * num_heads != C) {
+          throw std::invalid_argument("decode_attention_proj: caches [.., .., H, D], qkv [S, 3HD]");
+        }
+        check_len("positions", positions.shape(0), S);
+        check_len("block_tables rows", block_tables.shape(0), S);
+        check_len("v_cache", v_cache.size(), k_cache.size());
+        check_len("weight", weight.size(), size_t(C) * C);
+        check_len("bias", bias.shape(0), C);
+        check_len("residual", residual.size(), size_t(S) * C);
+        auto out = copy_of(residual);
+        cuda::ops::decode_attention_proj(
+            out.data(), qkv.data(), k_cache.data(), v_cache.data(), positions.data(),
+            block_tables.data(), weight.data(), bias.data(), S, int(block_tables.shape(1)),
+            num_heads, C / num_heads, int(k_cache.shape(1)), int64_t(k_cache.size()), dt(dtype),
+            partition_size, heads_per_block);
+        return out;
+      },
+      "qkv"_a, "k_cache"_a, "v_cache"_a, "positions"_a, "block_tables"_a, "num_heads"_a,
+      "weight"_a, "bias"_a, "residual"_a, nb::kw_only(), "dtype"_a = "float32",
+      "partition_size"_a = 0, "heads_per_block"_a = 0,
+      "A skinny decode step's attention then proj, the attention's partitions merged by the "
+      "proj GEMV: returns residual + attention @ weight^T + bias (one query per sequence, at "
+      "positions[s]; its K/V in its qkv row and its cache slot).");
+  ops.def(
       "sample",
       [](FloatTensor logits, FloatArray temperature, IntArray top_k, FloatArray top_p,
          U64Array seeds, I64Array counters, std::string dtype) {

@@ -166,7 +166,8 @@ __global__ void __launch_bounds__(kThreads)
                             int block_shift,  // log2(block_size), or -1 if not a power of 2
                             float q_scale, int partition_size, int max_partitions,
                             DecodeWorkspace ws, L2Range prefetch,
-                            bool early_loads) {  // launched programmatically: load before pdl_wait
+                            bool early_loads,  // launched programmatically: load before pdl_wait
+                            bool merge_later) {  // every partition's partial is left to the GEMV
   using L = DecodeLayout<T, D, G>;
   constexpr int kVec = L::kVec, kVecs = L::kVecs, kLanes = L::kLanes, kVpl = L::kVecsPerLane;
   constexpr int kGroups = L::kGroups, kTile = L::kTile, kStages = L::kStages;
@@ -363,7 +364,7 @@ __global__ void __launch_bounds__(kThreads)
 
   if constexpr (kHeadWarps == 1) {
     // A warp per head: its lanes hold the head's state ((m, l) everywhere, acc by column).
-    if (num_parts == 1) {
+    if (num_parts == 1 && !merge_later) {
       if (lane < kLanes) {
         const float inv = 1.f / l;
 #pragma unroll
@@ -376,7 +377,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       return;
     }
-    // ---- split path: publish this partition, the last one to finish merges.
+    // ---- split path: publish this partition, the last one to finish merges (merge_later:
+    // the proj GEMV merges them all).
     const int64_t row = first_row + part;
     if (lane < kLanes) {
 #pragma unroll
@@ -384,7 +386,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < kVec; ++e) ws.partial_out[row * D + col(j) + e] = acc[j * kVec + e];
       }
+      if (merge_later && lane == 0) ws.partial_max[row] = m, ws.partial_sum[row] = l;
     }
+    if (merge_later) return;
     publish_partition<false>(out_row, ws, sh, first_row, row, num_parts, m, l, D, lane, 32,
                              nullptr);
   } else {
@@ -414,7 +418,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int w = 0; w < kWarps; ++w) o += red_acc[w][d] * weight[w];
       return o;
     };
-    if (num_parts == 1) {
+    if (num_parts == 1 && !merge_later) {
       const float inv = 1.f / sum;
       for (int d = tid; d < D; d += kThreads) out_row[d] = from_float<T>(merged(d) * inv);
       return;
@@ -422,6 +426,10 @@ __global__ void __launch_bounds__(kThreads)
     // ---- split path: publish this partition, the last one to finish merges.
     const int64_t row = first_row + part;
     for (int d = tid; d < D; d += kThreads) ws.partial_out[row * D + d] = merged(d);
+    if (merge_later) {
+      if (tid == 0) ws.partial_max[row] = max_m, ws.partial_sum[row] = sum;
+      return;
+    }
     publish_partition<true>(out_row, ws, sh, first_row, row, num_parts, max_m, sum, D, tid,
                             kThreads, &is_last);
   }
@@ -432,9 +440,9 @@ void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* conte
               const int32_t* block_tables, const int32_t* slot_mapping, int num_seqs,
               int max_blocks, int num_heads, int block_size, int max_context_len,
               int partition_size, const DecodeWorkspace& ws, cudaStream_t stream, bool pdl,
-              L2Range prefetch) {
+              L2Range prefetch, bool merge_later) {
   const int num_parts = decode_num_partitions(max_context_len, partition_size);
-  if (num_parts > 1 &&
+  if ((num_parts > 1 || merge_later) &&
       (int64_t(num_seqs) * num_heads * num_parts > ws.capacity_rows ||
        int64_t(num_seqs) * num_heads > ws.capacity_counters)) {
     throw std::runtime_error("decode attention: split workspace too small for this batch");
@@ -448,7 +456,7 @@ void launch_d(T* out, const T* qkv, T* k_cache, T* v_cache, const int32_t* conte
                 dim3((num_heads + G - 1) / G, num_seqs, num_parts), dim3(kThreads), 0, stream,
                 pdl, out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping,
                 num_heads, max_blocks, block_size, block_shift, q_scale, partition_size, num_parts,
-                ws, prefetch, pdl);
+                ws, prefetch, pdl, merge_later);
 }
 
 template <typename T, int D>
@@ -456,11 +464,12 @@ void launch_heads(int heads_per_block, T* out, const T* qkv, T* k_cache, T* v_ca
                   const int32_t* context_lens, const int32_t* block_tables,
                   const int32_t* slot_mapping, int num_seqs, int max_blocks, int num_heads,
                   int block_size, int max_context_len, int partition_size,
-                  const DecodeWorkspace& ws, cudaStream_t stream, bool pdl, L2Range prefetch) {
+                  const DecodeWorkspace& ws, cudaStream_t stream, bool pdl, L2Range prefetch,
+                  bool merge_later) {
   auto launch = heads_per_block == 1 ? launch_d<T, D, 1> : launch_d<T, D, kWarps>;
   launch(out, qkv, k_cache, v_cache, context_lens, block_tables, slot_mapping, num_seqs,
          max_blocks, num_heads, block_size, max_context_len, partition_size, ws, stream, pdl,
-         prefetch);
+         prefetch, merge_later);
 }
 
 }  // namespace
@@ -512,7 +521,7 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
                              const int32_t* slot_mapping, int num_seqs, int max_blocks,
                              int num_heads, int head_size, int block_size, int max_context_len,
                              int partition_size, int heads_per_block, const DecodeWorkspace& ws,
-                             cudaStream_t stream, bool pdl, L2Range prefetch) {
+                             cudaStream_t stream, bool pdl, L2Range prefetch, bool merge_later) {
   if (num_seqs <= 0) return;
   if (heads_per_block != 1 && heads_per_block != kWarps) {
     throw std::invalid_argument("decode attention: heads_per_block must be 1 or " +
@@ -524,7 +533,7 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
     return launch_heads<T, D>(heads_per_block, out, qkv, k_cache, v_cache, context_lens,       \
                               block_tables, slot_mapping, num_seqs, max_blocks, num_heads,     \
                               block_size, max_context_len, partition_size, ws, stream, pdl,    \
-                              prefetch);
+                              prefetch, merge_later);
   switch (head_size) {
     CASE(16) CASE(32) CASE(48) CASE(64) CASE(80) CASE(96) CASE(128) CASE(256)
     default:
@@ -538,7 +547,7 @@ void launch_decode_attention(T* out, const T* qkv, T* k_cache, T* v_cache,
   template void launch_decode_attention<T>(T*, const T*, T*, T*, const int32_t*,             \
                                            const int32_t*, const int32_t*, int, int, int, int, \
                                            int, int, int, int, const DecodeWorkspace&,         \
-                                           cudaStream_t, bool, L2Range);
+                                           cudaStream_t, bool, L2Range, bool);
 INSTANTIATE(float)
 INSTANTIATE(__half)
 INSTANTIATE(__nv_bfloat16)

@@ -21,7 +21,9 @@
 
 namespace pagedgpt2::cuda {
 
-// Scratch of the split path, sized once by the model.
+// Scratch of the split path, sized once by the model. Partition p of head h of sequence s is
+// row (s * H + h) * max_partitions + p, max_partitions = decode_num_partitions(max_context_len,
+// partition_size) of the launch.
 struct DecodeWorkspace {
   float* partial_out = nullptr;    // [capacity_rows, D]  (row = (s * H + h) * max_partitions + p)
   float* partial_max = nullptr;    // [capacity_rows]
@@ -72,6 +74,10 @@ void launch_decode_attention(T* out,                       // [S, H * D]
                                                 // launch_skinny_gemm's: before it waits, the
                                                 // kernel reads the step inputs and starts
                                                 // copying the cache rows of older tokens
-                             L2Range prefetch = {});  // asked of L2 for the next kernels
+                             L2Range prefetch = {},  // asked of L2 for the next kernels
+                             // Every block writes its partial (max, sum, unnormalized output
+                             // row into ws) and none merges: the proj GEMV merges them while it
+                             // stages its x (SkinnyInput::kAttentionPartials). out is not written.
+                             bool merge_later = false);
 
 }  // namespace pagedgpt2::cuda

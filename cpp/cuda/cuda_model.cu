@@ -279,7 +279,11 @@ class Engine final : public CudaModel::Impl {
   void enqueue_layers(const Step& st);
   void enqueue_skinny_layer(const Step& st, int l);  // layer l by the skinny GEMVs
   void enqueue_wide_layer(const Step& st, int l);    // layer l by cuBLASLt and our kernels
-  void enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch = {});
+  void enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch = {},
+                         bool merge_later = false);
+  // Whether the proj GEMV of a skinny step merges decode attention's partitions (all rows
+  // decode rows): kAttentionPartials.
+  bool merge_in_proj(const Step& st) const;
   // LM head on rows [r0, r0 + rows) into logits_ (float32), or into logits_t_ (T, rows of
   // padded_vocab()) for sampling in fp16/bf16 models; returns whether it was logits_t_. exact:
   // float32 output for every dtype.
@@ -319,6 +323,9 @@ class Engine final : public CudaModel::Impl {
   // Wide steps: decode attention writes the decode rows' K/V (write_kv takes only the prompt
   // rows). PAGEDGPT2_ATTENTION_WRITES_KV=0 leaves every row to write_kv, for comparison.
   bool attention_writes_kv_ = true;
+  // Skinny decode steps: the proj GEMV merges decode attention's partitions (merge_in_proj).
+  // PAGEDGPT2_MERGE_IN_PROJ=0 leaves the merge to the attention kernel, for comparison.
+  bool merge_in_proj_ = true;
   L2Range l2_ahead(const void* weight_end) const;
   Gemm gemm_;
   int C_, I_, V_, H_, D_, L_, P_;
@@ -416,6 +423,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* fused = std::getenv("PAGEDGPT2_ATTENTION_WRITES_KV")) {
     attention_writes_kv_ = std::string(fused) != "0";
+  }
+  if (const char* merge = std::getenv("PAGEDGPT2_MERGE_IN_PROJ")) {
+    merge_in_proj_ = std::string(merge) != "0";
   }
   device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -542,7 +552,10 @@ void Engine<T>::allocate_activations() {
     // Launches use ceil(context / size) <= this count partitions, for any context <= P_.
     const int parts =
         decode_partition_count(s, H_, P_, num_sms_, decode_heads_per_block(s, H_, num_sms_));
-    if (parts > 1) partial_rows = std::max<int64_t>(partial_rows, int64_t(s) * H_ * parts);
+    // Skinny steps (merge_in_proj) keep a partial row even when there is one partition.
+    if (parts > 1 || s <= kSkinnyMaxRows) {
+      partial_rows = std::max<int64_t>(partial_rows, int64_t(s) * H_ * parts);
+    }
   }
   const int64_t counter_rows = int64_t(std::max(max_seqs_, max_tokens_)) * H_;
   const StepLayout cap = make_layout(max_tokens_, max_seqs_, max_tokens_, max_blocks_, true);
@@ -824,7 +837,8 @@ void Engine<T>::enqueue_upload(const Step& st) {
 }
 
 template <typename T>
-void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch) {
+void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch,
+                                  bool merge_later) {
   const int S = st.layout.S, W = st.layout.width, nd = st.num_decode_seqs;
   if (nd > 0) {
     // In wide steps the decode rows' K/V are written here (the skinny QKV GEMV writes its own).
@@ -835,13 +849,20 @@ void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch) 
     const int32_t* write_slots = !st.skinny && attention_writes_kv_ ? st.slot_mapping : nullptr;
     launch_decode_attention<T>(attn_, qkv_, k, v, st.context_lens, st.block_tables, write_slots,
                                nd, W, H_, D_, block_size, st.max_context_len, st.partition_size,
-                               st.heads_per_block, decode_ws_, stream_, pdl_, prefetch);
+                               st.heads_per_block, decode_ws_, stream_, pdl_, prefetch,
+                               merge_later);
   }
   if (nd < S) {  // the prompt chunks, after the decode rows
     launch_prefill_attention<T>(attn_, qkv_, k, v, st.positions, st.query_start_loc + nd,
                                 st.block_tables + size_t(nd) * W, S - nd, W, H_, D_, block_size,
                                 st.max_query_len, stream_);
   }
+}
+
+template <typename T>
+bool Engine<T>::merge_in_proj(const Step& st) const {
+  return merge_in_proj_ && st.skinny && st.num_decode_seqs == st.layout.S &&
+         st.layout.T == st.layout.S && skinny_merges_attention(st.layout.T, C_);
 }
 
 template <typename T>
@@ -872,13 +893,20 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   q.prefetch = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
   launch_skinny_gemm<T>(q, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                         pdl_);
-  enqueue_attention(st, k_cache(l), v_cache(l));  // the QKV GEMV asked for the proj weights
+  const bool merge = merge_in_proj(st);
+  // The QKV GEMV asked for the proj weights.
+  enqueue_attention(st, k_cache(l), v_cache(l), {}, merge);
   SkinnyParams<T> p;
   p.x = attn_, p.weight = w.proj_w, p.bias = w.proj_b, p.out = residual_;
+  if (merge) {
+    p.partials = decode_ws_, p.context_lens = st.context_lens, p.head_size = D_;
+    p.partition_size = st.partition_size;
+    p.max_partitions = decode_num_partitions(st.max_context_len, st.partition_size);
+  }
   p.rows = n, p.N = C_, p.K = C_;
   p.prefetch = l2_ahead(w.proj_w + size_t(C_) * C_);
-  launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
-                        stream_, pdl_);
+  launch_skinny_gemm<T>(p, merge ? SkinnyInput::kAttentionPartials : SkinnyInput::kActivation,
+                        SkinnyOutput::kBiasResidual, num_sms_, stream_, pdl_);
   SkinnyParams<T> f;
   f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_fold = fc_folds_[l], f.eps = eps_;
   f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;

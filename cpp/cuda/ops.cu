@@ -372,6 +372,54 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
   });
 }
 
+void decode_attention_proj(float* residual, const float* qkv, const float* k_cache,
+                           const float* v_cache, const int32_t* positions,
+                           const int32_t* block_tables, const float* weight, const float* bias,
+                           int num_seqs, int max_blocks, int num_heads, int head_size,
+                           int block_size, int64_t cache_elems, DType dtype, int partition_size,
+                           int heads_per_block) {
+  if (num_seqs < 1 || num_seqs > kSkinnyMaxRows) {
+    throw std::invalid_argument("decode_attention_proj: 1 to " + std::to_string(kSkinnyMaxRows) +
+                                " sequences (the skinny GEMV's rows), got " +
+                                std::to_string(num_seqs));
+  }
+  std::vector<int32_t> context_lens(num_seqs);
+  for (int s = 0; s < num_seqs; ++s) context_lens[s] = positions[s] + 1;
+  const int max_ctx = std::max(1, *std::max_element(context_lens.begin(), context_lens.end()));
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int C = num_heads * head_size;
+    auto q = upload<T>(qkv, size_t(num_seqs) * 3 * C);
+    auto k = upload<T>(k_cache, size_t(cache_elems)), v = upload<T>(v_cache, size_t(cache_elems));
+    auto ctx = upload_raw<int32_t>(context_lens.data(), num_seqs);
+    auto tables = upload_raw<int32_t>(block_tables, size_t(num_seqs) * max_blocks);
+    auto w = upload<T>(weight, size_t(C) * C);
+    auto b = upload<T>(bias, size_t(C));
+    auto res = upload<float>(residual, size_t(num_seqs) * C);
+    DevArray<T> unused(size_t(num_seqs) * C);  // out: not written when the GEMV merges
+    poison(unused);
+    const DecodeSplit split =
+        decode_split(num_seqs, num_heads, max_ctx, partition_size, heads_per_block);
+    const int parts = decode_num_partitions(max_ctx, split.partition_size);
+    DecodeScratch scratch(num_seqs, num_heads, head_size, parts);
+    CUDA_CHECK(cudaStreamSynchronize(kStream));  // the caches' casts, as in paged_attention
+    launch_decode_attention<T>(unused.get(), q->get(), k->get(), v->get(), ctx->get(),
+                               tables->get(), nullptr, num_seqs, max_blocks, num_heads,
+                               head_size, block_size, max_ctx, split.partition_size,
+                               split.heads_per_block, scratch.ws, kStream, /*pdl=*/true, {},
+                               /*merge_later=*/true);
+    SkinnyParams<T> p;
+    p.partials = scratch.ws, p.context_lens = ctx->get(), p.head_size = head_size;
+    p.partition_size = split.partition_size, p.max_partitions = parts;
+    p.weight = w->get(), p.bias = b->get(), p.out = res->get();
+    p.rows = num_seqs, p.N = C, p.K = C;
+    launch_skinny_gemm<T>(p, SkinnyInput::kAttentionPartials, SkinnyOutput::kBiasResidual,
+                          num_sms(), kStream, /*pdl=*/true);
+    CUDA_CHECK(cudaMemcpy(residual, res->get(), size_t(num_seqs) * C * sizeof(float),
+                          cudaMemcpyDeviceToHost));
+  });
+}
+
 void sample(int32_t* next_tokens, const float* logits, const SamplingInputs& params,
             int num_rows, int vocab_size, DType dtype) {
   auto temperature = upload_raw<float>(params.temperature, num_rows);

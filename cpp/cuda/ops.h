@@ -105,6 +105,22 @@ void paged_attention(float* out,                      // [T, H * D]
                      float* k_out = nullptr,                 // [cache_elems] (with slot_mapping)
                      float* v_out = nullptr);
 
+// A skinny decode step's attention and proj: the decode kernel leaves every partition's partial
+// and the proj GEMV merges them while staging its x (SkinnyInput::kAttentionPartials), then
+// residual += attention @ weight^T + bias. One query per sequence (its position positions[s]),
+// num_seqs <= 8; partition_size, heads_per_block 0: as the model picks them.
+void decode_attention_proj(float* residual,              // [S, H * D], in and out
+                           const float* qkv,             // [S, 3 * H * D]
+                           const float* k_cache,         // [num_blocks, block_size, H, D]
+                           const float* v_cache,         // [num_blocks, block_size, H, D]
+                           const int32_t* positions,     // [S]
+                           const int32_t* block_tables,  // [S, max_blocks_per_seq]
+                           const float* weight,          // [H * D, H * D]
+                           const float* bias,            // [H * D]
+                           int num_seqs, int max_blocks_per_seq, int num_heads, int head_size,
+                           int block_size, int64_t cache_elems, DType dtype, int partition_size,
+                           int heads_per_block);
+
 // Heads per decode thread block the model picks for a batch of num_seqs on this GPU (1 or 4).
 int decode_heads_per_block(int num_seqs, int num_heads);
 

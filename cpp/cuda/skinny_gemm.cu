@@ -124,12 +124,73 @@ __device__ __forceinline__ float2 ln_row_stats(const float* stats, int M, int m,
   return make_float2(d, rsqrtf(fmaxf(q * inv_k - d * d, 0.f) + eps));
 }
 
+// Partitions whose loads stage_attention issues together (8: spills at 1-2 rows).
+constexpr int kPartsAtOnce = 4;
+
+// kAttentionPartials: x row m = sequence m's attention output, from its parts[m] partitions
+// (see DecodeWorkspace): element d of head h is sum_p w_p o_p[d] / sum_p w_p l_p, w_p =
+// exp2(max_p - max over p), as the attention kernel's own merge computes it (merge_partitions).
+// A row with no partition (padding, or m >= p.rows) is zero. The engine takes this path only
+// where a thread stages one vector (skinny_merges_attention, check_partials).
+// NOTE: this is the attention kernel's last step moved here. There, the last partition of a
+// head to finish merged them: its partial row, a fence, an atomic on the head's counter and
+// then the others' partials, three dependent round trips to L2 on the batch-1 step's critical
+// path. Here the loads take the place of x's copy.
+// NOTE: ptxas issues the maxima's loads first and the rest after their exp2 (two round trips,
+// read in the SASS). Copying all of them into shared memory with cp.async instead (one round
+// trip, planned before the wait) made the step slower: gpt2 batch 1 0.228-0.230 -> 0.239 ms
+// (H200, notes.md, twenty-third session).
+template <typename T, int M>
+__device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>& p,
+                                                const int (&parts)[M]) {
+  const DecodeWorkspace& ws = p.partials;
+  const int D = p.head_size, H = p.K / D, vecs = p.K / 4;  // float4 vectors a row
+  for (int i = threadIdx.x; i < M * vecs; i += kThreads) {
+    int m = 0, n = parts[0];
+#pragma unroll
+    for (int r = 1; r < M; ++r) {
+      if (i >= r * vecs) m = r, n = parts[r];
+    }
+    const int k = (i - m * vecs) * 4, h = k / D;
+    const int64_t first = (int64_t(m) * H + h) * p.max_partitions;
+    const float* out = ws.partial_out + first * D + (k - h * D);
+    float mx = -INFINITY, l = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int p0 = 0; p0 < n; p0 += kPartsAtOnce) {
+      float pm[kPartsAtOnce], pl[kPartsAtOnce];
+      float4 po[kPartsAtOnce];
+#pragma unroll
+      for (int j = 0; j < kPartsAtOnce; ++j) {
+        const bool here = p0 + j < n;
+        pm[j] = here ? __ldcg(ws.partial_max + first + p0 + j) : -INFINITY;
+        pl[j] = here ? __ldcg(ws.partial_sum + first + p0 + j) : 0.f;
+        po[j] = here ? __ldcg(reinterpret_cast<const float4*>(out + int64_t(p0 + j) * D))
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+      float m_new = mx;
+#pragma unroll
+      for (int j = 0; j < kPartsAtOnce; ++j) m_new = fmaxf(m_new, pm[j]);
+      const float a = mx == -INFINITY ? 0.f : exp2f(mx - m_new);
+      l *= a, o.x *= a, o.y *= a, o.z *= a, o.w *= a;
+#pragma unroll
+      for (int j = 0; j < kPartsAtOnce; ++j) {
+        const float w = pm[j] == -INFINITY ? 0.f : exp2f(pm[j] - m_new);
+        l += pl[j] * w;
+        o.x += po[j].x * w, o.y += po[j].y * w, o.z += po[j].z * w, o.w += po[j].w * w;
+      }
+      mx = m_new;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    reinterpret_cast<float4*>(xs)[i] = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+  }
+}
+
 // x staged into xs [M, K] as float32, rows m >= p.rows zero; with kLayerNorm, x - x0 times ln_w
-// (the LayerNorm weight in shared memory), and the rows' statistics into stats (ln_warp_stats).
-// The caller syncs.
+// (the LayerNorm weight in shared memory), and the rows' statistics into stats (ln_warp_stats);
+// with kAttentionPartials, the partitions merged (parts: each row's count). The caller syncs.
 template <typename T, int M, SkinnyInput IN>
 __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyParams<T>& p,
-                                        const float* ln_w) {
+                                        const float* ln_w, const int (&parts)[M]) {
   const int K = p.K;
   auto row_of = [&](int m) { return int64_t(p.x_rows ? p.x_rows[m] : m); };
   if constexpr (IN == SkinnyInput::kLayerNorm) {
@@ -159,6 +220,8 @@ __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyPar
           }
         });
     ln_warp_stats<M>(stats, sum, sq);
+  } else if constexpr (IN == SkinnyInput::kAttentionPartials) {
+    stage_attention<T, M>(xs, p, parts);
   } else {
     constexpr int V = kVec16<T>;
     const T* x = static_cast<const T*>(p.x);
@@ -284,6 +347,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   load_first(blockIdx.x, w);
   EpilogueInputs in;
   load_bias(blockIdx.x, in);
+  int parts[M] = {};  // kAttentionPartials: the rows' partitions (context lengths: step inputs)
+  if constexpr (IN == SkinnyInput::kAttentionPartials) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int ctx = m < p.rows ? max(p.context_lens[m], 0) : 0;
+      parts[m] = (ctx + p.partition_size - 1) / p.partition_size;
+    }
+  }
   if constexpr (kLn) stage_ln_weight(ln_w, p.ln_weight, p.K);
   prefetch_l2_share(p.prefetch);
   if constexpr (kLn) __syncthreads();  // ln_w staged
@@ -298,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     if (threadIdx.x < p.rows) cp_async4(&slots[threadIdx.x], &p.slot_mapping[threadIdx.x]);
     cp_async_commit();
   }
-  stage_x<T, M, IN>(xs, ln_stats, p, ln_w);
+  stage_x<T, M, IN>(xs, ln_stats, p, ln_w, parts);
   if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
   __syncthreads();
   trace.mark(2);
@@ -465,6 +536,10 @@ void launch_rows(const SkinnyParams<T>& p, SkinnyInput in, SkinnyOutput out, int
         return launch_tile<T, M, I::kLayerNorm, O::kLogits>(p, num_sms, stream, pdl);
       default: break;
     }
+  } else if (in == I::kAttentionPartials) {
+    if (out == O::kBiasResidual) {
+      return launch_tile<T, M, I::kAttentionPartials, O::kBiasResidual>(p, num_sms, stream, pdl);
+    }
   } else {
     switch (out) {
       case O::kBias:
@@ -516,10 +591,46 @@ void launch_fold_layernorm(float* fold, const T* weight, const float* ln_weight,
   CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+
+// What stage_attention reads must be there and inside the workspace.
+template <typename T>
+void check_partials(const SkinnyParams<T>& p) {
+  const int D = p.head_size;
+  const DecodeWorkspace& ws = p.partials;
+  if (!(ws.partial_out && ws.partial_max && ws.partial_sum && p.context_lens)) {
+    throw std::invalid_argument(
+        "skinny GEMM: attention partials need the workspace and the context lengths");
+  }
+  if (D <= 0 || D % 4 != 0 || p.K % D != 0 || p.partition_size <= 0 || p.max_partitions <= 0) {
+    throw std::invalid_argument("skinny GEMM: attention partials of head size " +
+                                std::to_string(D) + " (a multiple of 4 dividing K=" +
+                                std::to_string(p.K) + "), partition size " +
+                                std::to_string(p.partition_size) + ", " +
+                                std::to_string(p.max_partitions) + " partitions");
+  }
+  if (padded_rows(p.rows) * p.K / 4 > kThreads) {
+    throw std::invalid_argument("skinny GEMM: attention partials of " + std::to_string(p.rows) +
+                                " rows x K=" + std::to_string(p.K) + ": at most " +
+                                std::to_string(kThreads) +
+                                " float4 vectors of x (skinny_merges_attention)");
+  }
+  if (int64_t(p.rows) * (p.K / D) * p.max_partitions > ws.capacity_rows) {
+    throw std::invalid_argument("skinny GEMM: attention partials past the workspace (" +
+                                std::to_string(ws.capacity_rows) + " rows)");
+  }
+}
+
+}  // namespace
+
 bool skinny_gemm_supported(int rows, int K) {
   return rows >= 1 && rows <= kSkinnyMaxRows && K % 8 == 0 &&
          smem_bytes(padded_rows(rows), K, false) <= kMaxSmem &&
          smem_bytes(padded_rows(rows), K, true) <= kMaxSmemWithLayerNorm;
+}
+
+bool skinny_merges_attention(int rows, int K) {
+  return skinny_gemm_supported(rows, K) && padded_rows(rows) * K / 4 <= kThreads;
 }
 
 template <typename T>
@@ -534,6 +645,7 @@ void launch_skinny_gemm(const SkinnyParams<T>& p, SkinnyInput input, SkinnyOutpu
     throw std::invalid_argument(
         "skinny GEMM: a LayerNorm input needs ln_weight and ln_fold (launch_fold_layernorm)");
   }
+  if (input == SkinnyInput::kAttentionPartials) check_partials(p);
   switch (padded_rows(p.rows)) {
     case 1: return launch_rows<T, 1>(p, input, output, num_sms, stream, pdl);
     case 2: return launch_rows<T, 2>(p, input, output, num_sms, stream, pdl);

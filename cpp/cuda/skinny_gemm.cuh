@@ -3,7 +3,8 @@
 // GEMV with the work around the product fused in:
 //   prologue: the fp32 residual rows (optionally gathered by x_rows) times the LayerNorm weight,
 //             their mean and variance summed on the way (the rest of the LayerNorm is folded
-//             into the epilogue), or a plain activation in T;
+//             into the epilogue), a plain activation in T, or decode attention's partitions
+//             merged (its last step, moved here from the attention kernel);
 //   epilogue: + bias, + bias then GELU, residual += (+ bias), + bias with the K/V columns also
 //             written to their paged-cache slots (QKV + write_kv), or float32 logits.
 // NOTE: with programmatic dependent launch (pdl) the weight prefetch of a GEMV overlaps the tail
@@ -16,6 +17,7 @@
 
 #include <cstdint>
 
+#include "cuda/attention_decode.cuh"
 #include "cuda/cuda_common.cuh"
 #include "cuda/dtype.h"
 
@@ -26,6 +28,10 @@ constexpr int kSkinnyMaxRows = 8;
 enum class SkinnyInput {
   kActivation,  // x: T [rows, K]
   kLayerNorm,   // x: float [*, K] (the residual stream), normalized with ln_weight and ln_fold
+  // x row m: sequence m's decode-attention output (K = H * D), merged from the partitions that
+  // launch_decode_attention(..., merge_later) left in `partials` (flash-decoding's reduce).
+  // Only where skinny_merges_attention(rows, K).
+  kAttentionPartials,
 };
 
 enum class SkinnyOutput {
@@ -46,6 +52,11 @@ struct SkinnyParams {
   const float* ln_weight = nullptr;   // [K] (kLayerNorm)
   const float* ln_fold = nullptr;     // [2, N]: s, then c (kLayerNorm)
   float eps = 1e-5f;
+  // kAttentionPartials: the partials, and what says where they lie (see DecodeWorkspace): the
+  // sequences' context lengths (0: padding, x row 0), the launch's partition size and count.
+  DecodeWorkspace partials;
+  const int32_t* context_lens = nullptr;  // [rows]
+  int partition_size = 0, max_partitions = 0, head_size = 0;
   const T* weight = nullptr;          // [N, K]
   const T* bias = nullptr;            // [N] (kActivation; unused by kLogits)
   void* out = nullptr;                // see SkinnyOutput
@@ -63,6 +74,15 @@ struct SkinnyParams {
 // Whether the skinny kernel takes a product of `rows` rows over K inputs: rows <= 8, K a
 // multiple of 8 (16-byte weight loads) and x fitting shared memory.
 bool skinny_gemm_supported(int rows, int K);
+
+// Whether a skinny GEMV of `rows` rows over K = H * D inputs should merge decode attention's
+// partitions itself (kAttentionPartials): only while each thread stages one vector of x. Every
+// block reads every partition, so the bytes grow with rows x K x partitions, and a thread's
+// vectors go one round trip at a time.
+// NOTE: measured (H200, 128 + 128 tokens, PAGEDGPT2_MERGE_IN_PROJ=0 against 1 in one process):
+// gpt2 batch 1 (one vector a thread) 0.245 -> 0.233 ms a step; two vectors a thread: gpt2
+// batch 2 0 to +1%, gpt2-xl batch 1 -1.4 to +0.4%; four: gpt2-xl batch 2 2.333 -> 2.466 ms.
+bool skinny_merges_attention(int rows, int K);
 
 // pdl: launch with programmatic stream serialization (sm_90): the kernel streams its first
 // weights while the previous kernel finishes, then waits for it before reading x. Only valid

@@ -545,6 +545,50 @@ def test_decode_attention_one_big_head(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+# (heads, contexts): gpt2's 12 heads at batch 1 (one, a few and 16 partitions of 64 tokens);
+# 4 heads at 2 and 3 sequences (the 4th row of the GEMV's tile a padding row).
+@pytest.mark.parametrize("num_heads,ctx", [(12, [1]), (12, [200]), (12, [1000]), (4, [37, 130]),
+                                           (4, [1, 300, 64])])
+@pytest.mark.parametrize("partition_size", [0, 32, 64])
+@pytest.mark.parametrize("heads_per_block", [1, 4])
+def test_skinny_proj_merges_decode_partitions(rng, dtype, num_heads, ctx, partition_size,
+                                              heads_per_block):
+    """A skinny decode step's attention and proj: the attention kernel leaves every partition's
+    partial (a single one too) and the proj GEMV merges them as it stages x. Against the CPU's
+    attention, then its matmul (no rounding between them: the GEMV stages the merge in
+    float32)."""
+    head_size, block_size = 64, 16
+    C = num_heads * head_size
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, ctx, [1] * len(ctx), num_heads,
+                                                    head_size, block_size, dtype)
+    w = randn(rng, (C, C), dtype, 1.0 / np.sqrt(C))
+    b = randn(rng, (C,), dtype)
+    residual = rng.standard_normal((len(ctx), C)).astype(np.float32)
+    attention = cpu.paged_attention(qkv, k, v, positions, qsl, tables, num_heads)
+    want = residual + cpu.matmul(attention, w, b)
+    got = gpu.decode_attention_proj(qkv, k, v, positions, tables, num_heads, w, b, residual,
+                                    dtype=dtype, partition_size=partition_size,
+                                    heads_per_block=heads_per_block)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else {k: 2 * v for k, v in ATTN_TOL[dtype].items()}
+    np.testing.assert_allclose(got, want, **tol)
+
+
+@pytest.mark.parametrize("num_heads,num_seqs,match", [
+    (2, 9, "1 to 8 sequences .*got 9"),
+    (12, 2, "2 rows x K=768: at most 256 float4 vectors"),  # gpt2 at batch 2
+    (25, 1, "1 rows x K=1600: at most 256 float4 vectors"),  # gpt2-xl at batch 1
+])
+def test_skinny_proj_merge_rejects_shapes_it_does_not_take(rng, num_heads, num_seqs, match):
+    qkv, k, v, positions, qsl, tables = paged_batch(rng, [5] * num_seqs, [1] * num_seqs,
+                                                    num_heads, 64, 16, "float32")
+    C = num_heads * 64
+    w, b = randn(rng, (C, C), "float32"), randn(rng, (C,), "float32")
+    with pytest.raises(ValueError, match=match):
+        gpu.decode_attention_proj(qkv, k, v, positions, tables, num_heads, w, b,
+                                  rng.standard_normal((num_seqs, C)).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("head_size", [64, 32] + GENERIC_HEAD_SIZES)
 def test_prefill_attention(rng, dtype, block_size, head_size):
