@@ -126,15 +126,17 @@ __device__ void merge_partitions(T* out_row, const DecodeWorkspace& ws, int64_t 
 // whole block with kWholeBlock) have written this partition's partial_out row `row` (of the
 // head's num_parts rows from first_row): publishes its max m and sum l and counts it; the last
 // of the partitions to do so merges them all into out_row and resets the count. is_last: a
-// shared flag, for the whole block.
+// shared flag, for the whole block. merge_later: only m and l are written (the proj GEMV merges
+// the partitions: SkinnyInput::kAttentionPartials).
 template <bool kWholeBlock, typename T>
 __device__ void publish_partition(T* out_row, const DecodeWorkspace& ws, int64_t sh,
                                   int64_t first_row, int64_t row, int num_parts, float m, float l,
-                                  int D, int t, int n, bool* is_last) {
+                                  int D, int t, int n, bool* is_last, bool merge_later) {
   if (t == 0) {
     ws.partial_max[row] = m;
     ws.partial_sum[row] = l;
   }
+  if (merge_later) return;
   __threadfence();
   bool last = false;
   if constexpr (kWholeBlock) {
@@ -386,11 +388,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < kVec; ++e) ws.partial_out[row * D + col(j) + e] = acc[j * kVec + e];
       }
-      if (merge_later && lane == 0) ws.partial_max[row] = m, ws.partial_sum[row] = l;
     }
-    if (merge_later) return;
     publish_partition<false>(out_row, ws, sh, first_row, row, num_parts, m, l, D, lane, 32,
-                             nullptr);
+                             nullptr, merge_later);
   } else {
     // The block on one head: merge the warps through shared memory, weights exp2(m_w - max_m)
     // (a warp with no token has m_w = -inf: 0).
@@ -426,12 +426,8 @@ __global__ void __launch_bounds__(kThreads)
     // ---- split path: publish this partition, the last one to finish merges.
     const int64_t row = first_row + part;
     for (int d = tid; d < D; d += kThreads) ws.partial_out[row * D + d] = merged(d);
-    if (merge_later) {
-      if (tid == 0) ws.partial_max[row] = max_m, ws.partial_sum[row] = sum;
-      return;
-    }
     publish_partition<true>(out_row, ws, sh, first_row, row, num_parts, max_m, sum, D, tid,
-                            kThreads, &is_last);
+                            kThreads, &is_last, merge_later);
   }
 }
 

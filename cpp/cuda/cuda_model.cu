@@ -198,6 +198,9 @@ struct Step {
   int max_query_len = 0;      // longest query run of the other sequences (prefill grid)
   int partition_size = 0;     // decode attention: tokens per thread block ...
   int heads_per_block = 1;    // ... and heads
+  // Skinny steps of decode rows only: the proj GEMV merges decode attention's partitions
+  // (SkinnyInput::kAttentionPartials) where skinny_merges_attention allows it.
+  bool merge_in_proj = false;
   const int32_t *token_ids, *positions, *slot_mapping, *query_start_loc, *context_lens,
       *block_tables, *logits_indices;
   DeviceSampling sampling;
@@ -281,9 +284,6 @@ class Engine final : public CudaModel::Impl {
   void enqueue_wide_layer(const Step& st, int l);    // layer l by cuBLASLt and our kernels
   void enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch = {},
                          bool merge_later = false);
-  // Whether the proj GEMV of a skinny step merges decode attention's partitions (all rows
-  // decode rows): kAttentionPartials.
-  bool merge_in_proj(const Step& st) const;
   // LM head on rows [r0, r0 + rows) into logits_ (float32), or into logits_t_ (T, rows of
   // padded_vocab()) for sampling in fp16/bf16 models; returns whether it was logits_t_. exact:
   // float32 output for every dtype.
@@ -323,7 +323,7 @@ class Engine final : public CudaModel::Impl {
   // Wide steps: decode attention writes the decode rows' K/V (write_kv takes only the prompt
   // rows). PAGEDGPT2_ATTENTION_WRITES_KV=0 leaves every row to write_kv, for comparison.
   bool attention_writes_kv_ = true;
-  // Skinny decode steps: the proj GEMV merges decode attention's partitions (merge_in_proj).
+  // Skinny decode steps: the proj GEMV merges decode attention's partitions (Step::merge_in_proj).
   // PAGEDGPT2_MERGE_IN_PROJ=0 leaves the merge to the attention kernel, for comparison.
   bool merge_in_proj_ = true;
   L2Range l2_ahead(const void* weight_end) const;
@@ -552,7 +552,7 @@ void Engine<T>::allocate_activations() {
     // Launches use ceil(context / size) <= this count partitions, for any context <= P_.
     const int parts =
         decode_partition_count(s, H_, P_, num_sms_, decode_heads_per_block(s, H_, num_sms_));
-    // Skinny steps (merge_in_proj) keep a partial row even when there is one partition.
+    // Skinny steps (Step::merge_in_proj) keep a partial row even when there is one partition.
     if (parts > 1 || s <= kSkinnyMaxRows) {
       partial_rows = std::max<int64_t>(partial_rows, int64_t(s) * H_ * parts);
     }
@@ -722,6 +722,8 @@ Step Engine<T>::make_step(const StepLayout& layout, int num_decode_seqs, int max
   st.max_query_len = max_query_len;
   st.skinny = layout.T <= skinny_max_rows_ && skinny_gemm_supported(layout.T, C_) &&
               skinny_gemm_supported(layout.T, I_);
+  st.merge_in_proj = merge_in_proj_ && st.skinny && st.num_decode_seqs == layout.S &&
+                     layout.T == layout.S && skinny_merges_attention(layout.T, C_);
   const int nd = std::max(st.num_decode_seqs, 1);
   st.heads_per_block = decode_heads_per_block(nd, H_, num_sms_);
   st.partition_size = decode_partition_size(nd, H_, std::max(max_context_len, 1), num_sms_,
@@ -860,12 +862,6 @@ void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch,
 }
 
 template <typename T>
-bool Engine<T>::merge_in_proj(const Step& st) const {
-  return merge_in_proj_ && st.skinny && st.num_decode_seqs == st.layout.S &&
-         st.layout.T == st.layout.S && skinny_merges_attention(st.layout.T, C_);
-}
-
-template <typename T>
 void Engine<T>::enqueue_layers(const Step& st) {
   launch_embedding<T>(residual_, st.skinny ? nullptr : ln_out_, st.token_ids, st.positions, wte_,
                       wpe_, layers_[0].ln_1_w, layers_[0].ln_1_b, st.layout.T, C_, eps_, stream_);
@@ -893,7 +889,7 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   q.prefetch = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
   launch_skinny_gemm<T>(q, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                         pdl_);
-  const bool merge = merge_in_proj(st);
+  const bool merge = st.merge_in_proj;
   // The QKV GEMV asked for the proj weights.
   enqueue_attention(st, k_cache(l), v_cache(l), {}, merge);
   SkinnyParams<T> p;

@@ -135,6 +135,22 @@ DecodeSplit decode_split(int num_seqs, int num_heads, int max_context_len, int p
   return split;
 }
 
+// A decode-attention launch planned from the sequences' context lengths, as a step plans it:
+// the split (decode_split), the partitions it makes and the workspace of their partials.
+struct DecodePlan {
+  DecodePlan(const std::vector<int32_t>& context_lens, int num_heads, int head_size,
+             int partition_size, int heads_per_block)
+      : max_ctx(std::max(1, *std::max_element(context_lens.begin(), context_lens.end()))),
+        split(decode_split(int(context_lens.size()), num_heads, max_ctx, partition_size,
+                           heads_per_block)),
+        num_parts(decode_num_partitions(max_ctx, split.partition_size)),
+        scratch(int(context_lens.size()), num_heads, head_size, num_parts) {}
+  int max_ctx;
+  DecodeSplit split;
+  int num_parts;
+  DecodeScratch scratch;
+};
+
 }  // namespace
 
 void layernorm(float* out, const float* in, const float* weight, const float* bias,
@@ -347,18 +363,15 @@ void paged_attention(float* out, const float* qkv, const float* k_cache, const f
     if (use_decode) {
       auto ctx = upload_raw<int32_t>(context_lens.data(), num_seqs);
       auto slots = upload_raw<int32_t>(slot_mapping, slot_mapping ? num_seqs : 0);
-      const int max_ctx = std::max(1, *std::max_element(context_lens.begin(), context_lens.end()));
-      const DecodeSplit split =
-          decode_split(num_seqs, num_heads, max_ctx, partition_size, heads_per_block);
-      DecodeScratch scratch(num_seqs, num_heads, head_size,
-                            decode_num_partitions(max_ctx, split.partition_size));
+      const DecodePlan plan(context_lens, num_heads, head_size, partition_size, heads_per_block);
       // Launched programmatically, the kernel copies cache rows before it waits: what wrote them
       // (the caches' cast kernels here, earlier steps in the engine) must be done and visible.
       CUDA_CHECK(cudaStreamSynchronize(kStream));
       launch_decode_attention<T>(y.get(), q->get(), k->get(), v->get(), ctx->get(), tables->get(),
                                  slot_mapping ? slots->get() : nullptr, num_seqs, max_blocks,
-                                 num_heads, head_size, block_size, max_ctx, split.partition_size,
-                                 split.heads_per_block, scratch.ws, kStream,
+                                 num_heads, head_size, block_size, plan.max_ctx,
+                                 plan.split.partition_size, plan.split.heads_per_block,
+                                 plan.scratch.ws, kStream,
                                  /*pdl=*/true);  // as in a step: the first tiles load early
       CUDA_CHECK(cudaDeviceSynchronize());
       if (k_out) download(k_out, k->get(), size_t(cache_elems));
@@ -385,7 +398,6 @@ void decode_attention_proj(float* residual, const float* qkv, const float* k_cac
   }
   std::vector<int32_t> context_lens(num_seqs);
   for (int s = 0; s < num_seqs; ++s) context_lens[s] = positions[s] + 1;
-  const int max_ctx = std::max(1, *std::max_element(context_lens.begin(), context_lens.end()));
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int C = num_heads * head_size;
@@ -398,19 +410,16 @@ void decode_attention_proj(float* residual, const float* qkv, const float* k_cac
     auto res = upload<float>(residual, size_t(num_seqs) * C);
     DevArray<T> unused(size_t(num_seqs) * C);  // out: not written when the GEMV merges
     poison(unused);
-    const DecodeSplit split =
-        decode_split(num_seqs, num_heads, max_ctx, partition_size, heads_per_block);
-    const int parts = decode_num_partitions(max_ctx, split.partition_size);
-    DecodeScratch scratch(num_seqs, num_heads, head_size, parts);
+    const DecodePlan plan(context_lens, num_heads, head_size, partition_size, heads_per_block);
     CUDA_CHECK(cudaStreamSynchronize(kStream));  // the caches' casts, as in paged_attention
     launch_decode_attention<T>(unused.get(), q->get(), k->get(), v->get(), ctx->get(),
                                tables->get(), nullptr, num_seqs, max_blocks, num_heads,
-                               head_size, block_size, max_ctx, split.partition_size,
-                               split.heads_per_block, scratch.ws, kStream, /*pdl=*/true, {},
-                               /*merge_later=*/true);
+                               head_size, block_size, plan.max_ctx, plan.split.partition_size,
+                               plan.split.heads_per_block, plan.scratch.ws, kStream,
+                               /*pdl=*/true, {}, /*merge_later=*/true);
     SkinnyParams<T> p;
-    p.partials = scratch.ws, p.context_lens = ctx->get(), p.head_size = head_size;
-    p.partition_size = split.partition_size, p.max_partitions = parts;
+    p.partials = plan.scratch.ws, p.context_lens = ctx->get(), p.head_size = head_size;
+    p.partition_size = plan.split.partition_size, p.max_partitions = plan.num_parts;
     p.weight = w->get(), p.bias = b->get(), p.out = res->get();
     p.rows = num_seqs, p.N = C, p.K = C;
     launch_skinny_gemm<T>(p, SkinnyInput::kAttentionPartials, SkinnyOutput::kBiasResidual,
