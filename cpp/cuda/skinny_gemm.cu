@@ -30,6 +30,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;  // 16-byte weight vectors in flight per lane
+// NOTE: the weights stream one chunk (kUnroll vectors a lane) ahead, in registers. A ring of 2-4
+// chunks a warp in shared memory (cp.async, filled before pdl_wait, across row groups) was
+// slower on an H200 (gpt2 batch 1 0.230 -> 0.247-0.250 ms, gpt2-xl 1.684 -> 1.734-1.931):
+// the big GEMVs do not lack bytes in flight (notes.md, twenty-fourth session).
 constexpr int kMinBlocksPerSm = 3;  // register cap: 3 x 8 warps keep ~100 KB of W in flight
 // NOTE: 4-warp blocks, 7 an SM (72 registers, 28 warps an SM) were slower everywhere on an H200
 // (gpt2 batch 1 0.313 -> 0.380 ms a step, gpt2-xl 2.06 -> 2.68; spills at 1 row). notes.md,
