@@ -613,7 +613,7 @@ void check_partials(const SkinnyParams<T>& p) {
                                 std::to_string(p.partition_size) + ", " +
                                 std::to_string(p.max_partitions) + " partitions");
   }
-  if (padded_rows(p.rows) * p.K / 4 > kThreads) {
+  if (!skinny_merges_attention(p.rows, p.K)) {
     throw std::invalid_argument("skinny GEMM: attention partials of " + std::to_string(p.rows) +
                                 " rows x K=" + std::to_string(p.K) + ": at most " +
                                 std::to_string(kThreads) +
