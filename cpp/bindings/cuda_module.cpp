@@ -146,7 +146,7 @@ void bind_ops(nb::module_& m) {
       "advance_decode_step",
       [](IntArray token_ids, IntArray positions, IntArray slot_mapping, IntArray context_lens,
          std::optional<I64Array> counters, IntMatrix history, IntArray next_tokens,
-         IntMatrix next_slots, int run_step) {
+         IntMatrix next_slots, int run_step, std::optional<U64Array> greedy_keys) {
         const size_t S = token_ids.shape(0), steps = history.shape(0);
         check_len("positions", positions.shape(0), S);
         check_len("slot_mapping", slot_mapping.shape(0), S);
@@ -154,6 +154,7 @@ void bind_ops(nb::module_& m) {
         if (counters) check_len("counters", counters->shape(0), S);
         check_len("history columns", history.shape(1), S);
         check_len("next_tokens", next_tokens.shape(0), S);
+        if (greedy_keys) check_len("greedy_keys", greedy_keys->shape(0), S);
         check_len("next_slots", next_slots.size(), steps * S);
         if (run_step < 0 || size_t(run_step) >= steps) {
           throw std::invalid_argument("advance_decode_step: run_step must be in [0, steps)");
@@ -166,22 +167,30 @@ void bind_ops(nb::module_& m) {
         auto ids = copy(token_ids.data(), {S}), pos = copy(positions.data(), {S});
         auto slots = copy(slot_mapping.data(), {S}), lens = copy(context_lens.data(), {S});
         auto hist = copy(history.data(), {steps, S});
+        auto next = copy(next_tokens.data(), {S});
+        auto keys = owned_array<uint64_t>({greedy_keys ? S : 0});
+        if (greedy_keys) std::memcpy(keys.data(), greedy_keys->data(), S * sizeof(uint64_t));
         auto ctr = owned_array<int64_t>({counters ? S : 0});
         if (counters) std::memcpy(ctr.data(), counters->data(), S * sizeof(int64_t));
         int32_t step = run_step;
         cuda::ops::advance_decode_step(ids.data(), pos.data(), slots.data(), lens.data(),
                                        counters ? ctr.data() : nullptr, hist.data(),
-                                       next_tokens.data(), next_slots.data(), &step, int(S),
-                                       int(steps));
+                                       next.data(), next_slots.data(), &step, int(S),
+                                       int(steps), greedy_keys ? keys.data() : nullptr);
         nb::dict out;
         out["token_ids"] = ids, out["positions"] = pos, out["slot_mapping"] = slots;
         out["context_lens"] = lens, out["history"] = hist, out["run_step"] = step;
         out["counters"] = counters ? nb::object(nb::cast(ctr)) : nb::none();
+        out["next_tokens"] = next;
+        out["greedy_keys"] = greedy_keys ? nb::object(nb::cast(keys)) : nb::none();
         return out;
       },
       "token_ids"_a, "positions"_a, "slot_mapping"_a, "context_lens"_a, "counters"_a.none(),
       "history"_a, "next_tokens"_a, "next_slots"_a, "run_step"_a,
-      "One decode-run step advance on copies of the arrays: returns them advanced, as a dict.");
+      "greedy_keys"_a.none() = nb::none(),
+      "One decode-run step advance on copies of the arrays: returns them advanced, as a dict. "
+      "greedy_keys (uint64, the LM head's argmax keys): the step's tokens are taken from them, "
+      "and they come back reset to 0.");
   ops.def(
       "matmul",
       [](FloatTensor in, FloatTensor w, std::optional<FloatTensor> bias, bool gelu,
@@ -203,7 +212,8 @@ void bind_ops(nb::module_& m) {
       "skinny_matmul",
       [](FloatTensor in, FloatTensor w, std::optional<FloatTensor> bias,
          std::optional<FloatTensor> ln_weight, std::optional<FloatTensor> ln_bias, float eps,
-         std::optional<FloatTensor> residual, bool gelu, std::string dtype) {
+         std::optional<FloatTensor> residual, bool gelu, std::string dtype,
+         bool greedy) -> nb::object {
         if (in.ndim() != 2 || w.ndim() != 2) throw std::invalid_argument("skinny_matmul: 2-D");
         const int T = int(in.shape(0)), K = int(in.shape(1)), N = int(w.shape(0));
         check_len("weight columns", w.shape(1), K);
@@ -217,19 +227,26 @@ void bind_ops(nb::module_& m) {
         if ((gelu || residual) && !bias) {
           throw std::invalid_argument("skinny_matmul: gelu / residual need a bias");
         }
+        if (greedy && bias) {
+          throw std::invalid_argument("skinny_matmul: greedy=True takes logits (no bias)");
+        }
         auto out = owned_array<float>({size_t(T), size_t(N)});
+        auto tokens = owned_array<int32_t>({greedy ? size_t(T) : 0});
         cuda::ops::skinny_matmul(out.data(), in.data(), w.data(), bias ? bias->data() : nullptr,
                                  ln_weight ? ln_weight->data() : nullptr,
                                  ln_bias ? ln_bias->data() : nullptr, eps,
                                  residual ? residual->data() : nullptr, gelu, T, N, K,
-                                 dt(dtype));
-        return out;
+                                 dt(dtype), greedy ? tokens.data() : nullptr);
+        if (greedy) return nb::make_tuple(out, tokens);
+        return nb::cast(out);
       },
       "input"_a, "weight"_a, "bias"_a.none() = nb::none(), nb::kw_only(),
       "ln_weight"_a.none() = nb::none(), "ln_bias"_a.none() = nb::none(), "eps"_a = 1e-5f,
       "residual"_a.none() = nb::none(), "gelu"_a = false, "dtype"_a = "float32",
+      "greedy"_a = false,
       "The decode GEMV (<= 8 rows): [residual +] [gelu](LN?(input) @ weight.T + bias); no bias: "
-      "float32 logits.");
+      "float32 logits. greedy=True (logits): returns (logits, tokens), tokens [T] int32 being "
+      "each row's greedy token as the kernel reduces it while writing the logits.");
   ops.def(
       "gelu",
       [](FloatTensor x, std::string dtype) {

@@ -1,6 +1,7 @@
 // advance_decode_step: one thread block (see advance_step.cuh).
 #include "cuda/advance_step.cuh"
 #include "cuda/cuda_common.cuh"
+#include "cuda/sampling.cuh"  // key_id
 
 namespace pagedgpt2::cuda {
 namespace {
@@ -11,13 +12,20 @@ constexpr int kThreads = 256;
 __global__ void advance_decode_step_kernel(int32_t* token_ids, int32_t* positions,
                                            int32_t* slot_mapping, int32_t* context_lens,
                                            int64_t* counters, int32_t* history,
-                                           const int32_t* next_tokens, const int32_t* next_slots,
-                                           int32_t* run_step, int num_rows) {
-  pdl_wait();  // next_tokens (the sampler's), and every input the step's kernels read
+                                           int32_t* next_tokens, unsigned long long* greedy_keys,
+                                           const int32_t* next_slots, int32_t* run_step,
+                                           int num_rows) {
+  pdl_wait();  // next_tokens or greedy_keys, and every input the step's kernels read
   const int64_t row0 = int64_t(*run_step) * num_rows;
   for (int s = threadIdx.x; s < num_rows; s += kThreads) {
+    int32_t token;
+    if (greedy_keys) {  // the LM head's argmax; zeroed for the next step's, padding rows too
+      token = key_id(greedy_keys[s]);
+      greedy_keys[s] = 0;
+      next_tokens[s] = token;
+    }
     if (context_lens[s] <= 0) continue;  // padding
-    const int32_t token = next_tokens[s];
+    if (!greedy_keys) token = next_tokens[s];
     history[row0 + s] = token;
     token_ids[s] = token;
     positions[s] += 1;
@@ -33,13 +41,13 @@ __global__ void advance_decode_step_kernel(int32_t* token_ids, int32_t* position
 
 void launch_advance_decode_step(int32_t* token_ids, int32_t* positions, int32_t* slot_mapping,
                                 int32_t* context_lens, int64_t* counters, int32_t* history,
-                                const int32_t* next_tokens, const int32_t* next_slots,
-                                int32_t* run_step, int num_rows, cudaStream_t stream,
-                                bool pdl) {
+                                int32_t* next_tokens, unsigned long long* greedy_keys,
+                                const int32_t* next_slots, int32_t* run_step, int num_rows,
+                                cudaStream_t stream, bool pdl) {
   if (num_rows <= 0) return;
   launch_kernel(advance_decode_step_kernel, dim3(1), dim3(kThreads), 0, stream, pdl, token_ids,
                 positions, slot_mapping, context_lens, counters, history, next_tokens,
-                next_slots, run_step, num_rows);
+                greedy_keys, next_slots, run_step, num_rows);
 }
 
 }  // namespace pagedgpt2::cuda

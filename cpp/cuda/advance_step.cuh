@@ -22,11 +22,16 @@ void launch_advance_decode_step(int32_t* token_ids,           // [num_rows]
                                 int32_t* context_lens,        // [num_rows]
                                 int64_t* counters,            // [num_rows] or nullptr
                                 int32_t* history,             // [steps, num_rows] sampled ids
-                                const int32_t* next_tokens,   // [num_rows] sampled by this step
+                                int32_t* next_tokens,         // [num_rows] sampled by this step
+                                // [num_rows] or nullptr: this step's greedy keys (the LM
+                                // head's SkinnyParams::argmax); if given, next_tokens[s] =
+                                // key_id(greedy_keys[s]) first, and every key is reset to 0
+                                unsigned long long* greedy_keys,
                                 const int32_t* next_slots,    // [steps, num_rows] cache slots
                                 int32_t* run_step,            // [1]
                                 int num_rows, cudaStream_t stream,
                                 bool pdl = false);  // programmatic launch (sm_90), after the
-                                                    // sampler: the kernel waits for it first
+                                                    // sampler or the LM head: the kernel
+                                                    // waits for it first
 
 }  // namespace pagedgpt2::cuda

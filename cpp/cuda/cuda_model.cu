@@ -201,6 +201,8 @@ struct Step {
   // Skinny steps of decode rows only: the proj GEMV merges decode attention's partitions
   // (SkinnyInput::kAttentionPartials) where skinny_merges_attention allows it.
   bool merge_in_proj = false;
+  // Graph steps that sample: every row is greedy (temperature 0), padding rows included.
+  bool all_greedy = false;
   const int32_t *token_ids, *positions, *slot_mapping, *query_start_loc, *context_lens,
       *block_tables, *logits_indices;
   DeviceSampling sampling;
@@ -287,7 +289,9 @@ class Engine final : public CudaModel::Impl {
   // LM head on rows [r0, r0 + rows) into logits_ (float32), or into logits_t_ (T, rows of
   // padded_vocab()) for sampling in fp16/bf16 models; returns whether it was logits_t_. exact:
   // float32 output for every dtype.
-  bool enqueue_logits(const Step& st, int r0, int rows, bool exact);
+  // argmax: the LM head's SkinnyParams::argmax (greedy_in_lm_head steps).
+  bool enqueue_logits(const Step& st, int r0, int rows, bool exact,
+                      unsigned long long* argmax = nullptr);
   void enqueue_sample(const Step& st, int r0, int rows, bool half_logits);
   // The wide path's cuBLASLt GEMMs over n rows (warm_up_gemms makes their plans).
   void gemm_qkv(const Layer& w, int n);      // ln_out_ -> qkv_
@@ -326,6 +330,13 @@ class Engine final : public CudaModel::Impl {
   // Skinny decode steps: the proj GEMV merges decode attention's partitions (Step::merge_in_proj).
   // PAGEDGPT2_MERGE_IN_PROJ=0 leaves the merge to the attention kernel, for comparison.
   bool merge_in_proj_ = true;
+  // Decode-run steps with a step after them whose rows are all greedy and whose LM head is the
+  // skinny GEMV: the LM head reduces each row's greedy token as it writes the logits (into
+  // greedy_keys_) and the advance takes it from there; no sampler kernel. NOTE: H200, gpt2
+  // batch 1: the sampler and the hand-over to it took ~4.7 us of a 0.230 ms step.
+  // PAGEDGPT2_GREEDY_IN_LM_HEAD=0 keeps the sampler, for comparison.
+  bool greedy_in_lm_head_ = true;
+  bool greedy_in_lm_head(const Step& st, bool sample, bool advance) const;
   L2Range l2_ahead(const void* weight_end) const;
   Gemm gemm_;
   int C_, I_, V_, H_, D_, L_, P_;
@@ -361,6 +372,9 @@ class Engine final : public CudaModel::Impl {
   float* logits_ = nullptr;        // [logits_rows, V]
   T* logits_t_ = nullptr;  // [logits_rows, padded_vocab] half-precision LM head (T != float)
   int32_t* next_tokens_ = nullptr; // [max_tokens]
+  // [max_seqs]: the LM head's greedy keys (SkinnyParams::argmax); zero between steps (the
+  // advance that reads them resets them).
+  unsigned long long* greedy_keys_ = nullptr;
   char* step_dev_ = nullptr;       // packed step inputs (device twin of step_host_)
   DecodeWorkspace decode_ws_;
   size_t step_bytes_ = 0;
@@ -390,8 +404,8 @@ class Engine final : public CudaModel::Impl {
   DeviceBuffer kv_pool_;
   size_t cache_bytes_ = 0;  // one layer's K (or V): num_blocks * block_size * C * sizeof(T)
 
-  // (bucket, sample, advance) -> graph
-  std::map<std::tuple<int, bool, bool>, cudaGraphExec_t> graphs_;
+  // (bucket, sample, advance, greedy_in_lm_head) -> graph
+  std::map<std::tuple<int, bool, bool, bool>, cudaGraphExec_t> graphs_;
 };
 
 template <typename T>
@@ -426,6 +440,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* merge = std::getenv("PAGEDGPT2_MERGE_IN_PROJ")) {
     merge_in_proj_ = std::string(merge) != "0";
+  }
+  if (const char* greedy = std::getenv("PAGEDGPT2_GREEDY_IN_LM_HEAD")) {
+    greedy_in_lm_head_ = std::string(greedy) != "0";
   }
   device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -575,6 +592,7 @@ void Engine<T>::allocate_activations() {
       logits_t_ = cv.take<T>(size_t(logits_rows_) * padded_vocab() * sizeof(T));
     }
     next_tokens_ = cv.take<int32_t>(Tn * sizeof(int32_t));
+    greedy_keys_ = cv.take<unsigned long long>(size_t(max_seqs_) * sizeof(unsigned long long));
     step_slots_ = cv.take<int32_t>(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
     token_history_ = cv.take<int32_t>(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
     run_step_ = cv.take<int32_t>(sizeof(int32_t));
@@ -592,6 +610,7 @@ void Engine<T>::allocate_activations() {
   decode_ws_.capacity_rows = partial_rows;
   decode_ws_.capacity_counters = counter_rows;
   CUDA_CHECK(cudaMemset(decode_ws_.counters, 0, size_t(counter_rows) * sizeof(unsigned)));
+  CUDA_CHECK(cudaMemset(greedy_keys_, 0, size_t(max_seqs_) * sizeof(unsigned long long)));
   step_host_.reset(step_bytes_);
   tokens_host_.reset(Tn * sizeof(int32_t));
   step_slots_host_.reset(size_t(kMaxDecodeSteps) * max_seqs_ * sizeof(int32_t));
@@ -669,7 +688,11 @@ void Engine<T>::capture_decode_graphs() {
     const Step st = pack_graph(in, &s, bucket);
     enqueue_upload(st);
     launch_decode_graph(st, true);
-    launch_decode_graph(st, true, /*advance=*/true);  // padding rows: it changes nothing
+    // Padding rows only: these change nothing. Both kinds of advancing step (greedy_in_lm_head).
+    launch_decode_graph(st, true, /*advance=*/true);
+    Step sampled = st;
+    sampled.all_greedy = false;
+    launch_decode_graph(sampled, true, /*advance=*/true);
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -810,6 +833,7 @@ Step Engine<T>::pack_graph(const StepInputs& in, const SamplingInputs* s, int bu
   }
   std::memcpy(rows, in.logits_indices, 4 * size_t(R));
   for (int i = R; i < B; ++i) rows[i] = 0;
+  bool all_greedy = false;
   if (s) {
     auto* temp = reinterpret_cast<float*>(h + l.temperature);
     auto* top_k = ints(l.top_k);
@@ -824,10 +848,13 @@ Step Engine<T>::pack_graph(const StepInputs& in, const SamplingInputs* s, int bu
     for (int i = R; i < B; ++i) {
       temp[i] = 0.f, top_k[i] = 0, top_p[i] = 1.f, seeds[i] = 0, counters[i] = 0;  // greedy
     }
+    all_greedy = std::all_of(temp, temp + B, [](float t) { return t == 0.f; });
   }
   // NOTE: the grid of a graph is fixed, so decode attention is sized for the longest possible
   // context (n_positions); blocks past a sequence's real context exit at once.
-  return make_step(l, B, P_, 1);
+  Step st = make_step(l, B, P_, 1);
+  st.all_greedy = all_greedy;
+  return st;
 }
 
 // ---- enqueue --------------------------------------------------------------------------------
@@ -952,18 +979,20 @@ void Engine<T>::enqueue_wide_layer(const Step& st, int l) {
 }
 
 template <typename T>
-bool Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact) {
+bool Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact,
+                               unsigned long long* argmax) {
   const int32_t* idx = st.logits_indices + r0;
   if (rows <= skinny_max_rows_ && skinny_gemm_supported(rows, C_)) {
     SkinnyParams<T> p;
     p.x = residual_, p.x_rows = idx, p.ln_weight = ln_f_w_, p.ln_fold = lm_head_fold_;
     p.eps = eps_;
-    p.weight = wte_, p.out = logits_;
+    p.weight = wte_, p.out = logits_, p.argmax = argmax;
     p.rows = rows, p.N = V_, p.K = C_;
     launch_skinny_gemm<T>(p, SkinnyInput::kLayerNorm, SkinnyOutput::kLogits, num_sms_, stream_,
                           pdl_);
     return false;
   }
+  if (argmax) throw std::logic_error("enqueue_logits: greedy keys from the skinny LM head only");
   launch_add_layernorm<T>(residual_, nullptr, final_x_, ln_f_w_, ln_f_b_, idx, rows, C_, eps_,
                           stream_);
   return gemm_lm_head(rows, exact);
@@ -1039,13 +1068,21 @@ void Engine<T>::enqueue_sample(const Step& st, int r0, int rows, bool half_logit
 }
 
 template <typename T>
+bool Engine<T>::greedy_in_lm_head(const Step& st, bool sample, bool advance) const {
+  const int R = st.layout.R;
+  return greedy_in_lm_head_ && sample && advance && st.all_greedy && R <= logits_rows_ &&
+         R <= skinny_max_rows_ && skinny_gemm_supported(R, C_);
+}
+
+template <typename T>
 void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance) {
   const int R = st.layout.R;
+  const bool greedy = greedy_in_lm_head(st, sample, advance);  // one chunk of rows then
   enqueue_layers(st);
   for (int r0 = 0; r0 < R; r0 += logits_rows_) {
     const int rows = std::min(logits_rows_, R - r0);
-    const bool half_logits = enqueue_logits(st, r0, rows, !sample);
-    if (sample) {
+    const bool half_logits = enqueue_logits(st, r0, rows, !sample, greedy ? greedy_keys_ : nullptr);
+    if (sample && !greedy) {
       enqueue_sample(st, r0, rows, half_logits);
     } else if (logits_host) {
       CUDA_CHECK(cudaMemcpyAsync(logits_host + size_t(r0) * V_, logits_, 4 * size_t(rows) * V_,
@@ -1058,8 +1095,8 @@ void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host,
     auto ints = [](const int32_t* p) { return const_cast<int32_t*>(p); };
     launch_advance_decode_step(ints(st.token_ids), ints(st.positions), ints(st.slot_mapping),
                                ints(st.context_lens), const_cast<int64_t*>(st.sampling.counters),
-                               token_history_, next_tokens_, step_slots_, run_step_,
-                               st.layout.S, stream_, pdl_);
+                               token_history_, next_tokens_, greedy ? greedy_keys_ : nullptr,
+                               step_slots_, run_step_, st.layout.S, stream_, pdl_);
   } else if (sample) {
     CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(R),
                                cudaMemcpyDeviceToHost, stream_));
@@ -1071,7 +1108,8 @@ void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host,
 // first step of a bucket runs eagerly (warming plans and attributes) and is then captured.
 template <typename T>
 void Engine<T>::launch_decode_graph(const Step& st, bool sample, bool advance) {
-  const auto key = std::make_tuple(st.layout.T, sample, advance);
+  const auto key =
+      std::make_tuple(st.layout.T, sample, advance, greedy_in_lm_head(st, sample, advance));
   auto it = graphs_.find(key);
   if (it != graphs_.end()) {
     CUDA_CHECK(cudaGraphLaunch(it->second, stream_));

@@ -217,8 +217,8 @@ void embedding(float* residual, float* ln_out, const int32_t* token_ids, const i
 
 void advance_decode_step(int32_t* token_ids, int32_t* positions, int32_t* slot_mapping,
                          int32_t* context_lens, int64_t* counters, int32_t* history,
-                         const int32_t* next_tokens, const int32_t* next_slots, int32_t* run_step,
-                         int num_rows, int num_steps) {
+                         int32_t* next_tokens, const int32_t* next_slots, int32_t* run_step,
+                         int num_rows, int num_steps, uint64_t* greedy_keys) {
   const size_t S = size_t(num_rows), H = size_t(num_steps) * S;
   auto ids = upload_raw(token_ids, S), pos = upload_raw(positions, S);
   auto slots = upload_raw(slot_mapping, S), lens = upload_raw(context_lens, S);
@@ -226,9 +226,12 @@ void advance_decode_step(int32_t* token_ids, int32_t* positions, int32_t* slot_m
   auto hist = upload_raw(history, H);
   auto next = upload_raw(next_tokens, S), next_sl = upload_raw(next_slots, H);
   auto step = upload_raw(run_step, 1);
+  using Key = unsigned long long;
+  auto keys = upload_raw<Key>(reinterpret_cast<const Key*>(greedy_keys), greedy_keys ? S : 0);
   launch_advance_decode_step(ids->get(), pos->get(), slots->get(), lens->get(),
                              counters ? ctr->get() : nullptr, hist->get(), next->get(),
-                             next_sl->get(), step->get(), num_rows, kStream);
+                             greedy_keys ? keys->get() : nullptr, next_sl->get(), step->get(),
+                             num_rows, kStream);
   CUDA_CHECK_LAUNCH();
   auto back = [](auto* host, const auto& dev, size_t n) {
     CUDA_CHECK(cudaMemcpy(host, dev->get(), n * sizeof(*host), cudaMemcpyDeviceToHost));
@@ -236,6 +239,8 @@ void advance_decode_step(int32_t* token_ids, int32_t* positions, int32_t* slot_m
   back(token_ids, ids, S), back(positions, pos, S), back(slot_mapping, slots, S);
   back(context_lens, lens, S), back(history, hist, H), back(run_step, step, 1);
   if (counters) back(counters, ctr, S);
+  back(next_tokens, next, S);
+  if (greedy_keys) back(reinterpret_cast<Key*>(greedy_keys), keys, S);
 }
 
 void matmul(float* out, const float* in, const float* weight, const float* bias, int num_tokens,
@@ -258,7 +263,7 @@ void matmul(float* out, const float* in, const float* weight, const float* bias,
 void skinny_matmul(float* out, const float* in, const float* weight, const float* bias,
                    const float* ln_weight, const float* ln_bias, float eps,
                    const float* residual, bool gelu, int num_tokens, int out_features,
-                   int in_features, DType dtype) {
+                   int in_features, DType dtype, int32_t* greedy_tokens) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const size_t nx = size_t(num_tokens) * in_features, ny = size_t(num_tokens) * out_features;
@@ -284,12 +289,28 @@ void skinny_matmul(float* out, const float* in, const float* weight, const float
                         : gelu ? SkinnyOutput::kBiasGelu
                                : SkinnyOutput::kBias;
     const SkinnyInput input = ln ? SkinnyInput::kLayerNorm : SkinnyInput::kActivation;
+    if (greedy_tokens && kind != SkinnyOutput::kLogits) {
+      throw std::invalid_argument("skinny_matmul: greedy tokens of logits only (no bias)");
+    }
+    DevArray<unsigned long long> keys(greedy_tokens ? num_tokens : 0);
+    if (greedy_tokens) {
+      CUDA_CHECK(cudaMemset(keys.get(), 0, num_tokens * sizeof(unsigned long long)));
+      p.argmax = keys.get();
+    }
     if (kind == SkinnyOutput::kLogits || kind == SkinnyOutput::kBiasResidual) {
       auto y = upload<float>(residual, ny);
       if (!residual) poison(*y);  // logits: fully overwritten
       p.out = y->get();
       launch_skinny_gemm<T>(p, input, kind, num_sms(), kStream);
       CUDA_CHECK(cudaMemcpy(out, y->get(), ny * sizeof(float), cudaMemcpyDeviceToHost));
+      if (greedy_tokens) {
+        std::vector<unsigned long long> k(num_tokens);
+        CUDA_CHECK(cudaMemcpy(k.data(), keys.get(), k.size() * sizeof(k[0]),
+                              cudaMemcpyDeviceToHost));
+        for (int m = 0; m < num_tokens; ++m) {  // key_id; a row no key reached: -1
+          greedy_tokens[m] = k[m] ? int32_t(0xffffffffu - uint32_t(k[m])) : -1;
+        }
+      }
     } else {
       DevArray<T> y(ny);
       poison(y);

@@ -50,9 +50,11 @@ void advance_decode_step(int32_t* token_ids,          // [S]
                          int32_t* context_lens,       // [S]
                          int64_t* counters,           // [S] or nullptr
                          int32_t* history,            // [steps, S]
-                         const int32_t* next_tokens,  // [S]
+                         int32_t* next_tokens,        // [S]
                          const int32_t* next_slots,   // [steps, S]
-                         int32_t* run_step, int num_rows, int num_steps);
+                         int32_t* run_step, int num_rows, int num_steps,
+                         // [S] or nullptr: the LM head's greedy keys, read and reset to 0
+                         uint64_t* greedy_keys = nullptr);
 
 // cuBLASLt: out = in @ weight^T (+ bias), then tanh-GELU when gelu (bias required then).
 void matmul(float* out,           // [T, N]
@@ -64,6 +66,8 @@ void matmul(float* out,           // [T, N]
 // The skinny GEMV (T <= 8): out = [gelu](LN?(in) @ weight^T + bias) [+ residual].
 //   ln_weight/ln_bias given: `in` is float32 and normalized in the kernel (else cast to dtype);
 //   bias nullptr: float32 logits, no bias; residual given: out = residual + in @ W^T + bias.
+//   greedy_tokens given (logits only): each row's greedy token as the kernel reduces it on the
+//   way (SkinnyParams::argmax).
 void skinny_matmul(float* out,              // [T, N]
                    const float* in,         // [T, K]
                    const float* weight,     // [N, K]
@@ -72,7 +76,8 @@ void skinny_matmul(float* out,              // [T, N]
                    const float* ln_bias,    // [K] or nullptr
                    float eps,
                    const float* residual,   // [T, N] or nullptr
-                   bool gelu, int num_tokens, int out_features, int in_features, DType dtype);
+                   bool gelu, int num_tokens, int out_features, int in_features, DType dtype,
+                   int32_t* greedy_tokens = nullptr);  // [T] or nullptr
 
 void gelu(float* x, int64_t n, DType dtype);
 

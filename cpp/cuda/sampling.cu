@@ -1,9 +1,8 @@
 // GPU sampling: one 1024-thread block per row, no sort of the vocabulary.
 //
-// Every token gets a key ordering it as the CPU does (descending scaled logit, ties by lower id):
-//   key = order_bits(logit) << 32 | (0xFFFFFFFF - id)     (larger key = earlier)
-// and a probability mass in fixed point: mass = floor(exp(s - max) * 2^shift), with shift chosen
-// so the whole row sums below 2^63.
+// Every token gets a key ordering it as the CPU does (make_key in sampling.cuh: descending scaled
+// logit, ties by lower id) and a probability mass in fixed point:
+// mass = floor(exp(s - max) * 2^shift), with shift chosen so the whole row sums below 2^63.
 // NOTE: integer masses make every sum exact and order-independent, so the draw is deterministic
 // run to run whatever the atomics' order; they differ from the CPU's double sums by < 2^-shift
 // per token (~1e-14 for GPT-2's vocabulary), i.e. only draws landing that close to a boundary
@@ -30,20 +29,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 2 * kThreads;
 constexpr int kCap = 2048;
 
-__device__ __forceinline__ uint32_t order_bits(float f) {
-  const uint32_t u = __float_as_uint(f == 0.f ? 0.f : f);  // -0 ties with +0, as on the CPU
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 __device__ __forceinline__ float from_order_bits(uint32_t o) {
   return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
-
-__device__ __forceinline__ u64 make_key(float s, int id) {
-  return (u64(order_bits(s)) << 32) | u64(0xffffffffu - uint32_t(id));
-}
-
-__device__ __forceinline__ int key_id(u64 key) { return int(0xffffffffu - uint32_t(key)); }
 
 struct Row {
   float max;        // largest scaled logit

@@ -21,6 +21,7 @@
 #include <utility>
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/sampling.cuh"
 #include "cuda/skinny_gemm.cuh"
 #include "cuda/stage_trace.cuh"
 
@@ -263,15 +264,15 @@ struct EpilogueInputs {
 template <int M, SkinnyOutput OUT>
 constexpr int kRowsPerWarp = OUT == SkinnyOutput::kLogits && M <= 2 ? 4 : 1;
 
-// slot: the cache slot of row m (kBiasQkv), copied into shared memory beside x.
+// slot: the cache slot of row m (kBiasQkv), copied into shared memory beside x. Returns the
+// output before any activation (kLogits: the logit written).
 template <typename T, SkinnyOutput OUT>
-__device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n, float y,
-                                         const EpilogueInputs& in, int32_t slot) {
+__device__ __forceinline__ float epilogue(const SkinnyParams<T>& p, int m, int n, float y,
+                                          const EpilogueInputs& in, int32_t slot) {
   const int64_t o = int64_t(m) * p.N + n;
   y += in.bias;  // 0 for logits without a LayerNorm
   if constexpr (OUT == SkinnyOutput::kLogits) {
     static_cast<float*>(p.out)[o] = y;
-    return;
   } else {
     if constexpr (OUT == SkinnyOutput::kBiasResidual) {
       static_cast<float*>(p.out)[o] = in.residual + y;
@@ -289,9 +290,43 @@ __device__ __forceinline__ void epilogue(const SkinnyParams<T>& p, int m, int n,
       }
     }
   }
+  return y;
 }
 
-template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
+// SkinnyParams::argmax, reduced in three steps so that nothing is held in registers across the
+// multiply: in each row group the writer lanes' keys are reduced over the warp and merged into
+// the block's keys in shared memory (argmax_merge); at the end the block makes one atomicMax a
+// row (argmax_publish). NOTE: per block, not per warp: same-address atomics queue at L2 one at a
+// time (the gpt2 LM head has 396 blocks of 8 warps), and a key held across the loop made ptxas
+// spill the 2-row LayerNorm LM head (16 bytes in fp16).
+template <int M>
+__device__ __forceinline__ unsigned long long* argmax_block_keys() {
+  __shared__ unsigned long long keys[M];  // [M], zeroed before the first group
+  return keys;
+}
+
+// key: 0, or make_key of the logit this lane wrote, of product row lane % M; the writer lanes
+// are lanes < M * R (R rows a warp). All lanes.
+template <int M, int R>
+__device__ __forceinline__ void argmax_merge(unsigned long long key) {
+#pragma unroll
+  for (int offset = M * R / 2; offset >= M; offset >>= 1) {
+    key = max(key, __shfl_xor_sync(0xffffffffu, key, offset));
+  }
+  const int lane = threadIdx.x % 32;
+  if (lane < M && key) atomicMax(&argmax_block_keys<M>()[lane], key);
+}
+
+template <int M>
+__device__ __forceinline__ void argmax_publish(unsigned long long* keys) {  // all threads
+  __syncthreads();
+  const unsigned long long key = threadIdx.x < M ? argmax_block_keys<M>()[threadIdx.x] : 0;
+  if (key) atomicMax(&keys[threadIdx.x], key);
+}
+
+// kArgmax (kLogits only): p.argmax is reduced (a variant of its own: the 2-row LayerNorm LM
+// head spilled with it, and an unused argmax should cost nothing).
+template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT, bool kArgmax = false>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row, float inv_k) {
   extern __shared__ float smem[];
@@ -304,6 +339,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   constexpr int V = kVec16<T>;
   constexpr int R = kRowsPerWarp<M, OUT>;  // > 1: warps_per_row is 1, no bias or residual
   static_assert(R == 1 || OUT == SkinnyOutput::kLogits, "several rows a warp: logits only");
+  static_assert(!kArgmax || OUT == SkinnyOutput::kLogits, "greedy keys of logits only");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_per_block = kWarps / warps_per_row * R;
   const int num_groups = (p.N + rows_per_block - 1) / rows_per_block;
@@ -372,6 +408,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   if constexpr (OUT == SkinnyOutput::kBiasQkv) {
     if (threadIdx.x < p.rows) cp_async4(&slots[threadIdx.x], &p.slot_mapping[threadIdx.x]);
     cp_async_commit();
+  }
+  if constexpr (kArgmax) {
+    if (threadIdx.x < M) argmax_block_keys<M>()[threadIdx.x] = 0;
   }
   stage_x<T, M, IN>(xs, ln_stats, p, ln_w, parts);
   if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
@@ -472,6 +511,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       __syncthreads();  // partial is rewritten by the next group
     }
     const int m = lane % M, r = lane / M;
+    unsigned long long key = 0;  // kArgmax: make_key of this lane's logit
     if (writer && n + r < p.N) {
       float y = 0.f;
 #pragma unroll
@@ -482,10 +522,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         const float2 ln = ln_row_stats(ln_stats, M, m, inv_k, p.eps);
         y = ln.y * (y - ln.x * in.ln_sum);
       }
-      epilogue<T, OUT>(p, m, n + r, y, in, OUT == SkinnyOutput::kBiasQkv ? slots[m] : -1);
+      y = epilogue<T, OUT>(p, m, n + r, y, in, OUT == SkinnyOutput::kBiasQkv ? slots[m] : -1);
+      if constexpr (kArgmax) key = make_key(y, n + r);
     }
+    if constexpr (kArgmax) argmax_merge<M, R>(key);
     in = next_in;
   }
+  if constexpr (kArgmax) argmax_publish<M>(p.argmax);
   trace.commit(p.N, p.K, p.rows);
 }
 
@@ -503,7 +546,7 @@ int resident_blocks_per_sm(Kernel kernel, size_t smem) {
   return cache[key] = std::max(blocks, 1);
 }
 
-template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT>
+template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT, bool kArgmax = false>
 void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, bool pdl) {
   constexpr int R = kRowsPerWarp<M, OUT>;
   int warps_per_row = R > 1 ? 1 : p.warps_per_row;
@@ -515,7 +558,7 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
     }
   }
   const size_t smem = smem_bytes(M, p.K, IN == SkinnyInput::kLayerNorm);
-  auto kernel = skinny_gemm_kernel<T, M, IN, OUT>;
+  auto kernel = skinny_gemm_kernel<T, M, IN, OUT, kArgmax>;
   allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
   const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row * R),
                               resident_blocks_per_sm(kernel, smem) * num_sms);
@@ -537,6 +580,9 @@ void launch_rows(const SkinnyParams<T>& p, SkinnyInput in, SkinnyOutput out, int
       case O::kBiasQkv:
         return launch_tile<T, M, I::kLayerNorm, O::kBiasQkv>(p, num_sms, stream, pdl);
       case O::kLogits:
+        if (p.argmax) {
+          return launch_tile<T, M, I::kLayerNorm, O::kLogits, true>(p, num_sms, stream, pdl);
+        }
         return launch_tile<T, M, I::kLayerNorm, O::kLogits>(p, num_sms, stream, pdl);
       default: break;
     }
@@ -650,6 +696,10 @@ void launch_skinny_gemm(const SkinnyParams<T>& p, SkinnyInput input, SkinnyOutpu
         "skinny GEMM: a LayerNorm input needs ln_weight and ln_fold (launch_fold_layernorm)");
   }
   if (input == SkinnyInput::kAttentionPartials) check_partials(p);
+  if (p.argmax && !(input == SkinnyInput::kLayerNorm && output == SkinnyOutput::kLogits)) {
+    throw std::invalid_argument(
+        "skinny GEMM: greedy keys (argmax) come with the LayerNorm LM head only");
+  }
   switch (padded_rows(p.rows)) {
     case 1: return launch_rows<T, 1>(p, input, output, num_sms, stream, pdl);
     case 2: return launch_rows<T, 2>(p, input, output, num_sms, stream, pdl);

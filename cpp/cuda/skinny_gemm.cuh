@@ -6,7 +6,8 @@
 //             into the epilogue), a plain activation in T, or decode attention's partitions
 //             merged (its last step, moved here from the attention kernel);
 //   epilogue: + bias, + bias then GELU, residual += (+ bias), + bias with the K/V columns also
-//             written to their paged-cache slots (QKV + write_kv), or float32 logits.
+//             written to their paged-cache slots (QKV + write_kv), or float32 logits (with,
+//             optionally, each row's greedy token reduced on the way: SkinnyParams::argmax).
 // NOTE: with programmatic dependent launch (pdl) the weight prefetch of a GEMV overlaps the tail
 // of the kernel before it; the weights never depend on earlier kernels.
 // So a decode layer is 5 launches: ln_1+QKV+write_kv, attention, proj+residual,
@@ -66,6 +67,11 @@ struct SkinnyParams {
   int rows = 0, N = 0, K = 0;
   // Warps sharing each output row (splitting K): 1, 2, 4 or 8; 0 = picked per launch.
   int warps_per_row = 0;
+  // kLogits after kLayerNorm (the LM head): where each product row's greedy token is reduced
+  // as its logits are written: the max of the row's keys (make_key in sampling.cuh) by
+  // atomicMax, so [rows] zeros before the launch (whoever reads the keys resets them).
+  // nullptr: not reduced.
+  unsigned long long* argmax = nullptr;
   // Asked of L2 by the blocks together, after their first weight loads and before waiting on
   // the previous kernel (the weights of the GEMVs after this one; never waited for).
   L2Range prefetch;

@@ -80,19 +80,57 @@ def test_abort_and_soak_end_with_the_pool_free(model_dir):
     assert eng.kv_stats()["blocks_used"] == 0
 
 
-def test_decode_graphs_are_captured_at_start_up(model_dir):
+@pytest.mark.parametrize("greedy_in_lm_head", [None, "0"])
+def test_decode_graphs_are_captured_at_start_up(model_dir, monkeypatch, greedy_in_lm_head):
     """Every decode bucket's two sampling graphs (1, 2, 4, ..., max_num_seqs; a step's, and a
     decode run's step that turns its tokens into the next step's inputs) exist before the first
     request; steps at batch sizes that grow and shrink replay them and capture nothing more.
-    (That replayed graphs compute the right tokens is what the HF comparisons check.)"""
+    Buckets of 1 and 2 rows (the skinny LM head) have a third, the run's step whose rows are all
+    greedy, taking its tokens from the LM head without a sampler (unless
+    PAGEDGPT2_GREEDY_IN_LM_HEAD=0). (That replayed graphs compute the right tokens is what the
+    HF comparisons and test_greedy_tokens_from_the_lm_head_are_the_samplers check.)"""
+    if greedy_in_lm_head is None:
+        monkeypatch.delenv("PAGEDGPT2_GREEDY_IN_LM_HEAD", raising=False)
+    else:
+        monkeypatch.setenv("PAGEDGPT2_GREEDY_IN_LM_HEAD", greedy_in_lm_head)
     eng = engine(model_dir, max_num_seqs=24)
     buckets = [1, 2, 4, 8, 16, 24]
-    assert eng.backend.num_cuda_graphs == 2 * len(buckets)
+    graphs = 2 * len(buckets) + (2 if greedy_in_lm_head is None else 0)
+    assert eng.backend.num_cuda_graphs == graphs
     rng = np.random.default_rng(12)
     lengths = rng.integers(1, 25, size=20).tolist()
     outs = eng.generate(prompts(12, rng.integers(2, 30, size=20).tolist()), [greedy(n) for n in lengths])
     assert [len(o.token_ids) for o in outs] == lengths
-    assert eng.backend.num_cuda_graphs == 2 * len(buckets)
+    assert eng.backend.num_cuda_graphs == graphs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_greedy_tokens_from_the_lm_head_are_the_samplers(model_dir, monkeypatch, dtype):
+    """Decode runs of 1-2 sequences, every one greedy, take each step's tokens from the LM head's
+    argmax (no sampler kernel; the advance reads and resets the keys). The tokens must be the
+    sampler's (PAGEDGPT2_GREEDY_IN_LM_HEAD=0), over runs that continue one another and at a batch
+    that shrinks from 2 to 1 as a sequence ends. A batch with a sampled sequence keeps the
+    sampler: its seeded draws must not change either."""
+    ps = prompts(13, [5, 17])
+    lengths = [40, 23]
+
+    def run(env, params):
+        if env is None:
+            monkeypatch.delenv("PAGEDGPT2_GREEDY_IN_LM_HEAD", raising=False)
+        else:
+            monkeypatch.setenv("PAGEDGPT2_GREEDY_IN_LM_HEAD", env)
+        eng = Engine(model_dir, device="cuda", dtype=dtype, num_blocks=512, block_size=8, decode_steps=8)
+        out = [o.token_ids for o in eng.generate(ps[:len(params)], params)]
+        assert eng.kv_stats()["blocks_used"] == 0
+        return out
+
+    for params in ([greedy(lengths[0])], [greedy(n) for n in lengths]):
+        fused = run(None, params)
+        assert [len(t) for t in fused] == [p.max_new_tokens for p in params]
+        assert fused == run("0", params)
+    mixed = [greedy(lengths[0]), SamplingParams(max_new_tokens=lengths[1], temperature=1.0, seed=3,
+                                                ignore_eos=True)]
+    assert run(None, mixed) == run("0", mixed)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -184,12 +184,21 @@ def test_step_ops_reject_bad_arguments(rng):
         gpu.advance_decode_step(z, z, z, z, None, table, z, table, run_step=4)
 
 
+def greedy_keys_of(rng, tokens: np.ndarray) -> np.ndarray:
+    """Keys as the LM head's argmax leaves them (make_key in sampling.cuh): a logit's order bits
+    above, 0xFFFFFFFF - token below."""
+    high = rng.integers(1, 2**32, size=len(tokens), dtype=np.uint64)
+    return (high << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - tokens.astype(np.uint64))
+
+
 @pytest.mark.parametrize("num_rows", [1, 37, 300])  # 300: more rows than the block's threads
 @pytest.mark.parametrize("with_counters", [True, False])
-def test_advance_decode_step(rng, num_rows, with_counters):
+@pytest.mark.parametrize("greedy", [False, True])
+def test_advance_decode_step(rng, num_rows, with_counters, greedy):
     """A decode run's step advance: sampled tokens become the inputs and the history's row
     run_step, every sequence moves on a position and takes its next slot; a bucket's padding rows
-    (context 0) are left alone."""
+    (context 0) are left alone. greedy: the tokens come from the LM head's greedy keys, which
+    come back zeroed (padding rows' too) for the next step's LM head."""
     S, steps, run_step = num_rows, 6, int(rng.integers(0, 6))
     lens = rng.integers(1, 900, S).astype(np.int32)
     lens[rng.random(S) < 0.2] = 0  # padding rows
@@ -200,11 +209,16 @@ def test_advance_decode_step(rng, num_rows, with_counters):
              history=rng.integers(0, 50257, (steps, S)).astype(np.int32),
              next_tokens=rng.integers(0, 50257, S).astype(np.int32),
              next_slots=rng.integers(0, 10**6, (steps, S)).astype(np.int32))
-    got = gpu.advance_decode_step(**a, run_step=run_step)
+    sampled = a["next_tokens"]
+    keys = None
+    if greedy:
+        sampled = rng.integers(0, 50257, S).astype(np.int32)
+        keys = greedy_keys_of(rng, sampled)
+    got = gpu.advance_decode_step(**a, run_step=run_step, greedy_keys=keys)
     live = lens > 0
     want = {k: (v.copy() if v is not None else None) for k, v in a.items()}
-    want["token_ids"][live] = a["next_tokens"][live]
-    want["history"][run_step, live] = a["next_tokens"][live]
+    want["token_ids"][live] = sampled[live]
+    want["history"][run_step, live] = sampled[live]
     want["slot_mapping"][live] = a["next_slots"][run_step, live]
     for name in ("positions", "context_lens") + (("counters",) if with_counters else ()):
         want[name][live] += 1
@@ -215,6 +229,12 @@ def test_advance_decode_step(rng, num_rows, with_counters):
         np.testing.assert_array_equal(got["counters"], want["counters"])
     else:
         assert got["counters"] is None
+    if greedy:
+        np.testing.assert_array_equal(got["next_tokens"], sampled)
+        np.testing.assert_array_equal(got["greedy_keys"], np.zeros(S, np.uint64))
+    else:
+        np.testing.assert_array_equal(got["next_tokens"], a["next_tokens"])
+        assert got["greedy_keys"] is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -301,6 +321,46 @@ def test_skinny_lm_head(rng, dtype, rows):
     got = gpu.skinny_matmul(x, w, None, ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, dtype=dtype)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else {k: 2 * v for k, v in TOL[dtype].items()}
     np.testing.assert_allclose(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("N", [50257, 8003])
+def test_skinny_lm_head_greedy_tokens(rng, dtype, rows, N):
+    """The LM head reduces each row's greedy token as it writes the logits (SkinnyParams::argmax;
+    greedy decode runs take it instead of sampling). It must be the first argmax of the very
+    logits it wrote, and those logits must be the plain LM head's bit for bit. Rows 7, N // 2 and
+    N - 1 of W are the same multiple of one unit vector (their logits are then equal to the
+    bit) and every other row is zero, so row 1 ties at its maximum: the lowest id wins."""
+    K = 768
+    x = rng.standard_normal((rows, K)).astype(np.float32) * 2 + 0.5
+    w = randn(rng, (N, K), dtype, 1.0 / np.sqrt(K))
+    ln_w, ln_b = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    args = dict(ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, dtype=dtype)
+    plain = gpu.skinny_matmul(x, w, None, **args)
+    logits, tokens = gpu.skinny_matmul(x, w, None, **args, greedy=True)
+    np.testing.assert_array_equal(logits, plain)
+    np.testing.assert_array_equal(tokens, logits.argmax(axis=1))
+
+    tied = np.zeros((N, K), np.float32)
+    k = int(np.argmax(np.abs(ln_w)))
+    tie_ids = [7, N // 2, N - 1]
+    tied[tie_ids, k] = 0.5
+    logits, tokens = gpu.skinny_matmul(x, tied, None, **args, greedy=True)
+    for r in range(rows):
+        assert logits[r, tie_ids[0]] == logits[r, tie_ids[1]] == logits[r, tie_ids[2]]
+        want = tie_ids[0] if logits[r, tie_ids[0]] > 0 else 0  # else every zero row ties at 0
+        assert tokens[r] == want == logits[r].argmax()
+
+
+def test_skinny_greedy_tokens_need_the_layernorm_lm_head(rng):
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    w = rng.standard_normal((100, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="greedy keys .* LayerNorm LM head only"):
+        gpu.skinny_matmul(x, w, None, greedy=True)
+    with pytest.raises(ValueError, match="greedy=True takes logits"):
+        gpu.skinny_matmul(x, w, np.zeros(100, np.float32), ln_weight=np.ones(64, np.float32),
+                          ln_bias=np.zeros(64, np.float32), greedy=True)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
