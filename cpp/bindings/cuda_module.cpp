@@ -146,7 +146,8 @@ void bind_ops(nb::module_& m) {
       "advance_decode_step",
       [](IntArray token_ids, IntArray positions, IntArray slot_mapping, IntArray context_lens,
          std::optional<I64Array> counters, IntMatrix history, IntArray next_tokens,
-         IntMatrix next_slots, int run_step, std::optional<U64Array> greedy_keys) {
+         IntMatrix next_slots, int run_step, std::optional<U64Array> greedy_keys,
+         std::optional<FloatTensor> wte, std::optional<FloatTensor> wpe, std::string dtype) {
         const size_t S = token_ids.shape(0), steps = history.shape(0);
         check_len("positions", positions.shape(0), S);
         check_len("slot_mapping", slot_mapping.shape(0), S);
@@ -155,6 +156,12 @@ void bind_ops(nb::module_& m) {
         check_len("history columns", history.shape(1), S);
         check_len("next_tokens", next_tokens.shape(0), S);
         if (greedy_keys) check_len("greedy_keys", greedy_keys->shape(0), S);
+        if (bool(wte) != bool(wpe) || (wte && (wte->ndim() != 2 || wpe->ndim() != 2))) {
+          throw std::invalid_argument(
+              "advance_decode_step: wte [V, C] and wpe [P, C] go together");
+        }
+        const size_t C = wte ? wte->shape(1) : 0;
+        if (wte) check_len("wpe columns", wpe->shape(1), C);
         check_len("next_slots", next_slots.size(), steps * S);
         if (run_step < 0 || size_t(run_step) >= steps) {
           throw std::invalid_argument("advance_decode_step: run_step must be in [0, steps)");
@@ -173,24 +180,32 @@ void bind_ops(nb::module_& m) {
         auto ctr = owned_array<int64_t>({counters ? S : 0});
         if (counters) std::memcpy(ctr.data(), counters->data(), S * sizeof(int64_t));
         int32_t step = run_step;
+        auto residual = owned_array<float>({wte ? S : 0, C});
         cuda::ops::advance_decode_step(ids.data(), pos.data(), slots.data(), lens.data(),
                                        counters ? ctr.data() : nullptr, hist.data(),
                                        next.data(), next_slots.data(), &step, int(S),
-                                       int(steps), greedy_keys ? keys.data() : nullptr);
+                                       int(steps), greedy_keys ? keys.data() : nullptr,
+                                       wte ? residual.data() : nullptr,
+                                       wte ? wte->data() : nullptr, wpe ? wpe->data() : nullptr,
+                                       wte ? int(wte->shape(0)) : 0, wpe ? int(wpe->shape(0)) : 0,
+                                       int(C), dt(dtype));
         nb::dict out;
         out["token_ids"] = ids, out["positions"] = pos, out["slot_mapping"] = slots;
         out["context_lens"] = lens, out["history"] = hist, out["run_step"] = step;
         out["counters"] = counters ? nb::object(nb::cast(ctr)) : nb::none();
         out["next_tokens"] = next;
         out["greedy_keys"] = greedy_keys ? nb::object(nb::cast(keys)) : nb::none();
+        out["residual"] = wte ? nb::object(nb::cast(residual)) : nb::none();
         return out;
       },
       "token_ids"_a, "positions"_a, "slot_mapping"_a, "context_lens"_a, "counters"_a.none(),
       "history"_a, "next_tokens"_a, "next_slots"_a, "run_step"_a,
-      "greedy_keys"_a.none() = nb::none(),
+      "greedy_keys"_a.none() = nb::none(), "wte"_a.none() = nb::none(),
+      "wpe"_a.none() = nb::none(), "dtype"_a = "float32",
       "One decode-run step advance on copies of the arrays: returns them advanced, as a dict. "
       "greedy_keys (uint64, the LM head's argmax keys): the step's tokens are taken from them, "
-      "and they come back reset to 0.");
+      "and they come back reset to 0. wte, wpe (cast to dtype): the next step's x is embedded "
+      "too, returned as residual [S, C].");
   ops.def(
       "matmul",
       [](FloatTensor in, FloatTensor w, std::optional<FloatTensor> bias, bool gelu,

@@ -11,11 +11,24 @@
 
 namespace pagedgpt2::cuda {
 
+// The next step's x, for decode graphs that leave their embedding out (skinny steps: the
+// embedding kernel and its hand-over cost more than these loads in the advance): after
+// advancing, residual[s] = wte[token_ids[s]] + wpe[positions[s]] for every row s, padding rows
+// too, as launch_embedding would compute it at the start of the next step.
+template <typename T>
+struct NextEmbedding {
+  float* residual = nullptr;  // [num_rows, C]; nullptr: nothing embedded
+  const T* wte = nullptr;     // [V, C]
+  const T* wpe = nullptr;     // [P, C]
+  int C = 0;
+};
+
 // With i = *run_step (steps advanced so far in this run), for each row s < num_rows whose
 // context_lens[s] > 0 (a bucket's padding rows have 0 and stay as they are):
 //   history[i, s] = token_ids[s] = next_tokens[s]; slot_mapping[s] = next_slots[i, s];
 //   positions[s], context_lens[s] and counters[s] (if not null) grow by one;
-// then *run_step = i + 1.
+// then *run_step = i + 1, and the next step's x is embedded if `next` asks for it.
+template <typename T>
 void launch_advance_decode_step(int32_t* token_ids,           // [num_rows]
                                 int32_t* positions,           // [num_rows]
                                 int32_t* slot_mapping,        // [num_rows]
@@ -29,7 +42,8 @@ void launch_advance_decode_step(int32_t* token_ids,           // [num_rows]
                                 unsigned long long* greedy_keys,
                                 const int32_t* next_slots,    // [steps, num_rows] cache slots
                                 int32_t* run_step,            // [1]
-                                int num_rows, cudaStream_t stream,
+                                int num_rows, const NextEmbedding<T>& next,
+                                cudaStream_t stream,
                                 bool pdl = false);  // programmatic launch (sm_90), after the
                                                     // sampler or the LM head: the kernel
                                                     // waits for it first

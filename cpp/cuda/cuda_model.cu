@@ -281,7 +281,8 @@ class Engine final : public CudaModel::Impl {
 
   // Enqueue (device, on stream_; also what graphs capture).
   void enqueue_upload(const Step& st);
-  void enqueue_layers(const Step& st);
+  void enqueue_embedding(const Step& st);
+  void enqueue_layers(const Step& st, bool embed = true);
   void enqueue_skinny_layer(const Step& st, int l);  // layer l by the skinny GEMVs
   void enqueue_wide_layer(const Step& st, int l);    // layer l by cuBLASLt and our kernels
   void enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch = {},
@@ -303,7 +304,9 @@ class Engine final : public CudaModel::Impl {
   // the download of the float32 logits into logits_host (nullptr: left in logits_, as a graph
   // leaves them); sampled ids are downloaded into tokens_host_, or with
   // advance (a decode run's step with a step after it) turned into the next step's inputs.
-  void enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance = false);
+  // embed false: residual_ already holds the step's x (graph_embeds).
+  void enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance = false,
+                       bool embed = true);
 
   void launch_decode_graph(const Step& st, bool sample, bool advance = false);
   void run(const StepInputs& in, const SamplingInputs* s, float* logits, int32_t* next_tokens);
@@ -337,6 +340,13 @@ class Engine final : public CudaModel::Impl {
   // PAGEDGPT2_GREEDY_IN_LM_HEAD=0 keeps the sampler, for comparison.
   bool greedy_in_lm_head_ = true;
   bool greedy_in_lm_head(const Step& st, bool sample, bool advance) const;
+  // Skinny decode graphs leave the embedding out: the advance of the step before writes their
+  // x (NextEmbedding), or, for inputs uploaded by the host, an embedding launched before the
+  // graph. NOTE: H200, gpt2 batch 1: the embedding kernel took 3.0 us of a step's critical path
+  // (gpt2-xl 8.0; one warp a row), between the graph's start and the first GEMV's wait.
+  // PAGEDGPT2_EMBED_IN_ADVANCE=0 keeps it in every graph, for comparison.
+  bool embed_in_advance_ = true;
+  bool graph_embeds(const Step& st) const { return !(embed_in_advance_ && st.skinny); }
   L2Range l2_ahead(const void* weight_end) const;
   Gemm gemm_;
   int C_, I_, V_, H_, D_, L_, P_;
@@ -443,6 +453,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* greedy = std::getenv("PAGEDGPT2_GREEDY_IN_LM_HEAD")) {
     greedy_in_lm_head_ = std::string(greedy) != "0";
+  }
+  if (const char* embed = std::getenv("PAGEDGPT2_EMBED_IN_ADVANCE")) {
+    embed_in_advance_ = std::string(embed) != "0";
   }
   device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -687,12 +700,13 @@ void Engine<T>::capture_decode_graphs() {
     if (bucket > logits_rows_) break;
     const Step st = pack_graph(in, &s, bucket);
     enqueue_upload(st);
-    launch_decode_graph(st, true);
-    // Padding rows only: these change nothing. Both kinds of advancing step (greedy_in_lm_head).
-    launch_decode_graph(st, true, /*advance=*/true);
     Step sampled = st;
     sampled.all_greedy = false;
-    launch_decode_graph(sampled, true, /*advance=*/true);
+    // Padding rows only: these change nothing. Both kinds of advancing step (greedy_in_lm_head).
+    for (auto [step, advance] : {std::pair{st, false}, {st, true}, {sampled, true}}) {
+      if (!graph_embeds(step)) enqueue_embedding(step);  // the warm-up runs it eagerly
+      launch_decode_graph(step, true, advance);
+    }
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -889,9 +903,15 @@ void Engine<T>::enqueue_attention(const Step& st, T* k, T* v, L2Range prefetch,
 }
 
 template <typename T>
-void Engine<T>::enqueue_layers(const Step& st) {
+void Engine<T>::enqueue_embedding(const Step& st) {
   launch_embedding<T>(residual_, st.skinny ? nullptr : ln_out_, st.token_ids, st.positions, wte_,
                       wpe_, layers_[0].ln_1_w, layers_[0].ln_1_b, st.layout.T, C_, eps_, stream_);
+}
+
+// embed false: residual_ already holds the step's x (graph_embeds).
+template <typename T>
+void Engine<T>::enqueue_layers(const Step& st, bool embed) {
+  if (embed) enqueue_embedding(st);
   for (int l = 0; l < L_; ++l) {
     if (st.skinny) {
       enqueue_skinny_layer(st, l);
@@ -1075,10 +1095,11 @@ bool Engine<T>::greedy_in_lm_head(const Step& st, bool sample, bool advance) con
 }
 
 template <typename T>
-void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance) {
+void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance,
+                                bool embed) {
   const int R = st.layout.R;
   const bool greedy = greedy_in_lm_head(st, sample, advance);  // one chunk of rows then
-  enqueue_layers(st);
+  enqueue_layers(st, embed);
   for (int r0 = 0; r0 < R; r0 += logits_rows_) {
     const int rows = std::min(logits_rows_, R - r0);
     const bool half_logits = enqueue_logits(st, r0, rows, !sample, greedy ? greedy_keys_ : nullptr);
@@ -1093,10 +1114,13 @@ void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host,
     // NOTE: H200, gpt2 batch 1: the token download and the advance launched between graphs cost
     // ~17 us a step; see notes.md (thirteenth session).
     auto ints = [](const int32_t* p) { return const_cast<int32_t*>(p); };
-    launch_advance_decode_step(ints(st.token_ids), ints(st.positions), ints(st.slot_mapping),
-                               ints(st.context_lens), const_cast<int64_t*>(st.sampling.counters),
-                               token_history_, next_tokens_, greedy ? greedy_keys_ : nullptr,
-                               step_slots_, run_step_, st.layout.S, stream_, pdl_);
+    NextEmbedding<T> next;  // the next step's graph does not embed: do it here
+    if (!graph_embeds(st)) next = {residual_, wte_, wpe_, C_};
+    launch_advance_decode_step<T>(ints(st.token_ids), ints(st.positions), ints(st.slot_mapping),
+                                  ints(st.context_lens),
+                                  const_cast<int64_t*>(st.sampling.counters), token_history_,
+                                  next_tokens_, greedy ? greedy_keys_ : nullptr, step_slots_,
+                                  run_step_, st.layout.S, next, stream_, pdl_);
   } else if (sample) {
     CUDA_CHECK(cudaMemcpyAsync(tokens_host_.get(), next_tokens_, 4 * size_t(R),
                                cudaMemcpyDeviceToHost, stream_));
@@ -1115,10 +1139,11 @@ void Engine<T>::launch_decode_graph(const Step& st, bool sample, bool advance) {
     CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
     return;
   }
-  enqueue_forward(st, sample, nullptr, advance);
+  const bool embed = graph_embeds(st);
+  enqueue_forward(st, sample, nullptr, advance, embed);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   graphs_.emplace(key, capture_graph(stream_, [&] {
-                    enqueue_forward(st, sample, nullptr, advance);
+                    enqueue_forward(st, sample, nullptr, advance, embed);
                   }));
   num_graphs = int(graphs_.size());
 }
@@ -1159,6 +1184,7 @@ bool Engine<T>::enqueue_decode_run(const StepInputs& in, const SamplingInputs& s
                                cudaMemcpyDeviceToDevice, stream_));
   }
   CUDA_CHECK(cudaMemsetAsync(run_step_, 0, sizeof(int32_t), stream_));
+  if (!graph_embeds(st)) enqueue_embedding(st);  // later steps': the advance
   CUDA_CHECK(cudaEventRecord(uploads_read_, stream_));
   for (int i = 0; i < num_steps; ++i) launch_decode_graph(st, true, i + 1 < num_steps);
   // The buffer the run in flight (if any) does not use.
@@ -1200,6 +1226,7 @@ void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits
   if (bucket > 0 && R <= bucket && bucket <= logits_rows_) {
     const Step st = pack_graph(in, s, bucket);
     enqueue_upload(st);
+    if (!graph_embeds(st)) enqueue_embedding(st);
     launch_decode_graph(st, s != nullptr);
     CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (s) {

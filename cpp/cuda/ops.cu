@@ -218,7 +218,9 @@ void embedding(float* residual, float* ln_out, const int32_t* token_ids, const i
 void advance_decode_step(int32_t* token_ids, int32_t* positions, int32_t* slot_mapping,
                          int32_t* context_lens, int64_t* counters, int32_t* history,
                          int32_t* next_tokens, const int32_t* next_slots, int32_t* run_step,
-                         int num_rows, int num_steps, uint64_t* greedy_keys) {
+                         int num_rows, int num_steps, uint64_t* greedy_keys, float* residual,
+                         const float* wte, const float* wpe, int vocab_size, int num_positions,
+                         int channels, DType dtype) {
   const size_t S = size_t(num_rows), H = size_t(num_steps) * S;
   auto ids = upload_raw(token_ids, S), pos = upload_raw(positions, S);
   auto slots = upload_raw(slot_mapping, S), lens = upload_raw(context_lens, S);
@@ -228,11 +230,23 @@ void advance_decode_step(int32_t* token_ids, int32_t* positions, int32_t* slot_m
   auto step = upload_raw(run_step, 1);
   using Key = unsigned long long;
   auto keys = upload_raw<Key>(reinterpret_cast<const Key*>(greedy_keys), greedy_keys ? S : 0);
-  launch_advance_decode_step(ids->get(), pos->get(), slots->get(), lens->get(),
-                             counters ? ctr->get() : nullptr, hist->get(), next->get(),
-                             greedy_keys ? keys->get() : nullptr, next_sl->get(), step->get(),
-                             num_rows, kStream);
-  CUDA_CHECK_LAUNCH();
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto te = upload<T>(wte, residual ? size_t(vocab_size) * channels : 0);
+    auto pe = upload<T>(wpe, residual ? size_t(num_positions) * channels : 0);
+    DevArray<float> x(residual ? S * channels : 0);
+    poison(x);
+    NextEmbedding<T> embed;
+    if (residual) embed = {x.get(), te->get(), pe->get(), channels};
+    launch_advance_decode_step<T>(ids->get(), pos->get(), slots->get(), lens->get(),
+                                  counters ? ctr->get() : nullptr, hist->get(), next->get(),
+                                  greedy_keys ? keys->get() : nullptr, next_sl->get(),
+                                  step->get(), num_rows, embed, kStream);
+    CUDA_CHECK_LAUNCH();
+    if (residual) {
+      CUDA_CHECK(cudaMemcpy(residual, x.get(), x.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+  });
   auto back = [](auto* host, const auto& dev, size_t n) {
     CUDA_CHECK(cudaMemcpy(host, dev->get(), n * sizeof(*host), cudaMemcpyDeviceToHost));
   };

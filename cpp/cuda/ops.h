@@ -54,7 +54,13 @@ void advance_decode_step(int32_t* token_ids,          // [S]
                          const int32_t* next_slots,   // [steps, S]
                          int32_t* run_step, int num_rows, int num_steps,
                          // [S] or nullptr: the LM head's greedy keys, read and reset to 0
-                         uint64_t* greedy_keys = nullptr);
+                         uint64_t* greedy_keys = nullptr,
+                         // The next step's x (NextEmbedding), if residual is given:
+                         float* residual = nullptr,    // [S, channels] out
+                         const float* wte = nullptr,   // [vocab_size, channels]
+                         const float* wpe = nullptr,   // [num_positions, channels]
+                         int vocab_size = 0, int num_positions = 0, int channels = 0,
+                         DType dtype = DType::kFloat32);
 
 // cuBLASLt: out = in @ weight^T (+ bias), then tanh-GELU when gelu (bias required then).
 void matmul(float* out,           // [T, N]

@@ -88,7 +88,7 @@ def test_decode_graphs_are_captured_at_start_up(model_dir, monkeypatch, greedy_i
     Buckets of 1 and 2 rows (the skinny LM head) have a third, the run's step whose rows are all
     greedy, taking its tokens from the LM head without a sampler (unless
     PAGEDGPT2_GREEDY_IN_LM_HEAD=0). (That replayed graphs compute the right tokens is what the
-    HF comparisons and test_greedy_tokens_from_the_lm_head_are_the_samplers check.)"""
+    HF comparisons and test_decode_run_shortcuts_change_no_token check.)"""
     if greedy_in_lm_head is None:
         monkeypatch.delenv("PAGEDGPT2_GREEDY_IN_LM_HEAD", raising=False)
     else:
@@ -105,32 +105,33 @@ def test_decode_graphs_are_captured_at_start_up(model_dir, monkeypatch, greedy_i
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_greedy_tokens_from_the_lm_head_are_the_samplers(model_dir, monkeypatch, dtype):
-    """Decode runs of 1-2 sequences, every one greedy, take each step's tokens from the LM head's
-    argmax (no sampler kernel; the advance reads and resets the keys). The tokens must be the
-    sampler's (PAGEDGPT2_GREEDY_IN_LM_HEAD=0), over runs that continue one another and at a batch
-    that shrinks from 2 to 1 as a sequence ends. A batch with a sampled sequence keeps the
-    sampler: its seeded draws must not change either."""
+@pytest.mark.parametrize("switch", ["PAGEDGPT2_GREEDY_IN_LM_HEAD", "PAGEDGPT2_EMBED_IN_ADVANCE"])
+def test_decode_run_shortcuts_change_no_token(model_dir, monkeypatch, dtype, switch):
+    """Two shortcuts of decode runs of 1-2 sequences (the skinny steps), each against the engine
+    built with it switched off (=0):
+    - every row greedy: each step's tokens come from the LM head's argmax, not a sampler kernel
+      (the advance reads and resets the keys);
+    - the graphs leave the embedding out: the advance of the step before writes their x.
+    The tokens must not change, over runs that continue one another and at a batch that shrinks
+    from 2 to 1 as a sequence ends; nor may the seeded draws of a batch with a sampled sequence
+    (which keeps the sampler)."""
     ps = prompts(13, [5, 17])
-    lengths = [40, 23]
+    sampled = SamplingParams(max_new_tokens=23, temperature=1.0, seed=3, ignore_eos=True)
 
-    def run(env, params):
-        if env is None:
-            monkeypatch.delenv("PAGEDGPT2_GREEDY_IN_LM_HEAD", raising=False)
+    def run(value, params):
+        if value is None:
+            monkeypatch.delenv(switch, raising=False)
         else:
-            monkeypatch.setenv("PAGEDGPT2_GREEDY_IN_LM_HEAD", env)
+            monkeypatch.setenv(switch, value)
         eng = Engine(model_dir, device="cuda", dtype=dtype, num_blocks=512, block_size=8, decode_steps=8)
         out = [o.token_ids for o in eng.generate(ps[:len(params)], params)]
         assert eng.kv_stats()["blocks_used"] == 0
         return out
 
-    for params in ([greedy(lengths[0])], [greedy(n) for n in lengths]):
-        fused = run(None, params)
-        assert [len(t) for t in fused] == [p.max_new_tokens for p in params]
-        assert fused == run("0", params)
-    mixed = [greedy(lengths[0]), SamplingParams(max_new_tokens=lengths[1], temperature=1.0, seed=3,
-                                                ignore_eos=True)]
-    assert run(None, mixed) == run("0", mixed)
+    for params in ([greedy(40)], [greedy(40), greedy(23)], [greedy(40), sampled]):
+        on = run(None, params)
+        assert [len(t) for t in on] == [p.max_new_tokens for p in params]
+        assert on == run("0", params)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -194,27 +194,35 @@ def greedy_keys_of(rng, tokens: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("num_rows", [1, 37, 300])  # 300: more rows than the block's threads
 @pytest.mark.parametrize("with_counters", [True, False])
 @pytest.mark.parametrize("greedy", [False, True])
-def test_advance_decode_step(rng, num_rows, with_counters, greedy):
+@pytest.mark.parametrize("embed_dtype", [None, "float32", "bfloat16"])
+def test_advance_decode_step(rng, num_rows, with_counters, greedy, embed_dtype):
     """A decode run's step advance: sampled tokens become the inputs and the history's row
     run_step, every sequence moves on a position and takes its next slot; a bucket's padding rows
     (context 0) are left alone. greedy: the tokens come from the LM head's greedy keys, which
-    come back zeroed (padding rows' too) for the next step's LM head."""
+    come back zeroed (padding rows' too) for the next step's LM head. embed_dtype: the advance
+    also writes the next step's x, wte[token] + wpe[position] of every row (padding rows too),
+    as the embedding kernel would (C = 200: a last partial batch of elements)."""
     S, steps, run_step = num_rows, 6, int(rng.integers(0, 6))
+    V, P, C = 1000, 1024, 200
     lens = rng.integers(1, 900, S).astype(np.int32)
     lens[rng.random(S) < 0.2] = 0  # padding rows
-    a = dict(token_ids=rng.integers(0, 50257, S).astype(np.int32),
+    a = dict(token_ids=rng.integers(0, V, S).astype(np.int32),
              positions=(lens - 1).clip(0).astype(np.int32),
              slot_mapping=rng.integers(0, 10**6, S).astype(np.int32), context_lens=lens,
              counters=rng.integers(0, 10**9, S).astype(np.int64) if with_counters else None,
              history=rng.integers(0, 50257, (steps, S)).astype(np.int32),
-             next_tokens=rng.integers(0, 50257, S).astype(np.int32),
+             next_tokens=rng.integers(0, V, S).astype(np.int32),
              next_slots=rng.integers(0, 10**6, (steps, S)).astype(np.int32))
     sampled = a["next_tokens"]
     keys = None
     if greedy:
-        sampled = rng.integers(0, 50257, S).astype(np.int32)
+        sampled = rng.integers(0, V, S).astype(np.int32)
         keys = greedy_keys_of(rng, sampled)
-    got = gpu.advance_decode_step(**a, run_step=run_step, greedy_keys=keys)
+    tables = {}
+    if embed_dtype:
+        tables = dict(wte=randn(rng, (V, C), embed_dtype), wpe=randn(rng, (P, C), embed_dtype),
+                      dtype=embed_dtype)
+    got = gpu.advance_decode_step(**a, run_step=run_step, greedy_keys=keys, **tables)
     live = lens > 0
     want = {k: (v.copy() if v is not None else None) for k, v in a.items()}
     want["token_ids"][live] = sampled[live]
@@ -235,6 +243,11 @@ def test_advance_decode_step(rng, num_rows, with_counters, greedy):
     else:
         np.testing.assert_array_equal(got["next_tokens"], a["next_tokens"])
         assert got["greedy_keys"] is None
+    if embed_dtype:
+        x = tables["wte"][want["token_ids"]] + tables["wpe"][want["positions"]]
+        np.testing.assert_array_equal(got["residual"], x)
+    else:
+        assert got["residual"] is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
