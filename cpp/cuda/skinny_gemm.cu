@@ -260,11 +260,12 @@ struct EpilogueInputs {
 // and many (16 row groups a block), so at 1-2 rows a warp reads 4 consecutive rows as one run
 // of 4 * K: its second batch of vectors in flight is no longer past the end of its row.
 // NOTE: measured (H200): gpt2 0.331 -> 0.322 ms a step at batch 1, 0.397 -> 0.375 at batch 2;
-// gpt2-xl batch 2 2.83 -> 2.71 ms, batch 1 unchanged. At 1 row, 8 rows a warp (a run of six
-// chunks, so the drain at its end, when no load is in flight, is a sixth of it, not a third):
-// gpt2 batch 1 PENDING; no spills (72-80 registers).
+// gpt2-xl batch 2 2.83 -> 2.71 ms, batch 1 unchanged. 8 rows a warp at 1 row (six chunks a
+// run, so the drain at its end is a sixth of it, not a third; no spills) changed nothing: gpt2
+// batch 1 4,446-4,450 against 4,442-4,460 tok/s, gpt2-xl 606-607 against 604-608 (H200, two
+// processes of each build, alternating; notes.md, twenty-fifth session).
 template <int M, SkinnyOutput OUT>
-constexpr int kRowsPerWarp = OUT == SkinnyOutput::kLogits && M <= 2 ? (M == 1 ? 8 : 4) : 1;
+constexpr int kRowsPerWarp = OUT == SkinnyOutput::kLogits && M <= 2 ? 4 : 1;
 
 // slot: the cache slot of row m (kBiasQkv), copied into shared memory beside x. Returns the
 // output before any activation (kLogits: the logit written).
