@@ -86,8 +86,10 @@ fi
 
 if has bench_xl; then
   banner "end-to-end benchmark (gpt2-xl)"
+  # NOTE: 3 repeats, not 1: the rate is batch / per-step time from t(128 tokens) - t(1 token), and
+  # one slow 1-token run once gave contiguous batch 256 51,320 tok/s against 35,038 re-run.
   timeout ${BENCH_XL_S:-300} python3 tools/bench.py --device cuda --model gpt2-xl --batch-sizes 1 8 64 256 --prompt-len 128 \
-    --new-tokens 128 --kv-cache paged contiguous --repeats 1 --hf-max-batch 8 --workdir /tmp/bench \
+    --new-tokens 128 --kv-cache paged contiguous --repeats 3 --hf-max-batch 8 --workdir /tmp/bench \
     --json "$OUT/bench_gpt2xl.json" 2>&1 | tee -a "$OUT/bench.txt" | grep -v -i -E "warn|loading|writing" | tail -20
 fi
 
