@@ -1102,7 +1102,8 @@ void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host,
   enqueue_layers(st, embed);
   for (int r0 = 0; r0 < R; r0 += logits_rows_) {
     const int rows = std::min(logits_rows_, R - r0);
-    const bool half_logits = enqueue_logits(st, r0, rows, !sample, greedy ? greedy_keys_ : nullptr);
+    const bool half_logits =
+        enqueue_logits(st, r0, rows, !sample, greedy ? greedy_keys_ : nullptr);
     if (sample && !greedy) {
       enqueue_sample(st, r0, rows, half_logits);
     } else if (logits_host) {

@@ -321,9 +321,7 @@ void skinny_matmul(float* out, const float* in, const float* weight, const float
         std::vector<unsigned long long> k(num_tokens);
         CUDA_CHECK(cudaMemcpy(k.data(), keys.get(), k.size() * sizeof(k[0]),
                               cudaMemcpyDeviceToHost));
-        for (int m = 0; m < num_tokens; ++m) {  // key_id; a row no key reached: -1
-          greedy_tokens[m] = k[m] ? int32_t(0xffffffffu - uint32_t(k[m])) : -1;
-        }
+        for (int m = 0; m < num_tokens; ++m) greedy_tokens[m] = k[m] ? key_id(k[m]) : -1;
       }
     } else {
       DevArray<T> y(ny);

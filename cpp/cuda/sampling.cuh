@@ -38,7 +38,7 @@ __device__ __forceinline__ unsigned long long make_key(float logit, int id) {
          (0xffffffffu - static_cast<uint32_t>(id));
 }
 
-__device__ __forceinline__ int key_id(unsigned long long key) {
+__host__ __device__ __forceinline__ int key_id(unsigned long long key) {
   return static_cast<int>(0xffffffffu - static_cast<uint32_t>(key));
 }
 
