@@ -293,6 +293,10 @@ class Engine final : public CudaModel::Impl {
   // argmax: the LM head's SkinnyParams::argmax (greedy_in_lm_head steps).
   bool enqueue_logits(const Step& st, int r0, int rows, bool exact,
                       unsigned long long* argmax = nullptr);
+  // Whether the LM head over `rows` rows is the skinny GEMV (else cuBLASLt).
+  bool skinny_lm_head(int rows) const {
+    return rows <= skinny_max_rows_ && skinny_gemm_supported(rows, C_);
+  }
   void enqueue_sample(const Step& st, int r0, int rows, bool half_logits);
   // The wide path's cuBLASLt GEMMs over n rows (warm_up_gemms makes their plans).
   void gemm_qkv(const Layer& w, int n);      // ln_out_ -> qkv_
@@ -308,7 +312,10 @@ class Engine final : public CudaModel::Impl {
   void enqueue_forward(const Step& st, bool sample, float* logits_host, bool advance = false,
                        bool embed = true);
 
-  void launch_decode_graph(const Step& st, bool sample, bool advance = false);
+  // after_advance: the step before was this run's and advanced the inputs on the GPU (writing x
+  // too, where the graph leaves the embedding out: graph_embeds).
+  void launch_decode_graph(const Step& st, bool sample, bool advance = false,
+                           bool after_advance = false);
   void run(const StepInputs& in, const SamplingInputs* s, float* logits, int32_t* next_tokens);
 
   cudaStream_t stream_ = nullptr;
@@ -704,7 +711,6 @@ void Engine<T>::capture_decode_graphs() {
     sampled.all_greedy = false;
     // Padding rows only: these change nothing. Both kinds of advancing step (greedy_in_lm_head).
     for (auto [step, advance] : {std::pair{st, false}, {st, true}, {sampled, true}}) {
-      if (!graph_embeds(step)) enqueue_embedding(step);  // the warm-up runs it eagerly
       launch_decode_graph(step, true, advance);
     }
   }
@@ -1002,7 +1008,7 @@ template <typename T>
 bool Engine<T>::enqueue_logits(const Step& st, int r0, int rows, bool exact,
                                unsigned long long* argmax) {
   const int32_t* idx = st.logits_indices + r0;
-  if (rows <= skinny_max_rows_ && skinny_gemm_supported(rows, C_)) {
+  if (skinny_lm_head(rows)) {
     SkinnyParams<T> p;
     p.x = residual_, p.x_rows = idx, p.ln_weight = ln_f_w_, p.ln_fold = lm_head_fold_;
     p.eps = eps_;
@@ -1091,7 +1097,7 @@ template <typename T>
 bool Engine<T>::greedy_in_lm_head(const Step& st, bool sample, bool advance) const {
   const int R = st.layout.R;
   return greedy_in_lm_head_ && sample && advance && st.all_greedy && R <= logits_rows_ &&
-         R <= skinny_max_rows_ && skinny_gemm_supported(R, C_);
+         skinny_lm_head(R);
 }
 
 template <typename T>
@@ -1132,7 +1138,10 @@ void Engine<T>::enqueue_forward(const Step& st, bool sample, float* logits_host,
 // of the graph, so that a decode run can advance them on the GPU), without waiting for it. The
 // first step of a bucket runs eagerly (warming plans and attributes) and is then captured.
 template <typename T>
-void Engine<T>::launch_decode_graph(const Step& st, bool sample, bool advance) {
+void Engine<T>::launch_decode_graph(const Step& st, bool sample, bool advance,
+                                    bool after_advance) {
+  const bool embed = graph_embeds(st);
+  if (!embed && !after_advance) enqueue_embedding(st);  // inputs from the host
   const auto key =
       std::make_tuple(st.layout.T, sample, advance, greedy_in_lm_head(st, sample, advance));
   auto it = graphs_.find(key);
@@ -1140,7 +1149,6 @@ void Engine<T>::launch_decode_graph(const Step& st, bool sample, bool advance) {
     CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
     return;
   }
-  const bool embed = graph_embeds(st);
   enqueue_forward(st, sample, nullptr, advance, embed);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   graphs_.emplace(key, capture_graph(stream_, [&] {
@@ -1185,9 +1193,8 @@ bool Engine<T>::enqueue_decode_run(const StepInputs& in, const SamplingInputs& s
                                cudaMemcpyDeviceToDevice, stream_));
   }
   CUDA_CHECK(cudaMemsetAsync(run_step_, 0, sizeof(int32_t), stream_));
-  if (!graph_embeds(st)) enqueue_embedding(st);  // later steps': the advance
   CUDA_CHECK(cudaEventRecord(uploads_read_, stream_));
-  for (int i = 0; i < num_steps; ++i) launch_decode_graph(st, true, i + 1 < num_steps);
+  for (int i = 0; i < num_steps; ++i) launch_decode_graph(st, true, i + 1 < num_steps, i > 0);
   // The buffer the run in flight (if any) does not use.
   const int buffer = runs_.empty() ? 0 : (runs_.back().buffer + 1) % kRunsInFlight;
   CUDA_CHECK(cudaMemcpyAsync(token_history_ + size_t(num_steps - 1) * bucket, next_tokens_,
@@ -1227,7 +1234,6 @@ void Engine<T>::run(const StepInputs& in, const SamplingInputs* s, float* logits
   if (bucket > 0 && R <= bucket && bucket <= logits_rows_) {
     const Step st = pack_graph(in, s, bucket);
     enqueue_upload(st);
-    if (!graph_embeds(st)) enqueue_embedding(st);
     launch_decode_graph(st, s != nullptr);
     CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (s) {
