@@ -86,6 +86,8 @@ def heads_table(ops, copy_gbs, dtype, iters):
 
 
 # The GEMV shapes of a layer (qkv, proj, fc, fc_proj) and of the LM head, N x K.
+# Weights the "in L2" column times: well under the 50-60 MB of L2 of an H100 / H200.
+L2_RESIDENT_MAX_BYTES = 32 << 20
 GEMV_SHAPES = {"gpt2": [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50304, 768)],
                "gpt2-xl": [(4800, 1600), (1600, 1600), (6400, 1600), (1600, 6400), (50304, 1600)]}
 
@@ -93,18 +95,24 @@ GEMV_SHAPES = {"gpt2": [(2304, 768), (768, 768), (3072, 768), (768, 3072), (5030
 def gemv_table(ops, copy_gbs):
     """The skinny GEMV alone (float16) at the layer shapes of gpt2 and gpt2-xl, replayed from a
     graph of programmatic launches (as in a step) on weights not in L2: weight bytes per launch
-    over the copy bandwidth."""
+    over the copy bandwidth. Beside it, where W fits in L2, the same chain on one copy of W that
+    stays there: what the GEMV costs when no byte comes from memory."""
     rows = []
-    print("skinny GEMV alone, float16 (N x K weights), of copy bandwidth")
-    print(f"{'model':>8} {'N':>6} {'K':>5} {'MB':>6} {'rows':>4} {'us':>7} {'GB/s':>6} {'of copy':>8}")
+    print("skinny GEMV alone, float16 (N x K weights), of copy bandwidth; 'in L2': W resident in L2")
+    print(f"{'model':>8} {'N':>6} {'K':>5} {'MB':>6} {'rows':>4} {'us':>7} {'GB/s':>6} {'of copy':>8} "
+          f"{'in L2 us':>8}")
     for model, mats in GEMV_SHAPES.items():
         for n, k in mats:
             for r in (1, 2):
                 ms = ops.time_skinny_gemm(r, n, k)
                 gbs = 2 * n * k / (ms * 1e-3) / 1e9
-                rows.append(dict(model=model, N=n, K=k, rows=r, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
+                fits = 2 * n * k <= L2_RESIDENT_MAX_BYTES
+                l2_ms = ops.time_skinny_gemm(r, n, k, l2_resident=True) if fits else None
+                rows.append(dict(model=model, N=n, K=k, rows=r, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs,
+                                 l2_resident_ms=l2_ms))
+                l2_cell = f"{l2_ms * 1e3:>8.2f}" if fits else f"{'-':>8}"
                 print(f"{model:>8} {n:>6} {k:>5} {2 * n * k / 1e6:>6.1f} {r:>4} {ms * 1e3:>7.2f} {gbs:>6.0f} "
-                      f"{gbs / copy_gbs:>8.1%}")
+                      f"{gbs / copy_gbs:>8.1%} {l2_cell}")
     return rows
 
 

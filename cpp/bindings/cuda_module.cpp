@@ -430,7 +430,7 @@ void bind_ops(nb::module_& m) {
   ops.def(
       "time_skinny_gemm",
       [](int rows, int out_features, int in_features, int chain, int iters, int warps_per_row,
-         int prefetch_mb) {
+         int prefetch_mb, bool l2_resident) {
         if (warps_per_row != 0 && warps_per_row != 1 && warps_per_row != 2 &&
             warps_per_row != 4 && warps_per_row != 8) {
           throw std::invalid_argument("warps_per_row must be 0 (auto), 1, 2, 4 or 8, got " +
@@ -438,12 +438,13 @@ void bind_ops(nb::module_& m) {
         }
         nb::gil_scoped_release release;
         return cuda::ops::time_skinny_gemm(rows, out_features, in_features, chain, iters,
-                                           warps_per_row, prefetch_mb);
+                                           warps_per_row, prefetch_mb, l2_resident);
       },
       "rows"_a, "out_features"_a, "in_features"_a, "chain"_a = 16, "iters"_a = 20,
-      "warps_per_row"_a = 0, "prefetch_mb"_a = 0,
+      "warps_per_row"_a = 0, "prefetch_mb"_a = 0, "l2_resident"_a = false,
       "Median ms per skinny GEMV (float16) in a chain of programmatic launches, weights not in "
-      "L2 (unless prefetch_mb asks for the next one's); warps_per_row 0: as the launcher picks.");
+      "L2 (unless prefetch_mb asks for the next one's, or l2_resident: every link on the same "
+      "weights); warps_per_row 0: as the launcher picks.");
   ops.def(
       "time_dependency",
       [](std::string kind, int blocks_per_sm, int threads, int rounds, int iters,

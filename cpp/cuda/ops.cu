@@ -645,13 +645,14 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
 }
 
 double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters,
-                        int warps_per_row, int prefetch_mb) {
+                        int warps_per_row, int prefetch_mb, bool l2_resident) {
   using T = __half;
   const size_t w_elems = size_t(out_features) * in_features;
   // Enough weight copies that a chain of 64 never finds its weights in L2 (50-60 MB on Hopper).
   const size_t copies_for_256mb = (size_t(256) << 20) / (w_elems * sizeof(T)) + 1;
   chain = std::max(chain, int(std::min<size_t>(64, copies_for_256mb)));
-  DevArray<T> w(w_elems * chain);
+  const int copies = l2_resident ? 1 : chain;
+  DevArray<T> w(w_elems * copies);
   CUDA_CHECK(cudaMemset(w.get(), 0x3c, w.size() * sizeof(T)));  // 1.0 + small: finite sums
   auto x = upload<T>(random_floats(size_t(rows) * in_features, 4).data(),
                      size_t(rows) * in_features);
@@ -665,9 +666,9 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
   // (a few us a launch) does not bound it.
   const int sms = num_sms();
   return graph_median_ms(kStream, iters, chain, [&](int i, cudaStream_t capture) {
-    p.weight = w.get() + size_t(i) * w_elems;
+    p.weight = w.get() + size_t(i % copies) * w_elems;
     // The next GEMVs' weights, as a step's GEMVs ask for theirs (none after the last).
-    const size_t bytes_after = w_elems * sizeof(T) * (chain - 1 - i);
+    const size_t bytes_after = w_elems * sizeof(T) * (copies - 1 - i % copies);
     p.prefetch = {p.weight + w_elems, std::min(size_t(prefetch_mb) << 20, bytes_after)};
     launch_skinny_gemm<T>(p, SkinnyInput::kActivation, SkinnyOutput::kBias, sms, capture,
                           /*pdl=*/true);

@@ -164,9 +164,11 @@ double time_decode_attention(int num_seqs, int context_len, int num_heads, int h
 // [out_features, in_features], in a chain of `chain` launched programmatically one after the
 // other as a step's are (from a CUDA graph), each on weights not in L2.
 // warps_per_row 0: as the launcher picks; prefetch_mb: each GEMV asks L2 for that many MB of
-// the next one's weights, as a step's do.
+// the next one's weights, as a step's do. l2_resident: every link multiplies the same weights,
+// which then stay in L2 where they fit (the GEMV's floor when its weights need no trip to
+// memory).
 double time_skinny_gemm(int rows, int out_features, int in_features, int chain, int iters,
-                        int warps_per_row = 0, int prefetch_mb = 0);
+                        int warps_per_row = 0, int prefetch_mb = 0, bool l2_resident = false);
 // Microseconds one all-to-all hand-over between thread blocks costs: barrier false, a kernel
 // boundary (a chain of `rounds` tiny kernels launched programmatically, replayed from a CUDA
 // graph, each of blocks_per_sm x SMs blocks reading a value another block of the kernel before
