@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import make_model_dir, prefill_all  # noqa: E402
+from bench import CONFIGS, make_model_dir, prefill_all  # noqa: E402
 
 
 class TimedBackend:
@@ -89,18 +89,34 @@ def print_kernels(prof, per: int, label: str) -> None:
 def short_name(name: str) -> str:
     """A kernel's name without its namespace and template arguments' noise."""
     name = name.replace("pagedgpt2::cuda::(anonymous namespace)::", "").replace("void ", "")
+    name = name.replace("(pagedgpt2::cuda::SkinnyInput)", "in").replace("(pagedgpt2::cuda::SkinnyOutput)", "out")
     return name[:60]
 
 
-def print_timeline(prof, num_steps: int) -> None:
-    """Every GPU kernel of num_steps consecutive decode steps (from an embedding kernel, which
-    opens a step) in start order: start (us from the step's start), duration, and the idle gap
-    since the previous kernel ended (negative: it overlapped, as programmatic launches do)."""
+def is_qkv(name: str) -> bool:
+    """Whether a kernel is a layer's QKV GEMV (batch 1-2: the skinny kernel writing the K/V cache
+    slots, SkinnyOutput::kBiasQkv)."""
+    return "skinny_gemm_kernel" in name and "(pagedgpt2::cuda::SkinnyOutput)3" in name
+
+
+def print_timeline(prof, num_steps: int, num_layers: int) -> None:
+    """Every GPU kernel of num_steps consecutive decode steps in start order: start (us from the
+    step's start), duration, and the idle gap since the previous kernel ended (negative: it
+    overlapped, as programmatic launches do). A step opens at layer 0's QKV GEMV, or at the
+    embedding kernel just before it (graphs of later steps of a decode run have none: the
+    advance of the step before embeds)."""
     from torch.autograd import DeviceType
 
     kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
-    starts = [i for i, e in enumerate(kernels) if "embedding_kernel" in e.name]
+    qkv = [i for i, e in enumerate(kernels) if is_qkv(e.name)]
+    embeds = [i for i, e in enumerate(kernels) if "embedding_kernel" in e.name]
+    if not embeds:
+        print("  (no embedding kernel in the profile: no step to align the timeline on)")
+        return
+    # Layer 0's QKV GEMVs: every num_layers-th QKV from the first after an embedding.
+    qkv = [i for i in qkv if i > embeds[0]][::num_layers]
+    starts = [i - 1 if "embedding_kernel" in kernels[i - 1].name else i for i in qkv]
     if len(starts) < num_steps + 2:
         print("  (too few steps in the profile for a timeline)")
         return
@@ -201,7 +217,7 @@ def main() -> None:
               f"of Python; graphs={eng.backend.num_cuda_graphs}; profiled contexts {first}-{last}")
         print_kernels(prof, steps, "per step")
         if args.timeline:
-            print_timeline(prof, args.timeline)
+            print_timeline(prof, args.timeline, CONFIGS[args.model]["n_layer"])
         del eng
 
 
