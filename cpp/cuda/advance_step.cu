@@ -45,14 +45,17 @@ __global__ void advance_decode_step_kernel(int32_t* token_ids, int32_t* position
   pdl_wait();  // next_tokens or greedy_keys, and every input the step's kernels read
   const int64_t row0 = int64_t(*run_step) * num_rows;
   for (int s = threadIdx.x; s < num_rows; s += kThreads) {
+    // The LM head's argmax (its keys zeroed for the next step's, padding rows' too), else the
+    // sampler's token.
     int32_t token;
-    if (greedy_keys) {  // the LM head's argmax; zeroed for the next step's, padding rows too
+    if (greedy_keys) {
       token = key_id(greedy_keys[s]);
       greedy_keys[s] = 0;
       next_tokens[s] = token;
+    } else {
+      token = next_tokens[s];
     }
     if (context_lens[s] <= 0) continue;  // padding
-    if (!greedy_keys) token = next_tokens[s];
     history[row0 + s] = token;
     token_ids[s] = token;
     positions[s] += 1;

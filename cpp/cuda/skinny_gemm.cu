@@ -88,6 +88,8 @@ __device__ __forceinline__ void stage_vectors(int vecs_per_row, Load load, Store
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       const int i = base + j * kThreads;
+      // NOTE: row_of_vector(i) twice, on purpose: a local for it made ptxas spill 4 bytes in
+      // the 2-row LayerNorm LM head (fp16, bf16; 0 before) and more in the 8-row variants.
       if (i < n_vecs) v[j] = load(row_of_vector(i), i - row_of_vector(i) * vecs_per_row);
     }
 #pragma unroll
@@ -521,6 +523,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       for (int i = 0; i < M * R; ++i) {
         if (i == m * R + r) y = acc[i];
       }
+      // NOTE: recomputed each row group though m = lane % M never changes: computed once after
+      // x is staged and held across the loop, it made the 2-row LayerNorm LM head spill 20
+      // bytes (fp16, bf16; 0 before).
       if constexpr (kLn) {  // mean - x0 and 1 / std of product row m
         const float2 ln = ln_row_stats(ln_stats, M, m, inv_k, p.eps);
         y = ln.y * (y - ln.x * in.ln_sum);
