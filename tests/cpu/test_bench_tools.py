@@ -1,6 +1,6 @@
 """Tools that measure without a GPU or read a GPU run's logs: tools/bench_host.py (host time over
-an emulated GPU), tools/sanitize.py's log summary and test slices, and tools/trace_gemv.py's
-reading of the GEMV's stage records."""
+an emulated GPU), tools/sanitize.py's log summary and test slices, tools/trace_gemv.py's
+reading of the GEMV's stage records and tools/profile_step.py's kernel timeline."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))
 import bench_host  # noqa: E402
+import profile_step  # noqa: E402
 import sanitize  # noqa: E402
 import trace_gemv  # noqa: E402
 
@@ -115,3 +117,42 @@ def test_trace_groups_blocks_into_launches_and_times_them_after_the_one_before()
     assert (proj["crit_wait"], proj["crit_stage"], proj["crit_mult"], proj["crit_tail"]) == \
         pytest.approx((0.6, 0.6, 0.7, 0.5))
     assert table["ln_2+fc"]["launches"] == 2  # the first launch has no traced launch before it
+
+
+def _kernel(name, start, duration):
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(device_type=DeviceType.CUDA, name=name,
+                           time_range=SimpleNamespace(start=start, end=start + duration))
+
+
+def test_timeline_opens_each_step_at_layer_0s_qkv(capsys):
+    """Decode runs of 8 steps: only a run's first step has an embedding kernel (the advance of
+    the step before embeds the others), so a step opens at layer 0's QKV GEMV, or at the
+    embedding right before it."""
+    gemv = "void pagedgpt2::cuda::(anonymous namespace)::skinny_gemm_kernel<__half, 1, (pagedgpt2::cuda::SkinnyInput)1, (pagedgpt2::cuda::SkinnyOutput){}, false>(p)"
+    layer = [gemv.format(3), "decode_attention_kernel", gemv.format(2), gemv.format(1), gemv.format(2)]
+    rng = np.random.default_rng(5)
+    kernels, step_starts, t = [], [], 0.0
+    for step in range(20):
+        step_starts.append(t)
+        names = (["embedding_kernel<__half>"] if step % 8 == 0 else []) + layer * 3 + [gemv.format(4), "advance"]
+        for name in names:
+            duration = float(rng.uniform(1, 5))
+            kernels.append(_kernel(name, t, duration))
+            t += duration
+    rng.shuffle(kernels)  # the profiler's order is not start order
+    profile_step.print_timeline(SimpleNamespace(events=lambda: kernels), 3, num_layers=3)
+    lines = capsys.readouterr().out.splitlines()
+    rows = lines[1:-1]
+    # the window skips step 0 and starts at step 1, which has no embedding kernel
+    assert "in1, out3" in rows[0] and float(rows[0].split()[0]) == 0.0
+    assert len(rows) == 3 * (3 * len(layer) + 2)  # steps 1-3: no embedding among them
+    span = float(lines[-1].split()[2])
+    assert span == pytest.approx((step_starts[4] - step_starts[1]) / 3, abs=0.06)
+    # steps 1-8: step 8, a run's first, opens at its embedding kernel
+    profile_step.print_timeline(SimpleNamespace(events=lambda: kernels), 8, num_layers=3)
+    rows = capsys.readouterr().out.splitlines()[1:-1]
+    per_step = 3 * len(layer) + 2
+    assert len(rows) == 8 * per_step + 1 and "embedding_kernel" in rows[7 * per_step]
+    assert "in1, out3" in rows[7 * per_step + 1]
