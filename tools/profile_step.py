@@ -102,9 +102,9 @@ def is_qkv(name: str) -> bool:
 def print_timeline(prof, num_steps: int, num_layers: int) -> None:
     """Every GPU kernel of num_steps consecutive decode steps in start order: start (us from the
     step's start), duration, and the idle gap since the previous kernel ended (negative: it
-    overlapped, as programmatic launches do). A step opens at layer 0's QKV GEMV, or at the
-    embedding kernel just before it (graphs of later steps of a decode run have none: the
-    advance of the step before embeds)."""
+    overlapped, as programmatic launches do). A skinny step (1-2 rows) opens at layer 0's QKV
+    GEMV, or at the embedding kernel just before it (graphs of later steps of a decode run have
+    none: the advance of the step before embeds); a wider step at its embedding kernel."""
     from torch.autograd import DeviceType
 
     kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
@@ -116,7 +116,7 @@ def print_timeline(prof, num_steps: int, num_layers: int) -> None:
         return
     # Layer 0's QKV GEMVs: every num_layers-th QKV from the first after an embedding.
     qkv = [i for i in qkv if i > embeds[0]][::num_layers]
-    starts = [i - 1 if "embedding_kernel" in kernels[i - 1].name else i for i in qkv]
+    starts = [i - 1 if "embedding_kernel" in kernels[i - 1].name else i for i in qkv] if qkv else embeds
     if len(starts) < num_steps + 2:
         print("  (too few steps in the profile for a timeline)")
         return

@@ -156,3 +156,8 @@ def test_timeline_opens_each_step_at_layer_0s_qkv(capsys):
     per_step = 3 * len(layer) + 2
     assert len(rows) == 8 * per_step + 1 and "embedding_kernel" in rows[7 * per_step]
     assert "in1, out3" in rows[7 * per_step + 1]
+    # wide steps (cuBLASLt, no skinny QKV) each open at their embedding kernel
+    wide = [k for k in kernels if "skinny" not in k.name]
+    profile_step.print_timeline(SimpleNamespace(events=lambda: wide), 1, num_layers=3)
+    rows = capsys.readouterr().out.splitlines()[1:-1]
+    assert "embedding_kernel" in rows[0] and sum("embedding_kernel" in r for r in rows) == 1
