@@ -93,32 +93,9 @@ template <typename T>
 __device__ void merge_partitions(T* out_row, const DecodeWorkspace& ws, int64_t first,
                                  int num_parts, int D, int t, int n) {
   for (int d = t; d < D; d += n) {
-    float m = -INFINITY, l = 0.f, o = 0.f;
-    for (int p0 = 0; p0 < num_parts; p0 += kMergeBatch) {
-      float pm[kMergeBatch], pl[kMergeBatch], po[kMergeBatch];
-#pragma unroll
-      for (int i = 0; i < kMergeBatch; ++i) {
-        const int64_t row = first + p0 + i;
-        const bool here = p0 + i < num_parts;
-        pm[i] = here ? __ldcg(ws.partial_max + row) : -INFINITY;
-        pl[i] = here ? __ldcg(ws.partial_sum + row) : 0.f;
-        po[i] = here ? __ldcg(ws.partial_out + row * D + d) : 0.f;
-      }
-      float m_new = m;
-#pragma unroll
-      for (int i = 0; i < kMergeBatch; ++i) m_new = fmaxf(m_new, pm[i]);
-      const float a = m == -INFINITY ? 0.f : exp2f(m - m_new);
-      l *= a;
-      o *= a;
-#pragma unroll
-      for (int i = 0; i < kMergeBatch; ++i) {
-        const float w = pm[i] == -INFINITY ? 0.f : exp2f(pm[i] - m_new);
-        l += pl[i] * w;
-        o += po[i] * w;
-      }
-      m = m_new;
-    }
-    out_row[d] = from_float<T>(o / l);
+    float o[1];
+    const float l = merge_partials<1, kMergeBatch>(ws, first, num_parts, D, d, o);
+    out_row[d] = from_float<T>(o[0] / l);
   }
 }
 

@@ -47,6 +47,55 @@ inline int decode_num_partitions(int max_context_len, int partition_size) {
   return (max_context_len + partition_size - 1) / partition_size;
 }
 
+// Flash-decoding's merge of one head's partitions (workspace rows first .. first + num_parts -
+// 1), shared by the attention kernel's last partition (merge_partitions) and the proj GEMV that
+// merges them while it stages x (SkinnyInput::kAttentionPartials). For the N output elements
+// from column col of the partial rows: o = sum_p w_p o_p, returned l = sum_p w_p l_p, w_p =
+// exp2(max_p - max over p); the caller normalizes (o / l). The loads of B partitions (max, sum
+// and output) go out together: one L2 round trip a batch, merged online, batch after batch.
+template <int N, int B>
+__device__ __forceinline__ float merge_partials(const DecodeWorkspace& ws, int64_t first,
+                                                int num_parts, int D, int col, float (&o)[N]) {
+  static_assert(N == 1 || N == 4, "a float or a float4 of each partial row");
+  float m = -INFINITY, l = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) o[i] = 0.f;
+  for (int p0 = 0; p0 < num_parts; p0 += B) {
+    float pm[B], pl[B], po[B][N];
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const bool here = p0 + j < num_parts;
+      const int64_t row = first + p0 + j;
+      pm[j] = here ? __ldcg(ws.partial_max + row) : -INFINITY;
+      pl[j] = here ? __ldcg(ws.partial_sum + row) : 0.f;
+      const float* src = ws.partial_out + row * D + col;
+      if constexpr (N == 4) {
+        const float4 v = here ? __ldcg(reinterpret_cast<const float4*>(src))
+                              : make_float4(0.f, 0.f, 0.f, 0.f);
+        po[j][0] = v.x, po[j][1] = v.y, po[j][2] = v.z, po[j][3] = v.w;
+      } else {
+        po[j][0] = here ? __ldcg(src) : 0.f;
+      }
+    }
+    float m_new = m;
+#pragma unroll
+    for (int j = 0; j < B; ++j) m_new = fmaxf(m_new, pm[j]);
+    const float a = m == -INFINITY ? 0.f : exp2f(m - m_new);
+    l *= a;
+#pragma unroll
+    for (int i = 0; i < N; ++i) o[i] *= a;
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const float w = pm[j] == -INFINITY ? 0.f : exp2f(pm[j] - m_new);
+      l += pl[j] * w;
+#pragma unroll
+      for (int i = 0; i < N; ++i) o[i] += po[j][i] * w;
+    }
+    m = m_new;
+  }
+  return l;
+}
+
 // Head sizes with a compiled decode kernel; others run the prefill kernel (which handles q_len 1).
 bool decode_attention_supported(int head_size, int elem_size);
 

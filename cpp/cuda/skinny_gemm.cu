@@ -136,7 +136,7 @@ constexpr int kPartsAtOnce = 4;
 
 // kAttentionPartials: x row m = sequence m's attention output, from its parts[m] partitions
 // (see DecodeWorkspace): element d of head h is sum_p w_p o_p[d] / sum_p w_p l_p, w_p =
-// exp2(max_p - max over p), as the attention kernel's own merge computes it (merge_partitions).
+// exp2(max_p - max over p): merge_partials, the attention kernel's own merge.
 // A row with no partition (padding, or m >= p.rows) is zero. The engine takes this path only
 // where a thread stages one vector (skinny_merges_attention, check_partials).
 // NOTE: this is the attention kernel's last step moved here. There, the last partition of a
@@ -159,36 +159,12 @@ __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>
       if (i >= r * vecs) m = r, n = parts[r];
     }
     const int k = (i - m * vecs) * 4, h = k / D;
-    const int64_t first = (int64_t(m) * H + h) * p.max_partitions;
-    const float* out = ws.partial_out + first * D + (k - h * D);
-    float mx = -INFINITY, l = 0.f;
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int p0 = 0; p0 < n; p0 += kPartsAtOnce) {
-      float pm[kPartsAtOnce], pl[kPartsAtOnce];
-      float4 po[kPartsAtOnce];
-#pragma unroll
-      for (int j = 0; j < kPartsAtOnce; ++j) {
-        const bool here = p0 + j < n;
-        pm[j] = here ? __ldcg(ws.partial_max + first + p0 + j) : -INFINITY;
-        pl[j] = here ? __ldcg(ws.partial_sum + first + p0 + j) : 0.f;
-        po[j] = here ? __ldcg(reinterpret_cast<const float4*>(out + int64_t(p0 + j) * D))
-                     : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      float m_new = mx;
-#pragma unroll
-      for (int j = 0; j < kPartsAtOnce; ++j) m_new = fmaxf(m_new, pm[j]);
-      const float a = mx == -INFINITY ? 0.f : exp2f(mx - m_new);
-      l *= a, o.x *= a, o.y *= a, o.z *= a, o.w *= a;
-#pragma unroll
-      for (int j = 0; j < kPartsAtOnce; ++j) {
-        const float w = pm[j] == -INFINITY ? 0.f : exp2f(pm[j] - m_new);
-        l += pl[j] * w;
-        o.x += po[j].x * w, o.y += po[j].y * w, o.z += po[j].z * w, o.w += po[j].w * w;
-      }
-      mx = m_new;
-    }
+    float o[4];
+    const float l = merge_partials<4, kPartsAtOnce>(ws, (int64_t(m) * H + h) * p.max_partitions,
+                                                    n, D, k - h * D, o);
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    reinterpret_cast<float4*>(xs)[i] = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+    reinterpret_cast<float4*>(xs)[i] =
+        make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
   }
 }
 
