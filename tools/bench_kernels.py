@@ -6,7 +6,9 @@
    then one head a thread block against four (a warp each). Launches are replayed from a CUDA
    graph, each on its own copy of the cache, so that none finds its rows in L2 (as in a step).
 3. The skinny GEMV alone at gpt2's and gpt2-xl's layer shapes, weight bytes over copy bandwidth.
-4. A whole decode step of the engine against context length, paged vs contiguous.
+4. One dependent stage of a batch-1 step alone: a kernel boundary, a grid barrier, tagged words;
+   then gpt2's layer GEMVs as the engine's kernels against one persistent kernel.
+5. A whole decode step of the engine against context length, paged vs contiguous.
 
     python tools/bench_kernels.py --json out.json
 """
@@ -134,6 +136,40 @@ def dependency_table(ops):
     return rows
 
 
+def handover_table(ops):
+    """One dependent stage of a batch-1 step with nothing else in it: every block (512 threads,
+    1 an SM: a persistent kernel's shape) gathers a float32 vector all blocks wrote and writes
+    its slice of the next, synchronized by a kernel boundary, a grid barrier, or words that carry
+    the round that wrote them (no barrier). Widths: gpt2's x (768) and gpt2-xl's (1,600); at
+    wider ones a round is mostly its own arithmetic."""
+    rows = []
+    print("one stage: gather a vector all blocks wrote, write a slice of the next (us a round)")
+    print(f"{'width':>6} {'kernel':>7} {'barrier':>7} {'tagged':>7}")
+    for width in (768, 1600):
+        us = {kind: ops.time_handover(kind, width, threads=512) for kind in ("kernel", "barrier", "tagged")}
+        rows.append(dict(width=width, **{f"{k}_us": v for k, v in us.items()}))
+        print(f"{width:>6} {us['kernel']:>7.2f} {us['barrier']:>7.2f} {us['tagged']:>7.2f}")
+    return rows
+
+
+def gemv_layers_table(ops):
+    """gpt2's four layer GEMVs (QKV, proj, fc with GELU, fc_proj), 12 layers of their own fp16
+    weights at batch 1, at gpt2's, gpt2-medium's and gpt2-xl's widths: the engine's skinny GEMV
+    kernels, launched programmatically, against one persistent kernel (a block an SM, tagged
+    words between stages, a producer warp streaming each block's rows through a ring in shared
+    memory, ahead across stages). Microseconds a layer."""
+    rows = []
+    print("gpt2's layer GEMVs, 12 layers (us a layer): engine kernels vs one persistent kernel")
+    print(f"{'width':>6} {'MB/layer':>8} {'kernels':>8} {'persistent':>10} {'ratio':>6}")
+    for width in (768, 1024, 1600):
+        kernels_us = ops.time_gemv_layers("kernels", width)
+        persistent_us = ops.time_gemv_layers("persistent", width)
+        mb = 12 * width * width * 2 / 1e6
+        rows.append(dict(width=width, weight_mb=mb, kernels_us=kernels_us, persistent_us=persistent_us))
+        print(f"{width:>6} {mb:>8.1f} {kernels_us:>8.2f} {persistent_us:>10.2f} {kernels_us / persistent_us:>6.2f}")
+    return rows
+
+
 def gemv_split_sweep(ops):
     """The skinny GEMV (batch 1 and 2) against its K split: 1, 2, 4 or 8 warps per output row
     (0 = as the launcher picks), without and with the 4 MB L2 prefetch of the next GEMV's
@@ -214,13 +250,16 @@ def main() -> None:
     heads = heads_table(ops, copy_gbs, args.dtype, args.iters)
     gemv = gemv_table(ops, copy_gbs)
     dependency = dependency_table(ops)
+    handover = handover_table(ops)
+    gemv_layers = gemv_layers_table(ops)
     gemv_splits = gemv_split_sweep(ops) if args.gemv_splits else []
     model_dir = make_model_dir("gpt2", Path(args.workdir))
     steps = step_vs_context(model_dir, args.dtype, args.step_batch, [128, 256, 512, 768, 1024])
     if args.json:
         Path(args.json).write_text(json.dumps(dict(card=card_name("cuda"), dtype=args.dtype, copy_gbs=copy_gbs,
                                                    attention=attention, partition_sweep=sweep, heads_per_block=heads,
-                                                   gemv=gemv, dependency=dependency, gemv_splits=gemv_splits,
+                                                   gemv=gemv, dependency=dependency, handover=handover, gemv_layers=gemv_layers,
+                                                   gemv_splits=gemv_splits,
                                                    steps=steps),
                                               indent=1))
 

@@ -64,6 +64,35 @@ nb::ndarray<nb::numpy, float> attention_op(FloatTensor qkv, FloatTensor k_cache,
   return out;
 }
 
+cuda::ops::Handover handover_kind(const std::string& kind) {
+  if (kind == "kernel") return cuda::ops::Handover::kKernel;
+  if (kind == "barrier") return cuda::ops::Handover::kBarrier;
+  if (kind == "tagged") return cuda::ops::Handover::kTagged;
+  throw std::invalid_argument("kind must be 'kernel', 'barrier' or 'tagged', got '" + kind + "'");
+}
+
+void check_handover(int width, int blocks_per_sm, int threads, int rounds) {
+  if (width < 32 || width > 8192 || blocks_per_sm < 1 || threads < 32 || threads > 1024 ||
+      threads % 32 != 0 || rounds < 1) {
+    throw std::invalid_argument(
+        "handover: need width in [32, 8192], blocks_per_sm >= 1, threads a multiple of 32 in "
+        "[32, 1024] and rounds >= 1; got width " + std::to_string(width) + ", blocks_per_sm " +
+        std::to_string(blocks_per_sm) + ", threads " + std::to_string(threads) + ", rounds " +
+        std::to_string(rounds));
+  }
+}
+
+void check_gemv_layers(const std::string& kind, int width, int layers) {
+  if (kind != "kernels" && kind != "persistent") {
+    throw std::invalid_argument("kind must be 'kernels' or 'persistent', got '" + kind + "'");
+  }
+  if (width < 64 || width % 64 != 0 || layers < 1 || layers > 64) {
+    throw std::invalid_argument("gemv layers: need width a multiple of 64 (at least 64) and "
+                                "layers in [1, 64]; got width " + std::to_string(width) +
+                                ", layers " + std::to_string(layers));
+  }
+}
+
 void bind_ops(nb::module_& m) {
   nb::module_ ops = m.def_submodule(
       "ops", "CUDA kernels over float32 numpy arrays (cast to `dtype` on the device).");
@@ -470,6 +499,63 @@ void bind_ops(nb::module_& m) {
       "Median us of one all-to-all hand-over between thread blocks: 'kernel', a boundary "
       "between programmatically launched kernels (graph-replayed); 'barrier', a grid-wide "
       "barrier inside one cooperative kernel.");
+  ops.def(
+      "time_handover",
+      [](std::string kind, int width, int blocks_per_sm, int threads, int rounds, int iters) {
+        const cuda::ops::Handover k = handover_kind(kind);
+        check_handover(width, blocks_per_sm, threads, rounds);
+        if (iters < 1) throw std::invalid_argument("time_handover: iters >= 1");
+        nb::gil_scoped_release release;
+        return cuda::ops::time_handover(k, width, blocks_per_sm, threads, rounds, iters);
+      },
+      "kind"_a, "width"_a = 768, "blocks_per_sm"_a = 1, "threads"_a = 256, "rounds"_a = 256,
+      "iters"_a = 20,
+      "Median us of one round of an all-to-all chain shaped like a batch-1 GEMV stage (every "
+      "block gathers a float32 vector of `width` and writes its slice of the next): 'kernel', a "
+      "programmatic kernel boundary; 'barrier', a grid barrier in one cooperative kernel; "
+      "'tagged', words that carry the round that wrote them (no barrier).");
+  ops.def(
+      "handover_chain",
+      [](std::string kind, FloatArray x0, int blocks_per_sm, int threads, int rounds) {
+        const cuda::ops::Handover k = handover_kind(kind);
+        const int width = int(x0.shape(0));
+        check_handover(width, blocks_per_sm, threads, rounds);
+        std::vector<float> y = cuda::ops::handover_chain(k, x0.data(), width, blocks_per_sm,
+                                                         threads, rounds);
+        auto out = owned_array<float>({size_t(width)});
+        std::memcpy(out.data(), y.data(), y.size() * sizeof(float));
+        return out;
+      },
+      "kind"_a, "x0"_a, "blocks_per_sm"_a = 1, "threads"_a = 256, "rounds"_a = 8,
+      "The vector after `rounds` rounds of time_handover's chain from x0: y_j = tanh(sum_k "
+      "c(j, k) x_k / sqrt(width) + x_j / 2), c(j, k) = ((31 j + 17 k) mod 13 - 6) / 4.");
+  ops.def(
+      "time_gemv_layers",
+      [](std::string kind, int width, int layers, int iters) {
+        check_gemv_layers(kind, width, layers);
+        if (iters < 1) throw std::invalid_argument("time_gemv_layers: iters >= 1");
+        nb::gil_scoped_release release;
+        return cuda::ops::time_gemv_layers(kind == "persistent", width, layers, iters);
+      },
+      "kind"_a, "width"_a = 768, "layers"_a = 12, "iters"_a = 20,
+      "Median us a layer of gpt2's four layer GEMVs at batch 1 (fp16), each layer its own "
+      "weights: 'kernels', the engine's skinny GEMV kernels launched programmatically; "
+      "'persistent', one kernel with tagged words between stages and the weights streamed "
+      "through a ring in shared memory by a producer warp.");
+  ops.def(
+      "gemv_layers_chain",
+      [](std::string kind, FloatArray x0, int layers) {
+        const int width = int(x0.shape(0));
+        check_gemv_layers(kind, width, layers);
+        std::vector<float> y =
+            cuda::ops::gemv_layers_chain(kind == "persistent", x0.data(), width, layers);
+        auto out = owned_array<float>({size_t(width)});
+        std::memcpy(out.data(), y.data(), y.size() * sizeof(float));
+        return out;
+      },
+      "kind"_a, "x0"_a, "layers"_a = 1,
+      "fc_proj's output of the last layer after one run of time_gemv_layers' chain from x0: "
+      "weights and biases of a fixed pattern (handover_bench.cu, layer_weights_kernel), in fp16.");
   ops.def("stage_trace_built", &cuda::stage_trace_built,
           "Whether this build records the skinny GEMV's stage times (CMake PAGEDGPT2_TRACE).");
   ops.def("stage_trace_reset", &cuda::stage_trace_reset, "Forgets the stage records so far.");

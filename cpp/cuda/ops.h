@@ -178,6 +178,28 @@ double time_skinny_gemm(int rows, int out_features, int in_features, int chain, 
 // many MB of memory not in it before they wait, as the skinny GEMV does.
 double time_dependency(bool barrier, int blocks_per_sm, int threads, int rounds, int iters,
                        int prefetch_mb = 0);
+// How a stage of the hand-over timer learns that the vector before it is complete (handover_bench.cu).
+enum class Handover { kKernel, kBarrier, kTagged };
+// Microseconds one round of a chain costs: every block of blocks_per_sm x SMs gathers a float32
+// vector of `width` that all blocks wrote in the round before and writes its slice of the next,
+// as a batch-1 GEMV stage does, synchronized as `kind` says: a kernel boundary (programmatic
+// launch, graph-replayed), a grid barrier in one cooperative kernel, or words that carry the
+// round that wrote them (no barrier: a block re-reads x until every word is this round's).
+double time_handover(Handover kind, int width, int blocks_per_sm, int threads, int rounds,
+                     int iters);
+// The vector after `rounds` rounds of the same chain from x0 [width], y_j = tanh(sum_k c(j, k)
+// x_k / sqrt(width) + x_j / 2), c(j, k) = ((31 j + 17 k) mod 13 - 6) / 4: every kind gives it.
+std::vector<float> handover_chain(Handover kind, const float* x0, int width, int blocks_per_sm,
+                                  int threads, int rounds);
+// Microseconds a layer of gpt2's four layer GEMVs at width C (QKV, proj on q, fc with GELU,
+// fc_proj; fp16 weights of a fixed pattern, batch 1), `layers` layers of their own weights:
+// persistent false, the engine's skinny GEMV kernels (programmatic launches, graph-replayed);
+// true, one persistent kernel, one block an SM, tagged words between stages and a producer warp
+// streaming each block's rows through a ring in shared memory, ahead across stages
+// (handover_bench.cu).
+double time_gemv_layers(bool persistent, int C, int layers, int iters);
+// The last stage's output [C] of one run of that chain from x0 [C].
+std::vector<float> gemv_layers_chain(bool persistent, const float* x0, int C, int layers);
 // Device-to-device copy bandwidth in GB/s (bytes read + bytes written), buffers of `bytes`.
 double copy_bandwidth_gbs(int64_t bytes, int iters);
 

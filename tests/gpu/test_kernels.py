@@ -606,6 +606,92 @@ def test_kernel_timers_reject_bad_arguments():
     if not gpu.stage_trace_built():  # the default build: no trace to read
         with pytest.raises(RuntimeError, match="PAGEDGPT2_TRACE=ON"):
             gpu.stage_trace()
+    with pytest.raises(ValueError, match="kind must be 'kernel', 'barrier' or 'tagged', got 'flag'"):
+        gpu.time_handover("flag")
+    with pytest.raises(ValueError, match=r"width in \[32, 8192\].*got width 9000"):
+        gpu.time_handover("tagged", 9000)
+    with pytest.raises(ValueError, match="blocks an SM of 1024 threads do not fit at once"):
+        gpu.time_handover("tagged", 768, blocks_per_sm=3, threads=1024)
+    with pytest.raises(ValueError, match="kind must be 'kernels' or 'persistent', got 'tagged'"):
+        gpu.time_gemv_layers("tagged")
+    with pytest.raises(ValueError, match="width a multiple of 64.*got width 100, layers 12"):
+        gpu.time_gemv_layers("persistent", 100)
+    with pytest.raises(ValueError, match="width 2560 needs .* KB of shared memory a block"):
+        gpu.time_gemv_layers("persistent", 2560)
+
+
+def handover_reference(x0, rounds):
+    """time_handover's chain in float64: y_j = tanh(sum_k c(j, k) x_k / sqrt(width) + x_j / 2)."""
+    width = len(x0)
+    j, k = np.arange(width)[:, None], np.arange(width)[None, :]
+    c = ((31 * j + 17 * k) % 13 - 6) * 0.25
+    x = x0.astype(np.float64)
+    for _ in range(rounds):
+        x = np.tanh(c @ x / np.sqrt(width) + 0.5 * x)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["kernel", "barrier", "tagged"])
+@pytest.mark.parametrize("width,blocks_per_sm,threads,rounds", [
+    (768, 1, 256, 5), (6400, 1, 256, 4), (100, 3, 128, 6), (1600, 2, 512, 5)])
+def test_handover_chain_matches_numpy(rng, kind, width, blocks_per_sm, threads, rounds):
+    """Each round reads every element the round before wrote, however the kind synchronizes:
+    a round that read a stale or half-written element would leave the chain off numpy's (the
+    values stay near 1 in size; float32 against float64 is ~1e-5 over these few rounds, the
+    chain being chaotic). Widths below the grid (100 at 3 blocks an SM) leave blocks with no
+    slice."""
+    x0 = rng.standard_normal(width).astype(np.float32)
+    got = gpu.handover_chain(kind, x0, blocks_per_sm=blocks_per_sm, threads=threads,
+                             rounds=rounds)
+    np.testing.assert_allclose(got, handover_reference(x0, rounds), rtol=0, atol=2e-4)
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def gemv_layers_reference(x0, layers):
+    """time_gemv_layers' chain in float64 on its fp16 weights (the pattern of handover_bench.cu's
+    layer_weights_kernel, computed the same way in float32): per layer QKV, proj on q (the first
+    C of QKV's output), fc with GELU, fc_proj."""
+    C = len(x0)
+    x = x0.astype(np.float64)
+    for layer in range(layers):
+        for q, (N, K) in enumerate([(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)]):
+            s = 4 * layer + q
+            n = np.arange(N, dtype=np.uint32)[:, None]
+            k = np.arange(K, dtype=np.uint32)[None, :]
+            h = (n * np.uint32(K) + k + np.uint32(s * 0x9E3779B9 % 2**32)) * np.uint32(2654435761)
+            scale = np.float32(1) / np.sqrt(np.float32(K))
+            v = (2 * (h >> np.uint32(28)).astype(np.int64) - 15).astype(np.float32)
+            w = (v * np.float32(0.125) * scale).astype(np.float16).astype(np.float64)
+            b = (((5 * np.arange(N) + s) % 11 - 5).astype(np.float32) * np.float32(0.05))
+            y = w @ x[:K] + b.astype(np.float16).astype(np.float64)
+            x = gelu_tanh(y) if q == 2 else y
+    return x
+
+
+@pytest.mark.parametrize("kind,atol", [("kernels", 6e-3), ("persistent", 1e-4)])
+@pytest.mark.parametrize("width,layers", [(768, 1), (768, 2), (256, 3), (1600, 1)])
+def test_gemv_layers_chain_matches_numpy(rng, kind, atol, width, layers):
+    """gpt2's layer GEMVs as the engine's kernels and as one persistent kernel (tagged words
+    between stages, the weights through a ring in shared memory) compute the same chain. The
+    kernels round each stage's output to fp16 (float64 numpy doing the same: 1.5-2e-4 off at
+    768, 2-2.5e-3 at 1,600, where outputs reach ~1.4), the persistent kernel keeps float32. At
+    1,600 (gpt2-xl's width) fc_proj's chunks are 3 rows of 6,400."""
+    x0 = rng.standard_normal(width).astype(np.float32)
+    got = gpu.gemv_layers_chain(kind, x0, layers=layers)
+    np.testing.assert_allclose(got, gemv_layers_reference(x0, layers), rtol=0, atol=atol)
+
+
+def test_handover_kinds_agree_bit_for_bit(rng):
+    """The three kinds run the same arithmetic in the same order; only the waiting differs."""
+    x0 = rng.standard_normal(1024).astype(np.float32)
+    runs = [gpu.handover_chain(kind, x0, rounds=33) for kind in ("kernel", "barrier", "tagged")]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
+    assert gpu.time_handover("tagged", 768, rounds=16, iters=3) > 0
+    assert gpu.time_gemv_layers("persistent", 768, layers=2, iters=3) > 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
