@@ -31,6 +31,7 @@
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/ops.h"
+#include "cuda/ops_device.cuh"
 #include "cuda/skinny_gemm.cuh"
 
 namespace pagedgpt2::cuda::ops {
@@ -175,22 +176,6 @@ __global__ void handover_tagged_kernel(unsigned long long* bufs, int width, int 
   }
 }
 
-template <typename T>
-struct DeviceBuffer {
-  explicit DeviceBuffer(size_t n) {
-    T* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
-    ptr.reset(p);
-  }
-  T* get() const { return ptr.get(); }
-  struct Free {
-    void operator()(T* p) const { cudaFree(p); }
-  };
-  std::unique_ptr<T, Free> ptr;
-};
-
-constexpr cudaStream_t kStream = 0;
-
 // The values of n tagged words on the device (their low halves).
 std::vector<float> download_tagged(const unsigned long long* words, int n) {
   std::vector<unsigned long long> w(n);
@@ -217,10 +202,7 @@ class HandoverChain {
       : kind_(kind), width_(width), threads_(threads), rounds_(rounds),
         smem_(size_t(width) * sizeof(float)), floats_(3 * size_t(width)),
         words_(3 * size_t(width)), counter_(1) {
-    int device = 0, sms = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    blocks_ = blocks_per_sm * sms;
+    blocks_ = blocks_per_sm * num_sms();
     const void* kernel = kind == Handover::kKernel    ? (const void*)handover_link_kernel
                          : kind == Handover::kBarrier ? (const void*)handover_barrier_kernel
                                                       : (const void*)handover_tagged_kernel;
@@ -314,9 +296,9 @@ class HandoverChain {
   Handover kind_;
   int width_, threads_, rounds_, blocks_ = 0;
   size_t smem_;
-  DeviceBuffer<float> floats_;
-  DeviceBuffer<unsigned long long> words_;
-  DeviceBuffer<unsigned> counter_;
+  DevArray<float> floats_;
+  DevArray<unsigned long long> words_;
+  DevArray<unsigned> counter_;
 };
 
 // ---- gpt2's layer GEMVs, layer after layer ----------------------------------------------------
@@ -560,16 +542,15 @@ size_t persistent_smem(int C, int sms) {
 // Throws where the persistent kernel cannot run: before sm_90 (bulk copies), or where x and the
 // ring do not fit a block's shared memory.
 void check_persistent(int C) {
-  int device = 0, major = 0, sms = 0, max_smem = 0;
+  int device = 0, major = 0, max_smem = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   if (major < 9) {
     throw std::invalid_argument("time_gemv_layers: the persistent kernel's bulk copies need "
                                 "sm_90 (compute capability " + std::to_string(major) + ")");
   }
-  const size_t smem = persistent_smem(C, sms);
+  const size_t smem = persistent_smem(C, num_sms());
   if (smem > size_t(max_smem)) {
     throw std::invalid_argument("time_gemv_layers: width " + std::to_string(C) + " needs " +
                                 std::to_string(smem / 1024) + " KB of shared memory a block (" +
@@ -580,7 +561,8 @@ void check_persistent(int C) {
 class LayerChain {
  public:
   LayerChain(int C, int layers, bool persistent)
-      : persistent_(persistent), C_(C), layers_(layers), w_(12 * size_t(C) * C * layers),
+      : persistent_(persistent), C_(C), layers_(layers), sms_(num_sms()),
+        w_(12 * size_t(C) * C * layers),
         b_(9 * size_t(C) * layers), words_(9 * size_t(C) * layers),
         halves_(9 * size_t(C) * layers), x_(size_t(C)), xh_(size_t(C)) {
     layer_weights_kernel<<<1024, 256, 0, kStream>>>(w_.get(), b_.get(), C, layers,
@@ -588,9 +570,6 @@ class LayerChain {
                                                     1.f / std::sqrt(float(4 * C)));
     CUDA_CHECK_LAUNCH();
     CUDA_CHECK(cudaMemsetAsync(words_.get(), 0, 9 * size_t(C) * layers * 8, kStream));
-    int device = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device));
     if (persistent) size_persistent();
   }
 
@@ -667,22 +646,28 @@ class LayerChain {
   }
 
   bool persistent_;
-  int C_, layers_, sms_ = 0;
+  int C_, layers_, sms_;
   size_t smem_ = 0;
   unsigned epoch_ = 0;
-  DeviceBuffer<__half> w_, b_;
-  DeviceBuffer<unsigned long long> words_;
-  DeviceBuffer<__half> halves_;
-  DeviceBuffer<float> x_;
-  DeviceBuffer<__half> xh_;
+  DevArray<__half> w_, b_;
+  DevArray<unsigned long long> words_;
+  DevArray<__half> halves_;
+  DevArray<float> x_;
+  DevArray<__half> xh_;
 };
+
+// The timers' start vector: sin(0.37 k + 1), no element 0.
+std::vector<float> start_vector(int n) {
+  std::vector<float> x(n);
+  for (int k = 0; k < n; ++k) x[k] = std::sin(0.37f * float(k) + 1.f);
+  return x;
+}
 
 }  // namespace
 
 double time_handover(Handover kind, int width, int blocks_per_sm, int threads, int rounds,
                      int iters) {
-  std::vector<float> x0(width);
-  for (int k = 0; k < width; ++k) x0[k] = std::sin(0.37f * float(k) + 1.f);
+  const std::vector<float> x0 = start_vector(width);
   return HandoverChain(kind, x0.data(), width, blocks_per_sm, threads, rounds).time(iters);
 }
 
@@ -694,9 +679,7 @@ std::vector<float> handover_chain(Handover kind, const float* x0, int width, int
 double time_gemv_layers(bool persistent, int C, int layers, int iters) {
   if (persistent) check_persistent(C);
   LayerChain chain(C, layers, persistent);
-  std::vector<float> x0(C);
-  for (int k = 0; k < C; ++k) x0[k] = std::sin(0.37f * float(k) + 1.f);
-  chain.set_x0(x0.data());
+  chain.set_x0(start_vector(C).data());
   return chain.time(iters);
 }
 

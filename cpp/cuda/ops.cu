@@ -17,6 +17,7 @@
 #include "cuda/gemm.cuh"
 #include "cuda/layernorm.cuh"
 #include "cuda/ops.h"
+#include "cuda/ops_device.cuh"
 #include "cuda/sampling.cuh"
 #include "cuda/sampling_host.h"
 #include "cuda/skinny_gemm.cuh"
@@ -24,25 +25,6 @@
 
 namespace pagedgpt2::cuda::ops {
 namespace {
-
-constexpr cudaStream_t kStream = 0;
-
-template <typename T>
-class DevArray {
- public:
-  explicit DevArray(size_t n) : n_(n) {
-    CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(n, 1) * sizeof(T)));
-  }
-  ~DevArray() { cudaFree(ptr_); }
-  DevArray(const DevArray&) = delete;
-  DevArray& operator=(const DevArray&) = delete;
-  T* get() const { return ptr_; }
-  size_t size() const { return n_; }
-
- private:
-  T* ptr_ = nullptr;
-  size_t n_;
-};
 
 template <typename To, typename From>
 __global__ void cast_kernel(To* dst, const From* src, int64_t n) {
@@ -110,13 +92,6 @@ struct DecodeScratch {
   DevArray<unsigned> counters;
   DecodeWorkspace ws;
 };
-
-int num_sms() {
-  int device = 0, sms = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
 
 // A decode launch's work split: what the caller asked for, the model's pick where it passed 0.
 struct DecodeSplit {
