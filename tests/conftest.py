@@ -103,11 +103,11 @@ def make_hf_model(shape, seed: int = 0, initializer_range: float = 0.15):
     return model
 
 
-def build_model_dirs(tmp_path_factory, shape, name: str):
+def build_model_dirs(tmp_path_factory, shape, name: str, initializer_range: float = 0.15):
     """(hf_model, hf_dir, converted_dir) of make_hf_model(shape), saved and converted."""
     from pagedgpt2.convert import convert_checkpoint
 
-    model = make_hf_model(shape)
+    model = make_hf_model(shape, initializer_range=initializer_range)
     hf_dir = tmp_path_factory.mktemp(f"hf-{name}")
     model.save_pretrained(hf_dir)
     dst = tmp_path_factory.mktemp(f"engine-{name}") / "model"
@@ -118,7 +118,7 @@ def build_model_dirs(tmp_path_factory, shape, name: str):
 @pytest.fixture(scope="session")
 def model_dirs_of(tmp_path_factory):
     """build_model_dirs for a shape of one test's own: model_dirs_of(shape_tuple, name)."""
-    return lambda shape, name: build_model_dirs(tmp_path_factory, shape, name)
+    return lambda shape, name, **kw: build_model_dirs(tmp_path_factory, shape, name, **kw)
 
 
 @pytest.fixture(scope="session")

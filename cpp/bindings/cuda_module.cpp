@@ -257,7 +257,7 @@ void bind_ops(nb::module_& m) {
       [](FloatTensor in, FloatTensor w, std::optional<FloatTensor> bias,
          std::optional<FloatTensor> ln_weight, std::optional<FloatTensor> ln_bias, float eps,
          std::optional<FloatTensor> residual, bool gelu, std::string dtype,
-         bool greedy) -> nb::object {
+         bool greedy, bool resident) -> nb::object {
         if (in.ndim() != 2 || w.ndim() != 2) throw std::invalid_argument("skinny_matmul: 2-D");
         const int T = int(in.shape(0)), K = int(in.shape(1)), N = int(w.shape(0));
         check_len("weight columns", w.shape(1), K);
@@ -280,17 +280,26 @@ void bind_ops(nb::module_& m) {
                                  ln_weight ? ln_weight->data() : nullptr,
                                  ln_bias ? ln_bias->data() : nullptr, eps,
                                  residual ? residual->data() : nullptr, gelu, T, N, K,
-                                 dt(dtype), greedy ? tokens.data() : nullptr);
+                                 dt(dtype), greedy ? tokens.data() : nullptr, resident);
         if (greedy) return nb::make_tuple(out, tokens);
         return nb::cast(out);
       },
       "input"_a, "weight"_a, "bias"_a.none() = nb::none(), nb::kw_only(),
       "ln_weight"_a.none() = nb::none(), "ln_bias"_a.none() = nb::none(), "eps"_a = 1e-5f,
       "residual"_a.none() = nb::none(), "gelu"_a = false, "dtype"_a = "float32",
-      "greedy"_a = false,
+      "greedy"_a = false, "resident"_a = false,
       "The decode GEMV (<= 8 rows): [residual +] [gelu](LN?(input) @ weight.T + bias); no bias: "
       "float32 logits. greedy=True (logits): returns (logits, tokens), tokens [T] int32 being "
-      "each row's greedy token as the kernel reduces it while writing the logits.");
+      "each row's greedy token as the kernel reduces it while writing the logits. "
+      "resident=True: at one row, the resident variant where skinny_resident_rows is not 0.");
+  ops.def(
+      "skinny_resident_rows",
+      [](int out_features, int in_features, std::string dtype) {
+        return cuda::ops::skinny_resident_rows(out_features, in_features, dt(dtype));
+      },
+      "out_features"_a, "in_features"_a, "dtype"_a,
+      "Rows a warp of the resident batch-1 GEMV for this weight shape on this GPU (0: the "
+      "streaming kernel runs instead).");
   ops.def(
       "gelu",
       [](FloatTensor x, std::string dtype) {

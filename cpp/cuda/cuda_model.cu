@@ -353,6 +353,8 @@ class Engine final : public CudaModel::Impl {
   // (gpt2-xl 8.0; one warp a row), between the graph's start and the first GEMV's wait.
   // PAGEDGPT2_EMBED_IN_ADVANCE=0 keeps it in every graph, for comparison.
   bool embed_in_advance_ = true;
+  // Batch-1 layer GEMVs as resident blocks where the shape allows (SkinnyParams::resident).
+  bool resident_gemv_ = true;
   bool graph_embeds(const Step& st) const { return !(embed_in_advance_ && st.skinny); }
   L2Range l2_ahead(const void* weight_end) const;
   Gemm gemm_;
@@ -463,6 +465,9 @@ Engine<T>::Engine(const ModelConfig& config, const HostWeights& weights, DType d
   }
   if (const char* embed = std::getenv("PAGEDGPT2_EMBED_IN_ADVANCE")) {
     embed_in_advance_ = std::string(embed) != "0";
+  }
+  if (const char* resident = std::getenv("PAGEDGPT2_RESIDENT_GEMV")) {
+    resident_gemv_ = std::string(resident) != "0";
   }
   device_name = "cuda:" + std::to_string(device) + " (" + prop.name + ")";
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -938,7 +943,7 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
   q.x = residual_, q.ln_weight = w.ln_1_w, q.ln_fold = qkv_folds_[l], q.eps = eps_;
   q.weight = w.qkv_w, q.bias = w.qkv_b, q.out = qkv_;
   q.k_cache = k_cache(l), q.v_cache = v_cache(l), q.slot_mapping = st.slot_mapping;
-  q.rows = n, q.N = 3 * C_, q.K = C_;
+  q.rows = n, q.N = 3 * C_, q.K = C_, q.resident = resident_gemv_;
   q.prefetch = l2_ahead(w.qkv_w + size_t(3) * C_ * C_);
   launch_skinny_gemm<T>(q, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasQkv, num_sms_, stream_,
                         pdl_);
@@ -952,20 +957,20 @@ void Engine<T>::enqueue_skinny_layer(const Step& st, int l) {
     p.partition_size = st.partition_size;
     p.max_partitions = decode_num_partitions(st.max_context_len, st.partition_size);
   }
-  p.rows = n, p.N = C_, p.K = C_;
+  p.rows = n, p.N = C_, p.K = C_, p.resident = resident_gemv_;
   p.prefetch = l2_ahead(w.proj_w + size_t(C_) * C_);
   launch_skinny_gemm<T>(p, merge ? SkinnyInput::kAttentionPartials : SkinnyInput::kActivation,
                         SkinnyOutput::kBiasResidual, num_sms_, stream_, pdl_);
   SkinnyParams<T> f;
   f.x = residual_, f.ln_weight = w.ln_2_w, f.ln_fold = fc_folds_[l], f.eps = eps_;
   f.weight = w.fc_w, f.bias = w.fc_b, f.out = mlp_;
-  f.rows = n, f.N = I_, f.K = C_;
+  f.rows = n, f.N = I_, f.K = C_, f.resident = resident_gemv_;
   f.prefetch = l2_ahead(w.fc_w + size_t(I_) * C_);
   launch_skinny_gemm<T>(f, SkinnyInput::kLayerNorm, SkinnyOutput::kBiasGelu, num_sms_, stream_,
                         pdl_);
   SkinnyParams<T> g;
   g.x = mlp_, g.weight = w.fc_proj_w, g.bias = w.fc_proj_b, g.out = residual_;
-  g.rows = n, g.N = C_, g.K = I_;
+  g.rows = n, g.N = C_, g.K = I_, g.resident = resident_gemv_;
   g.prefetch = l2_ahead(l + 1 < L_ ? w.fc_proj_w + size_t(C_) * I_ : nullptr);
   launch_skinny_gemm<T>(g, SkinnyInput::kActivation, SkinnyOutput::kBiasResidual, num_sms_,
                         stream_, pdl_);

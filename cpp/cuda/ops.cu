@@ -249,10 +249,14 @@ void matmul(float* out, const float* in, const float* weight, const float* bias,
   });
 }
 
+int skinny_resident_rows(int out_features, int in_features, DType dtype) {
+  return cuda::skinny_resident_rows(out_features, in_features, int(dtype_size(dtype)), num_sms());
+}
+
 void skinny_matmul(float* out, const float* in, const float* weight, const float* bias,
                    const float* ln_weight, const float* ln_bias, float eps,
                    const float* residual, bool gelu, int num_tokens, int out_features,
-                   int in_features, DType dtype, int32_t* greedy_tokens) {
+                   int in_features, DType dtype, int32_t* greedy_tokens, bool resident) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const size_t nx = size_t(num_tokens) * in_features, ny = size_t(num_tokens) * out_features;
@@ -272,7 +276,7 @@ void skinny_matmul(float* out, const float* in, const float* weight, const float
     p.x = ln ? static_cast<const void*>(x_f->get()) : static_cast<const void*>(x_t->get());
     p.ln_weight = lw->get(), p.ln_fold = fold.get(), p.eps = eps;
     p.weight = w->get(), p.bias = bias ? b->get() : nullptr;
-    p.rows = num_tokens, p.N = out_features, p.K = in_features;
+    p.rows = num_tokens, p.N = out_features, p.K = in_features, p.resident = resident;
     SkinnyOutput kind = !bias ? SkinnyOutput::kLogits
                         : residual ? SkinnyOutput::kBiasResidual
                         : gelu ? SkinnyOutput::kBiasGelu

@@ -74,6 +74,7 @@ void matmul(float* out,           // [T, N]
 //   bias nullptr: float32 logits, no bias; residual given: out = residual + in @ W^T + bias.
 //   greedy_tokens given (logits only): each row's greedy token as the kernel reduces it on the
 //   way (SkinnyParams::argmax).
+//   resident: at one row, the resident variant where skinny_resident_rows takes the shape.
 void skinny_matmul(float* out,              // [T, N]
                    const float* in,         // [T, K]
                    const float* weight,     // [N, K]
@@ -83,7 +84,11 @@ void skinny_matmul(float* out,              // [T, N]
                    float eps,
                    const float* residual,   // [T, N] or nullptr
                    bool gelu, int num_tokens, int out_features, int in_features, DType dtype,
-                   int32_t* greedy_tokens = nullptr);  // [T] or nullptr
+                   int32_t* greedy_tokens = nullptr,  // [T] or nullptr
+                   bool resident = false);
+
+// Rows a warp of the resident GEMV for an [N, K] weight of dtype on this GPU (0: none).
+int skinny_resident_rows(int out_features, int in_features, DType dtype);
 
 void gelu(float* x, int64_t n, DType dtype);
 

@@ -5,6 +5,8 @@
 // bytes) and multiplies it with the M staged rows of x held in shared memory as float32.
 // NOTE: warps_per_row is picked per launch so that there are >= 2 blocks per SM: N=768 layers
 // (proj, fc_proj) split K over 4 warps, N >= 2304 use one warp per output.
+// NOTE: at one row, gpt2's and gpt2-medium's layer GEMVs run resident variants instead: one
+// block an SM, all of its weights in registers before pdl_wait (see skinny_gemm_kernel).
 // NOTE: the first batch of weight loads is issued before x is staged, so the DRAM latency of W
 // overlaps x's copy. The grid never exceeds what is resident at once: blocks loop
 // over row groups (x staged once per block, no second wave waiting to start its loads).
@@ -307,8 +309,21 @@ __device__ __forceinline__ void argmax_publish(unsigned long long* keys) {  // a
 
 // kArgmax (kLogits only): p.argmax is reduced (a variant of its own: the 2-row LayerNorm LM
 // head spilled with it, and an unused argmax should cost nothing).
-template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT, bool kArgmax = false>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+// Resident variants (RESIDENT > 0, one row): at most one block an SM, RESIDENT rows a warp (one
+// warp a row), rows of exactly 32 VPR vectors, and every weight vector of the block loaded into
+// registers before pdl_wait (RESIDENT x VPR a lane). A block takes at most half an SM's
+// registers, so the next kernel's blocks are resident beside it, loading their own weights.
+// NOTE: the streaming kernel's 3 blocks an SM fill the register file: the next kernel's blocks
+// start only as this one's leave, and their pdl_wait lets go ~2 us after its end. Resident, they
+// pass it 0.8 us after (the bare hand-over), with their weights already in. Measured on an H200
+// (tools/trace_gemv.py, gpt2, us after the GEMV before ends): QKV ends 4.13 -> 2.98, fc 3.94 ->
+// 2.72; proj (attention inside) and fc_proj unchanged at 5.6 and 3.7. Step (bench_env.py, one
+// process): gpt2 batch 1 0.226 -> 0.203 ms, gpt2-medium 0.568 -> 0.460 (notes.md, thirtieth
+// session). The fourteenth session's version (weights through shared memory by bulk copies)
+// and the twenty-first's (one block an SM, later row groups streamed after the wait) were slower.
+template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT, bool kArgmax = false,
+          int RESIDENT = 0, int VPR = 0>
+__global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
     skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row, float inv_k) {
   extern __shared__ float smem[];
   constexpr bool kLn = IN == SkinnyInput::kLayerNorm;
@@ -318,8 +333,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   int32_t* slots = reinterpret_cast<int32_t*>(partial + kWarps * M);  // [M] (kBiasQkv)
   float* ln_stats = partial + (kWarps + 1) * M;  // [kWarps, M, 2] (kLayerNorm)
   constexpr int V = kVec16<T>;
-  constexpr int R = kRowsPerWarp<M, OUT>;  // > 1: warps_per_row is 1, no bias or residual
-  static_assert(R == 1 || OUT == SkinnyOutput::kLogits, "several rows a warp: logits only");
+  constexpr bool kResident = RESIDENT > 0;
+  // > 1: warps_per_row is 1 (and for logits no bias or residual)
+  constexpr int R = kResident ? RESIDENT : kRowsPerWarp<M, OUT>;
+  static_assert(R == 1 || OUT == SkinnyOutput::kLogits || kResident,
+                "several rows a warp: logits or resident variants only");
+  static_assert(!kResident || M == 1, "resident variants: batch 1 only");
+  constexpr int U = kResident ? RESIDENT * VPR : kUnroll;  // weight vectors a lane in registers
   static_assert(!kArgmax || OUT == SkinnyOutput::kLogits, "greedy keys of logits only");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_per_block = kWarps / warps_per_row * R;
@@ -331,12 +351,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   auto row_of = [&](int group) { return group * rows_per_block + warp / warps_per_row * R; };
   auto run_vecs = [&](int n) { return n < p.N ? min(R, p.N - n) * num_vecs : 0; };
   // The first kUnroll vectors this lane reads of the rows it takes in `group`.
-  auto load_first = [&](int group, uint4 (&w)[kUnroll]) {
+  auto load_first = [&](int group, uint4 (&w)[U]) {
     const int n = row_of(group);
     const int run = run_vecs(n);
     const T* w_row = p.weight + int64_t(n) * p.K;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int idx = kslice * 32 + lane + u * stride;
       if (idx < run) w[u] = reinterpret_cast<const uint4*>(w_row)[idx];
     }
@@ -354,18 +374,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
   };
   auto load_residual = [&](int group, EpilogueInputs& in) {  // after pdl_wait
-    const int n = row_of(group);
+    const int n = row_of(group) + lane / M;  // this writer's row
     if constexpr (OUT == SkinnyOutput::kBiasResidual) {
       if (writer && n < p.N) {
-        in.residual = static_cast<const float*>(p.out)[int64_t(lane) * p.N + n];
+        in.residual = static_cast<const float*>(p.out)[int64_t(lane % M) * p.N + n];
       }
     }
   };
 
   StageTrace trace;  // opt-in (PAGEDGPT2_TRACE); nothing otherwise
   pdl_launch_dependents();
-  uint4 w[kUnroll];  // raw weight vectors
-  load_first(blockIdx.x, w);
+  uint4 w[U];  // raw weight vectors
+  if constexpr (kResident) {
+    // w[r * VPR + v]: vector lane + 32 v of row n + r (rows past N read row N - 1, not written)
+    const int n = row_of(blockIdx.x);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const T* row = p.weight + int64_t(min(n + r, p.N - 1)) * p.K;
+      const uint4* w_row = reinterpret_cast<const uint4*>(row);
+#pragma unroll
+      for (int v = 0; v < VPR; ++v) w[r * VPR + v] = w_row[lane + 32 * v];
+    }
+  } else {
+    load_first(blockIdx.x, w);
+  }
   EpilogueInputs in;
   load_bias(blockIdx.x, in);
   int parts[M] = {};  // kAttentionPartials: the rows' partitions (context lengths: step inputs)
@@ -410,16 +442,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 #pragma unroll
     for (int i = 0; i < M * R; ++i) acc[i] = 0.f;
     // The vectors of chunk `base` (warp-uniform: lane l takes base + l + u * stride).
-    auto load_chunk = [&](uint4 (&wv)[kUnroll], int base) {
+    auto load_chunk = [&](uint4 (&wv)[U], int base) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int idx = base + lane + u * stride;
         if (idx < run) wv[u] = reinterpret_cast<const uint4*>(w_row)[idx];
       }
     };
-    auto multiply_chunk = [&](const uint4 (&wv)[kUnroll], int base) {
+    auto multiply_chunk = [&](const uint4 (&wv)[U], int base) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int idx = base + lane + u * stride;
         if (idx < run) {
           int r = 0;  // which of the warp's rows vector idx belongs to
@@ -448,7 +480,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     // chunk is multiplied. NOTE: at 1-2 rows the two buffers take turns, so neither is copied
     // into the other (the copies were ~80 moves a warp after the wait: gpt2 batch 1 0.253 ->
     // 0.248 ms, H200); at 4-8 rows that made ptxas spill, so those copy.
-    if (active) {
+    if constexpr (kResident) {
+      // x's vector v is read once for the R rows (the same columns of each): no guard, no
+      // row lookup (a first version read x per row behind the streaming loop's guards and
+      // gained nothing at gpt2). acc[r] sums a row's vectors in the streaming kernel's order.
+#pragma unroll
+      for (int v = 0; v < VPR; ++v) {
+        const float4* xv = reinterpret_cast<const float4*>(xs + (lane + 32 * v) * V);
+        float4 x4[V / 4];
+#pragma unroll
+        for (int q = 0; q < V / 4; ++q) x4[q] = xv[q];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float wf[V];
+          unpack16<T>(w[r * VPR + v], wf);
+          float dot = 0.f;
+#pragma unroll
+          for (int q = 0; q < V / 4; ++q) {
+            dot += wf[4 * q] * x4[q].x + wf[4 * q + 1] * x4[q].y + wf[4 * q + 2] * x4[q].z +
+                   wf[4 * q + 3] * x4[q].w;
+          }
+          acc[r] += dot;
+        }
+      }
+    } else if (active) {
       const int chunk = kUnroll * stride;
       uint4 other[kUnroll];
       for (int base = kslice * 32; base < run; base += (M <= 2 ? 2 : 1) * chunk) {
@@ -530,8 +585,41 @@ int resident_blocks_per_sm(Kernel kernel, size_t smem) {
   return cache[key] = std::max(blocks, 1);
 }
 
+template <typename T, SkinnyInput IN, SkinnyOutput OUT, int R, int VPR>
+void launch_resident_variant(const SkinnyParams<T>& p, cudaStream_t stream, bool pdl) {
+  auto kernel = skinny_gemm_kernel<T, 1, IN, OUT, false, R, VPR>;
+  allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
+  launch_kernel(kernel, dim3(ceil_div(p.N, kWarps * R)), dim3(kThreads),
+                smem_bytes(1, p.K, IN == SkinnyInput::kLayerNorm), stream, pdl, p, 1,
+                1.f / float(p.K));
+}
+
+// The resident variant of skinny_resident_rows (R rows a warp, rows of 32 VPR vectors): one
+// case per entry of its kVariants.
+template <typename T, SkinnyInput IN, SkinnyOutput OUT>
+void launch_resident(const SkinnyParams<T>& p, int R, cudaStream_t stream, bool pdl) {
+  const int VPR = p.K / (32 * kVec16<T>);
+  switch (R * 100 + VPR) {
+    case 103: return launch_resident_variant<T, IN, OUT, 1, 3>(p, stream, pdl);
+    case 303: return launch_resident_variant<T, IN, OUT, 3, 3>(p, stream, pdl);
+    case 104: return launch_resident_variant<T, IN, OUT, 1, 4>(p, stream, pdl);
+    case 304: return launch_resident_variant<T, IN, OUT, 3, 4>(p, stream, pdl);
+    case 404: return launch_resident_variant<T, IN, OUT, 4, 4>(p, stream, pdl);
+    case 112: return launch_resident_variant<T, IN, OUT, 1, 12>(p, stream, pdl);
+    case 116: return launch_resident_variant<T, IN, OUT, 1, 16>(p, stream, pdl);
+    default: throw std::logic_error("skinny GEMM: no resident variant of R=" + std::to_string(R) +
+                                    ", K=" + std::to_string(p.K));
+  }
+}
+
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT, bool kArgmax = false>
 void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, bool pdl) {
+  if constexpr (M == 1 && OUT != SkinnyOutput::kLogits && sizeof(T) == 2) {
+    if (p.resident && p.rows == 1) {
+      const int R = skinny_resident_rows(p.N, p.K, sizeof(T), num_sms);
+      if (R > 0) return launch_resident<T, IN, OUT>(p, R, stream, pdl);
+    }
+  }
   constexpr int R = kRowsPerWarp<M, OUT>;
   int warps_per_row = R > 1 ? 1 : p.warps_per_row;
   if (warps_per_row == 0) {
@@ -661,6 +749,17 @@ bool skinny_gemm_supported(int rows, int K) {
   return rows >= 1 && rows <= kSkinnyMaxRows && K % 8 == 0 &&
          smem_bytes(padded_rows(rows), K, false) <= kMaxSmem &&
          smem_bytes(padded_rows(rows), K, true) <= kMaxSmemWithLayerNorm;
+}
+
+int skinny_resident_rows(int N, int K, int elem_bytes, int num_sms) {
+  // (R, VPR) of the variants built: gpt2's K (768, 3,072) and gpt2-medium's (1,024, 4,096) in
+  // 16-bit types, R the fewest rows a warp that keep to one block an SM.
+  constexpr int kVariants[][2] = {{1, 3}, {3, 3}, {1, 4}, {3, 4}, {4, 4}, {1, 12}, {1, 16}};
+  if (elem_bytes != 2 || N <= 0) return 0;
+  for (const auto& [R, VPR] : kVariants) {
+    if (K == 32 * VPR * 8 && ceil_div(N, kWarps * R) <= num_sms) return R;
+  }
+  return 0;
 }
 
 bool skinny_merges_attention(int rows, int K) {

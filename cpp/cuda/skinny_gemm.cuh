@@ -72,6 +72,10 @@ struct SkinnyParams {
   // atomicMax, so [rows] zeros before the launch (whoever reads the keys resets them).
   // nullptr: not reduced.
   unsigned long long* argmax = nullptr;
+  // At one row, where the shape allows (skinny_resident_rows): at most one block an SM,
+  // each with all of its weights loaded into registers before pdl_wait, and small enough that
+  // the next kernel's blocks are resident beside it. Otherwise (or false) the streaming kernel.
+  bool resident = false;
   // Asked of L2 by the blocks together, after their first weight loads and before waiting on
   // the previous kernel (the weights of the GEMVs after this one; never waited for).
   L2Range prefetch;
@@ -89,6 +93,12 @@ bool skinny_gemm_supported(int rows, int K);
 // gpt2 batch 1 (one vector a thread) 0.245 -> 0.233 ms a step; two vectors a thread: gpt2
 // batch 2 0 to +1%, gpt2-xl batch 1 -1.4 to +0.4%; four: gpt2-xl batch 2 2.333 -> 2.466 ms.
 bool skinny_merges_attention(int rows, int K);
+
+// Rows a warp of the resident GEMV (SkinnyParams::resident) for one row of x times an [N, K]
+// weight of elem_bytes-byte elements on num_sms SMs; 0 where the streaming kernel runs instead.
+// Built for 16-bit types and the K of gpt2 and gpt2-medium (768, 1,024, 3,072, 4,096); R is the
+// fewest rows a warp (1, 3 or 4) that keep to ceil(N / (8 R)) <= num_sms blocks.
+int skinny_resident_rows(int N, int K, int elem_bytes, int num_sms);
 
 // pdl: launch with programmatic stream serialization (sm_90): the kernel streams its first
 // weights while the previous kernel finishes, then waits for it before reading x. Only valid

@@ -272,6 +272,37 @@ def test_kv_pool_is_sized_from_free_memory_and_steps_allocate_nothing(hf_model_d
     assert torch.cuda.mem_get_info()[0] == free_after_first
 
 
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_resident_gemvs_match_hf(model_dirs_of, monkeypatch, dtype, resident):
+    """gpt2's width, where every batch-1 layer GEMV is a resident one (QKV and fc 3 rows a warp,
+    proj and fc_proj 1; PAGEDGPT2_RESIDENT_GEMV=0 runs the streaming kernels instead): decode
+    steps of 2 then 1 sequences, teacher-forced through shuffled block tables, against HF fp32 at
+    every position."""
+    from pagedgpt2 import _cuda
+
+    rows = [_cuda.ops.skinny_resident_rows(n, k, dtype) for n, k in
+            ((2304, 768), (768, 768), (3072, 768), (768, 3072))]
+    assert all(rows), rows
+    # std 0.06: logits of the same order as the d64 model's at 0.15 (the tolerances' scale)
+    model, _, engine_dir = model_dirs_of((2, 768, 12, 1024, 50257), "w768", initializer_range=0.06)
+    model = hf_on_gpu(model)
+    if resident:
+        monkeypatch.delenv("PAGEDGPT2_RESIDENT_GEMV", raising=False)
+    else:
+        monkeypatch.setenv("PAGEDGPT2_RESIDENT_GEMV", "0")
+    eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=64)
+    rng = np.random.default_rng(37)
+    seqs = [rng.integers(0, 50257, size=n).tolist() for n in (160, 50)]
+    got = _decode_teacher_forced(eng.backend, seqs, 20, 16, rng)
+    for seq, logits in zip(seqs, got):
+        ref = hf_logits(model, seq)[20:]
+        np.testing.assert_allclose(logits, ref, rtol=0, atol=LOGIT_ATOL[dtype])
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] >= 0.1
+        assert np.mean((logits.argmax(-1) == ref.argmax(-1))[clear]) >= TOP1_AGREEMENT
+
+
 def _logits_under(hf_model_dirs, monkeypatch, dtype, env: dict[str, str | None]) -> list:
     """Teacher-forced logits of four sequences (decode steps of 4 and 3 rows through cuBLASLt,
     then 2 and 1 through the GEMVs) from an engine built with env set (None: unset)."""

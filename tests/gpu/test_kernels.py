@@ -305,6 +305,64 @@ def test_skinny_matmul(rng, dtype, rows, variant):
     np.testing.assert_allclose(got, want, **tol)
 
 
+# The resident batch-1 GEMV (SkinnyParams::resident): gpt2's and gpt2-medium's K, N picking 1, 3
+# or 4 rows a warp (on 132 SMs: ceil(N / 8R) blocks at most one an SM); 1000, 2300 and 3000
+# leave a last block with rows past N.
+RESIDENT_SHAPES = [(1000, 768, "residual"), (2300, 768, "ln_gelu"), (2304, 768, "ln_bias"),
+                   (1024, 1024, "bias"), (3000, 1024, "ln_bias"), (4096, 1024, "ln_gelu"),
+                   (768, 3072, "residual"), (1024, 4096, "gelu")]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("N,K,variant", RESIDENT_SHAPES)
+def test_skinny_resident_matmul(rng, dtype, N, K, variant):
+    """One row through the resident variant against the CPU reference, and against the streaming
+    kernel (the same products summed in another order: within a rounding of the output)."""
+    assert gpu.skinny_resident_rows(N, K, dtype) in (1, 3, 4)
+    ln = variant.startswith("ln_")
+    x = rng.standard_normal((1, K)).astype(np.float32) * 2 + 0.5
+    if not ln:
+        x = rounded(x, dtype)
+    w = randn(rng, (N, K), dtype, 1.0 / np.sqrt(K))
+    b = randn(rng, (N,), dtype)
+    ln_w = rng.standard_normal(K).astype(np.float32) if ln else None
+    ln_b = rng.standard_normal(K).astype(np.float32) if ln else None
+    residual = rng.standard_normal((1, N)).astype(np.float32) if variant == "residual" else None
+    gelu = variant.endswith("gelu")
+    xin = rounded(cpu.layernorm(x, ln_w, ln_b, 1e-5), dtype) if ln else x
+    want = cpu.matmul(xin, w, b)
+    if gelu:
+        want = cpu.gelu(want)
+    if residual is not None:
+        want = want + residual
+    args = dict(ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, residual=residual, gelu=gelu, dtype=dtype)
+    got = gpu.skinny_matmul(x, w, b, **args, resident=True)
+    tol = {k: 2 * v for k, v in TOL[dtype].items()} if ln else TOL[dtype]
+    np.testing.assert_allclose(got, want, **tol)
+    ulp = 2.0 ** -10 if dtype == "float16" else 2.0 ** -7
+    np.testing.assert_allclose(got, gpu.skinny_matmul(x, w, b, **args), rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("N,K", [(2304, 1600), (1024, 1000), (50257, 768)])
+def test_skinny_resident_rows_where_no_variant_takes_the_shape(N, K):
+    """No resident variant: K not of gpt2 or gpt2-medium (gpt2-xl's 1,600), N too large for one
+    block an SM at 4 rows a warp, float32."""
+    assert gpu.skinny_resident_rows(N, K, "float16") == 0
+    assert gpu.skinny_resident_rows(768, 768, "float32") == 0
+    assert gpu.skinny_resident_rows(768, 768, "float16") == 1
+
+
+def test_skinny_resident_request_falls_back_to_the_streaming_kernel(rng):
+    """resident=True on shapes no variant takes (two rows; gpt2-xl's K) runs the streaming kernel:
+    the same bits as without it."""
+    for rows, N, K in ((2, 768, 768), (1, 2304, 1600)):
+        x = rounded(rng.standard_normal((rows, K)).astype(np.float32), "float16")
+        w = randn(rng, (N, K), "float16", 1.0 / np.sqrt(K))
+        b = randn(rng, (N,), "float16")
+        np.testing.assert_array_equal(gpu.skinny_matmul(x, w, b, dtype="float16", resident=True),
+                                      gpu.skinny_matmul(x, w, b, dtype="float16"))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_skinny_matmul_with_more_row_groups_than_resident_blocks(rng, dtype, rows):
