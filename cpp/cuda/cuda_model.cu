@@ -353,7 +353,9 @@ class Engine final : public CudaModel::Impl {
   // (gpt2-xl 8.0; one warp a row), between the graph's start and the first GEMV's wait.
   // PAGEDGPT2_EMBED_IN_ADVANCE=0 keeps it in every graph, for comparison.
   bool embed_in_advance_ = true;
-  // Batch-1 layer GEMVs as resident blocks where the shape allows (SkinnyParams::resident).
+  // Batch-1 layer GEMVs as resident blocks where the shape allows (SkinnyParams::resident:
+  // gpt2's and gpt2-medium's, 16-bit types). PAGEDGPT2_RESIDENT_GEMV=0 runs the streaming
+  // kernels instead, for comparison.
   bool resident_gemv_ = true;
   bool graph_embeds(const Step& st) const { return !(embed_in_advance_ && st.skinny); }
   L2Range l2_ahead(const void* weight_end) const;
