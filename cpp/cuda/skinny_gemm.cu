@@ -133,6 +133,18 @@ __device__ __forceinline__ float2 ln_row_stats(const float* stats, int M, int m,
   return make_float2(d, rsqrtf(fmaxf(q * inv_k - d * d, 0.f) + eps));
 }
 
+// Where float4 i of a staged row (elements 4 i .. 4 i + 3) lies in shared memory: in order, or
+// (kSplit, one row, 8-element vectors) the first halves of every vector and then the second
+// halves, so that a warp's load of one half of 32 consecutive vectors reads 512 contiguous bytes
+// (4 shared-memory wavefronts) instead of 16 bytes of every 32 (8).
+// NOTE: the resident variants stage x split. Measured on an H200 (bench_env.py, two builds in
+// alternating processes): gpt2 batch 1 4,854 / 4,877 -> 5,091 / 5,072 tok/s, gpt2-medium 2,211 /
+// 2,202 -> 2,342 / 2,348 (notes.md, thirty-first session).
+template <bool kSplit>
+__device__ __forceinline__ int x_slot(int i, int K) {
+  return kSplit ? (i & 1) * (K / 8) + (i >> 1) : i;
+}
+
 // Partitions whose loads stage_attention issues together (8: spills at 1-2 rows).
 constexpr int kPartsAtOnce = 4;
 
@@ -149,7 +161,7 @@ constexpr int kPartsAtOnce = 4;
 // read in the SASS). Copying all of them into shared memory with cp.async instead (one round
 // trip, planned before the wait) made the step slower: gpt2 batch 1 0.228-0.230 -> 0.239 ms
 // (H200, notes.md, twenty-third session).
-template <typename T, int M>
+template <typename T, int M, bool kSplit>
 __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>& p,
                                                 const int (&parts)[M]) {
   const DecodeWorkspace& ws = p.partials;
@@ -165,7 +177,7 @@ __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>
     const float l = merge_partials<4, kPartsAtOnce>(ws, (int64_t(m) * H + h) * p.max_partitions,
                                                     n, D, k - h * D, o);
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    reinterpret_cast<float4*>(xs)[i] =
+    reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i, p.K)] =
         make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
   }
 }
@@ -173,7 +185,7 @@ __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>
 // x staged into xs [M, K] as float32, rows m >= p.rows zero; with kLayerNorm, x - x0 times ln_w
 // (the LayerNorm weight in shared memory), and the rows' statistics into stats (ln_warp_stats);
 // with kAttentionPartials, the partitions merged (parts: each row's count). The caller syncs.
-template <typename T, int M, SkinnyInput IN>
+template <typename T, int M, SkinnyInput IN, bool kSplit = false>
 __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyParams<T>& p,
                                         const float* ln_w, const int (&parts)[M]) {
   const int K = p.K;
@@ -201,12 +213,13 @@ __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyPar
             sum[r] += (a + b) + (c + d);
             sq[r] += (a * a + b * b) + (c * c + d * d);
             const float4 g = reinterpret_cast<const float4*>(ln_w)[i - m * (K / 4)];
-            reinterpret_cast<float4*>(xs)[i] = make_float4(a * g.x, b * g.y, c * g.z, d * g.w);
+            reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i, K)] =
+                make_float4(a * g.x, b * g.y, c * g.z, d * g.w);
           }
         });
     ln_warp_stats<M>(stats, sum, sq);
   } else if constexpr (IN == SkinnyInput::kAttentionPartials) {
-    stage_attention<T, M>(xs, p, parts);
+    stage_attention<T, M, kSplit>(xs, p, parts);
   } else {
     constexpr int V = kVec16<T>;
     const T* x = static_cast<const T*>(p.x);
@@ -221,7 +234,7 @@ __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyPar
           unpack16<T>(v, f);
 #pragma unroll
           for (int q = 0; q < V / 4; ++q) {
-            reinterpret_cast<float4*>(xs + i * V)[q] =
+            reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i * (V / 4) + q, K)] =
                 make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
           }
         });
@@ -338,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   constexpr int R = kResident ? RESIDENT : kRowsPerWarp<M, OUT>;
   static_assert(R == 1 || OUT == SkinnyOutput::kLogits || kResident,
                 "several rows a warp: logits or resident variants only");
-  static_assert(!kResident || M == 1, "resident variants: batch 1 only");
+  static_assert(!kResident || (M == 1 && V == 8), "resident variants: batch 1, 16-bit types");
   constexpr int U = kResident ? RESIDENT * VPR : kUnroll;  // weight vectors a lane in registers
   static_assert(!kArgmax || OUT == SkinnyOutput::kLogits, "greedy keys of logits only");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -425,7 +438,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   if constexpr (kArgmax) {
     if (threadIdx.x < M) argmax_block_keys<M>()[threadIdx.x] = 0;
   }
-  stage_x<T, M, IN>(xs, ln_stats, p, ln_w, parts);
+  stage_x<T, M, IN, kResident>(xs, ln_stats, p, ln_w, parts);
   if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
   __syncthreads();
   trace.mark(2);
@@ -486,10 +499,11 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
       // gained nothing at gpt2). acc[r] sums a row's vectors in the streaming kernel's order.
 #pragma unroll
       for (int v = 0; v < VPR; ++v) {
-        const float4* xv = reinterpret_cast<const float4*>(xs + (lane + 32 * v) * V);
+        // x staged split (x_slot): the vector's two halves K / 8 float4s apart
+        const float4* xv = reinterpret_cast<const float4*>(xs) + lane + 32 * v;
         float4 x4[V / 4];
 #pragma unroll
-        for (int q = 0; q < V / 4; ++q) x4[q] = xv[q];
+        for (int q = 0; q < V / 4; ++q) x4[q] = xv[q * (p.K / 8)];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           float wf[V];
