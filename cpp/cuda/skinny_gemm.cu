@@ -18,6 +18,7 @@
 // loaded before the wait, and what does (the residual row it adds to, the QKV's cache slots)
 // is loaded right after it, beside x, instead of in the epilogue.
 #include <algorithm>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -608,21 +609,24 @@ void launch_resident_variant(const SkinnyParams<T>& p, cudaStream_t stream, bool
                 1.f / float(p.K));
 }
 
-// The resident variant of skinny_resident_rows (R rows a warp, rows of 32 VPR vectors): one
-// case per entry of its kVariants.
-template <typename T, SkinnyInput IN, SkinnyOutput OUT>
-void launch_resident(const SkinnyParams<T>& p, int R, cudaStream_t stream, bool pdl) {
+// (R, VPR) of the resident variants built (skinny_resident_rows picks among them): gpt2's K
+// (768, 3,072) and gpt2-medium's (1,024, 4,096) in 16-bit types.
+constexpr int kResidentVariants[][2] = {{1, 3}, {3, 3}, {1, 4}, {3, 4}, {4, 4}, {1, 12}, {1, 16}};
+
+// The resident variant of skinny_resident_rows (R rows a warp, rows of 32 VPR vectors): the
+// entry of kResidentVariants that matches, one instantiation each.
+template <typename T, SkinnyInput IN, SkinnyOutput OUT, size_t... I>
+void launch_resident(const SkinnyParams<T>& p, int R, cudaStream_t stream, bool pdl,
+                     std::index_sequence<I...>) {
+  constexpr const int(&v)[sizeof...(I)][2] = kResidentVariants;
   const int VPR = p.K / (32 * kVec16<T>);
-  switch (R * 100 + VPR) {
-    case 103: return launch_resident_variant<T, IN, OUT, 1, 3>(p, stream, pdl);
-    case 303: return launch_resident_variant<T, IN, OUT, 3, 3>(p, stream, pdl);
-    case 104: return launch_resident_variant<T, IN, OUT, 1, 4>(p, stream, pdl);
-    case 304: return launch_resident_variant<T, IN, OUT, 3, 4>(p, stream, pdl);
-    case 404: return launch_resident_variant<T, IN, OUT, 4, 4>(p, stream, pdl);
-    case 112: return launch_resident_variant<T, IN, OUT, 1, 12>(p, stream, pdl);
-    case 116: return launch_resident_variant<T, IN, OUT, 1, 16>(p, stream, pdl);
-    default: throw std::logic_error("skinny GEMM: no resident variant of R=" + std::to_string(R) +
-                                    ", K=" + std::to_string(p.K));
+  const bool launched = ((R == v[I][0] && VPR == v[I][1] &&
+                          (launch_resident_variant<T, IN, OUT, v[I][0], v[I][1]>(p, stream, pdl),
+                           true)) ||
+                         ...);
+  if (!launched) {
+    throw std::logic_error("skinny GEMM: no resident variant of R=" + std::to_string(R) +
+                           ", K=" + std::to_string(p.K));
   }
 }
 
@@ -631,7 +635,10 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
   if constexpr (M == 1 && OUT != SkinnyOutput::kLogits && sizeof(T) == 2) {
     if (p.resident && p.rows == 1) {
       const int R = skinny_resident_rows(p.N, p.K, sizeof(T), num_sms);
-      if (R > 0) return launch_resident<T, IN, OUT>(p, R, stream, pdl);
+      if (R > 0) {
+        return launch_resident<T, IN, OUT>(
+            p, R, stream, pdl, std::make_index_sequence<std::size(kResidentVariants)>{});
+      }
     }
   }
   constexpr int R = kRowsPerWarp<M, OUT>;
@@ -766,11 +773,9 @@ bool skinny_gemm_supported(int rows, int K) {
 }
 
 int skinny_resident_rows(int N, int K, int elem_bytes, int num_sms) {
-  // (R, VPR) of the variants built: gpt2's K (768, 3,072) and gpt2-medium's (1,024, 4,096) in
-  // 16-bit types, R the fewest rows a warp that keep to one block an SM.
-  constexpr int kVariants[][2] = {{1, 3}, {3, 3}, {1, 4}, {3, 4}, {4, 4}, {1, 12}, {1, 16}};
+  // R: the fewest rows a warp (variants in that order) that keep to one block an SM.
   if (elem_bytes != 2 || N <= 0) return 0;
-  for (const auto& [R, VPR] : kVariants) {
+  for (const auto& [R, VPR] : kResidentVariants) {
     if (K == 32 * VPR * 8 && ceil_div(N, kWarps * R) <= num_sms) return R;
   }
   return 0;
