@@ -138,9 +138,11 @@ __device__ __forceinline__ float2 ln_row_stats(const float* stats, int M, int m,
 // (kSplit, one row, 8-element vectors) the first halves of every vector and then the second
 // halves, so that a warp's load of one half of 32 consecutive vectors reads 512 contiguous bytes
 // (4 shared-memory wavefronts) instead of 16 bytes of every 32 (8).
-// NOTE: the resident variants stage x split. Measured on an H200 (bench_env.py, two builds in
-// alternating processes): gpt2 batch 1 4,854 / 4,877 -> 5,091 / 5,072 tok/s, gpt2-medium 2,211 /
-// 2,202 -> 2,342 / 2,348 (notes.md, thirty-first session).
+// NOTE: every one-row kernel of a 16-bit type stages x split (kSplitX). Measured on an H200
+// (bench_env.py, two builds in alternating processes; notes.md, thirty-first session): the
+// resident variants, gpt2 batch 1 4,854 / 4,877 -> 5,091 / 5,072 tok/s, gpt2-medium 2,211 / 2,202
+// -> 2,342 / 2,348; then the streaming kernel, gpt2-xl batch 1 605 -> 638 (1.653 -> 1.567 ms),
+// gpt2 unchanged (5,134 against 5,118: its LM head is the one streaming GEMV left).
 template <bool kSplit>
 __device__ __forceinline__ int x_slot(int i, int K) {
   return kSplit ? (i & 1) * (K / 8) + (i >> 1) : i;
@@ -354,6 +356,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
                 "several rows a warp: logits or resident variants only");
   static_assert(!kResident || (M == 1 && V == 8), "resident variants: batch 1, 16-bit types");
   constexpr int U = kResident ? RESIDENT * VPR : kUnroll;  // weight vectors a lane in registers
+  constexpr bool kSplitX = M == 1 && V == 8;  // x staged split (x_slot)
   static_assert(!kArgmax || OUT == SkinnyOutput::kLogits, "greedy keys of logits only");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_per_block = kWarps / warps_per_row * R;
@@ -439,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   if constexpr (kArgmax) {
     if (threadIdx.x < M) argmax_block_keys<M>()[threadIdx.x] = 0;
   }
-  stage_x<T, M, IN, kResident>(xs, ln_stats, p, ln_w, parts);
+  stage_x<T, M, IN, kSplitX>(xs, ln_stats, p, ln_w, parts);
   if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
   __syncthreads();
   trace.mark(2);
@@ -476,11 +479,13 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
           unpack16<T>(wv[u], wf);
 #pragma unroll
           for (int m = 0; m < M; ++m) {
-            const float4* xv = reinterpret_cast<const float4*>(xs + m * p.K + k);
+            // split (x_slot): the vector's two halves K / 8 float4s apart
+            const float4* xv = kSplitX ? reinterpret_cast<const float4*>(xs) + k / V
+                                       : reinterpret_cast<const float4*>(xs + m * p.K + k);
             float dot = 0.f;
 #pragma unroll
             for (int q = 0; q < V / 4; ++q) {
-              const float4 x4 = xv[q];
+              const float4 x4 = xv[kSplitX ? q * (p.K / 8) : q];
               dot += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
                      wf[4 * q + 3] * x4.w;
             }
