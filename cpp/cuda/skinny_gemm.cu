@@ -187,7 +187,8 @@ __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>
 
 // x staged into xs [M, K] as float32, rows m >= p.rows zero; with kLayerNorm, x - x0 times ln_w
 // (the LayerNorm weight in shared memory), and the rows' statistics into stats (ln_warp_stats);
-// with kAttentionPartials, the partitions merged (parts: each row's count). The caller syncs.
+// with kAttentionPartials, the partitions merged (parts: each row's count); kSplit (one row of
+// 8-element vectors): in x_slot's split order. The caller syncs.
 template <typename T, int M, SkinnyInput IN, bool kSplit = false>
 __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyParams<T>& p,
                                         const float* ln_w, const int (&parts)[M]) {
