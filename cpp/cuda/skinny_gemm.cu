@@ -355,9 +355,10 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   constexpr int R = kResident ? RESIDENT : kRowsPerWarp<M, OUT>;
   static_assert(R == 1 || OUT == SkinnyOutput::kLogits || kResident,
                 "several rows a warp: logits or resident variants only");
-  static_assert(!kResident || (M == 1 && V == 8), "resident variants: batch 1, 16-bit types");
   constexpr int U = kResident ? RESIDENT * VPR : kUnroll;  // weight vectors a lane in registers
   constexpr bool kSplitX = M == 1 && V == 8;  // x staged split (x_slot)
+  // (the resident multiply reads x in the split order only)
+  static_assert(!kResident || kSplitX, "resident variants: batch 1, 16-bit types");
   static_assert(!kArgmax || OUT == SkinnyOutput::kLogits, "greedy keys of logits only");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_per_block = kWarps / warps_per_row * R;
