@@ -134,18 +134,22 @@ __device__ __forceinline__ float2 ln_row_stats(const float* stats, int M, int m,
   return make_float2(d, rsqrtf(fmaxf(q * inv_k - d * d, 0.f) + eps));
 }
 
-// Where float4 i of a staged row (elements 4 i .. 4 i + 3) lies in shared memory: in order, or
-// (kSplit, one row, 8-element vectors) the first halves of every vector and then the second
-// halves, so that a warp's load of one half of 32 consecutive vectors reads 512 contiguous bytes
-// (4 shared-memory wavefronts) instead of 16 bytes of every 32 (8).
-// NOTE: every one-row kernel of a 16-bit type stages x split (kSplitX). Measured on an H200
-// (bench_env.py, two builds in alternating processes; notes.md, thirty-first session): the
-// resident variants, gpt2 batch 1 4,854 / 4,877 -> 5,091 / 5,072 tok/s, gpt2-medium 2,211 / 2,202
-// -> 2,342 / 2,348; then the streaming kernel, gpt2-xl batch 1 605 -> 638 (1.653 -> 1.567 ms),
-// gpt2 unchanged (5,134 against 5,118: its LM head is the one streaming GEMV left).
+// Where float4 i of the staged rows (elements 4 i .. 4 i + 3 over all rows; i of row m) lies in
+// shared memory: in order, or (kSplit, 8-element vectors) each row's first halves of every
+// vector and then its second halves, so that a warp's load of one half of 32 consecutive
+// vectors reads 512 contiguous bytes (4 shared-memory wavefronts) instead of 16 bytes of every
+// 32 (8).
+// NOTE: the one- and two-row kernels of a 16-bit type stage x split (kSplitX). Measured on an
+// H200 (bench_env.py; notes.md, thirty-first and thirty-second sessions): the resident
+// variants, gpt2 batch 1 4,854 / 4,877 -> 5,091 / 5,072 tok/s, gpt2-medium 2,211 / 2,202 ->
+// 2,342 / 2,348; the one-row streaming kernel, gpt2-xl batch 1 605 -> 638 (1.653 -> 1.567 ms);
+// two rows, gpt2 batch 2 6,544 / 6,526 -> 7,062 / 7,072, gpt2-xl batch 2 851 / 849 -> 985 / 982
+// (one process, both kernels built). The 4- and 8-row kernels keep x in order: with the split
+// index they compiled to other register allocations and spills (ptxas -v), not measured.
 template <bool kSplit>
-__device__ __forceinline__ int x_slot(int i, int K) {
-  return kSplit ? (i & 1) * (K / 8) + (i >> 1) : i;
+__device__ __forceinline__ int x_slot(int i, int m, int K) {
+  const int c = i - m * (K / 4);  // within the row
+  return kSplit ? m * (K / 4) + (c & 1) * (K / 8) + (c >> 1) : i;
 }
 
 // Partitions whose loads stage_attention issues together (8: spills at 1-2 rows).
@@ -180,14 +184,14 @@ __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>
     const float l = merge_partials<4, kPartsAtOnce>(ws, (int64_t(m) * H + h) * p.max_partitions,
                                                     n, D, k - h * D, o);
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i, p.K)] =
+    reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i, m, p.K)] =
         make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
   }
 }
 
 // x staged into xs [M, K] as float32, rows m >= p.rows zero; with kLayerNorm, x - x0 times ln_w
 // (the LayerNorm weight in shared memory), and the rows' statistics into stats (ln_warp_stats);
-// with kAttentionPartials, the partitions merged (parts: each row's count); kSplit (one row of
+// with kAttentionPartials, the partitions merged (parts: each row's count); kSplit (rows of
 // 8-element vectors): in x_slot's split order. The caller syncs.
 template <typename T, int M, SkinnyInput IN, bool kSplit = false>
 __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyParams<T>& p,
@@ -217,7 +221,7 @@ __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyPar
             sum[r] += (a + b) + (c + d);
             sq[r] += (a * a + b * b) + (c * c + d * d);
             const float4 g = reinterpret_cast<const float4*>(ln_w)[i - m * (K / 4)];
-            reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i, K)] =
+            reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i, m, K)] =
                 make_float4(a * g.x, b * g.y, c * g.z, d * g.w);
           }
         });
@@ -233,12 +237,12 @@ __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyPar
           return m < p.rows ? reinterpret_cast<const uint4*>(x + row_of(m) * K)[c]
                             : make_uint4(0, 0, 0, 0);  // zero bits: 0.0 in every T
         },
-        [&](int, int i, const uint4& v) {
+        [&](int m, int i, const uint4& v) {
           float f[V];
           unpack16<T>(v, f);
 #pragma unroll
           for (int q = 0; q < V / 4; ++q) {
-            reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i * (V / 4) + q, K)] =
+            reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i * (V / 4) + q, m, K)] =
                 make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
           }
         });
@@ -356,9 +360,9 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   static_assert(R == 1 || OUT == SkinnyOutput::kLogits || kResident,
                 "several rows a warp: logits or resident variants only");
   constexpr int U = kResident ? RESIDENT * VPR : kUnroll;  // weight vectors a lane in registers
-  constexpr bool kSplitX = M == 1 && V == 8;  // x staged split (x_slot)
-  // (the resident multiply reads x in the split order only)
-  static_assert(!kResident || kSplitX, "resident variants: batch 1, 16-bit types");
+  constexpr bool kSplitX = M <= 2 && V == 8;  // x staged split (x_slot), row by row
+  // (the resident multiply reads one row of x, in the split order)
+  static_assert(!kResident || (M == 1 && kSplitX), "resident variants: batch 1, 16-bit types");
   static_assert(!kArgmax || OUT == SkinnyOutput::kLogits, "greedy keys of logits only");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_per_block = kWarps / warps_per_row * R;
@@ -482,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
 #pragma unroll
           for (int m = 0; m < M; ++m) {
             // split (x_slot): the vector's two halves K / 8 float4s apart
-            const float4* xv = kSplitX ? reinterpret_cast<const float4*>(xs) + k / V
+            const float4* xv = kSplitX ? reinterpret_cast<const float4*>(xs + m * p.K) + k / V
                                        : reinterpret_cast<const float4*>(xs + m * p.K + k);
             float dot = 0.f;
 #pragma unroll
