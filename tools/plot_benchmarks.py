@@ -116,9 +116,28 @@ def bundled_training() -> None:
     fig.savefig(DOCS / "bundled_training.png", dpi=110)
 
 
+def preloaded_gemv() -> None:
+    data = load("h200_preloaded_gemv.json")
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    widths = data["widths"]
+    for label, us in data["series"].items():
+        ax.plot(widths, us, marker="o", label=label)
+    roofline = [mb * 1e3 / data["copy_gbs"] for mb in data["weight_mb"]]
+    ax.plot(widths, roofline, "k--", label="weights at the copy bandwidth")
+    ax.set_xticks(widths)
+    ax.set_xlabel("model width (768: gpt2, 1280: gpt2-large, 1600: gpt2-xl)")
+    ax.set_ylabel("us a layer (four GEMVs, batch 1)")
+    ax.set_title(f"{data['card']}: the preloaded GEMV's chain of waits", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(DOCS / "preloaded_gemv.png", dpi=110)
+
+
 if __name__ == "__main__":
     bundled_training()
     tokens_vs_batch()
     step_vs_context()
     serving()
     sharing()
+    preloaded_gemv()
