@@ -122,7 +122,8 @@ def preloaded_gemv() -> None:
     widths = data["widths"]
     for label, us in data["series"].items():
         ax.plot(widths, us, marker="o", label=label)
-    roofline = [mb * 1e3 / data["copy_gbs"] for mb in data["weight_mb"]]
+    # a layer's four fp16 weights: QKV 3 C^2, proj C^2, fc and fc_proj 4 C^2 each
+    roofline = [12 * c * c * 2 / 1e3 / data["copy_gbs"] for c in widths]
     ax.plot(widths, roofline, "k--", label="weights at the copy bandwidth")
     ax.set_xticks(widths)
     ax.set_xlabel("model width (768: gpt2, 1280: gpt2-large, 1600: gpt2-xl)")
