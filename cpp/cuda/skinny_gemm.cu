@@ -134,6 +134,11 @@ __device__ __forceinline__ float2 ln_row_stats(const float* stats, int M, int m,
   return make_float2(d, rsqrtf(fmaxf(q * inv_k - d * d, 0.f) + eps));
 }
 
+// Split order (below): where half q (elements 0-3 or 4-7) of 8-element vector j of a staged
+// row lies, in float4s from the row's start. The staging (x_slot) and the multiplies' reads
+// both go through it.
+__device__ __forceinline__ int x_half(int j, int q, int K) { return q * (K / 8) + j; }
+
 // Where float4 i of the staged rows (elements 4 i .. 4 i + 3 over all rows; i of row m) lies in
 // shared memory: in order, or (kSplit, 8-element vectors) each row's first halves of every
 // vector and then its second halves, so that a warp's load of one half of 32 consecutive
@@ -149,7 +154,7 @@ __device__ __forceinline__ float2 ln_row_stats(const float* stats, int M, int m,
 template <bool kSplit>
 __device__ __forceinline__ int x_slot(int i, int m, int K) {
   const int c = i - m * (K / 4);  // within the row
-  return kSplit ? m * (K / 4) + (c & 1) * (K / 8) + (c >> 1) : i;
+  return kSplit ? m * (K / 4) + x_half(c >> 1, c & 1, K) : i;
 }
 
 // Partitions whose loads stage_attention issues together (8: spills at 1-2 rows).
@@ -485,13 +490,14 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
           unpack16<T>(wv[u], wf);
 #pragma unroll
           for (int m = 0; m < M; ++m) {
-            // split (x_slot): the vector's two halves K / 8 float4s apart
-            const float4* xv = kSplitX ? reinterpret_cast<const float4*>(xs + m * p.K) + k / V
-                                       : reinterpret_cast<const float4*>(xs + m * p.K + k);
+            const float* x_row = xs + m * p.K;
             float dot = 0.f;
 #pragma unroll
             for (int q = 0; q < V / 4; ++q) {
-              const float4 x4 = xv[kSplitX ? q * (p.K / 8) : q];
+              // float4 q of x's vector k / V, where stage_x put it
+              const float4 x4 = kSplitX
+                                    ? reinterpret_cast<const float4*>(x_row)[x_half(k / V, q, p.K)]
+                                    : reinterpret_cast<const float4*>(x_row + k)[q];
               dot += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
                      wf[4 * q + 3] * x4.w;
             }
@@ -511,11 +517,11 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
       // gained nothing at gpt2). acc[r] sums a row's vectors in the streaming kernel's order.
 #pragma unroll
       for (int v = 0; v < VPR; ++v) {
-        // x staged split (x_slot): the vector's two halves K / 8 float4s apart
-        const float4* xv = reinterpret_cast<const float4*>(xs) + lane + 32 * v;
         float4 x4[V / 4];
 #pragma unroll
-        for (int q = 0; q < V / 4; ++q) x4[q] = xv[q * (p.K / 8)];
+        for (int q = 0; q < V / 4; ++q) {
+          x4[q] = reinterpret_cast<const float4*>(xs)[x_half(lane + 32 * v, q, p.K)];
+        }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           float wf[V];
