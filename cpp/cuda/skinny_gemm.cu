@@ -553,8 +553,9 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
     }
     if (group == int(blockIdx.x)) trace.mark_after(3, acc[0]);
     // The next group's first weights, bias and residual go out before this one is reduced.
+    // (a resident grid has a block a group, and one warp a row)
     EpilogueInputs next_in = in;
-    if (group + int(gridDim.x) < num_groups) {
+    if (!kResident && group + int(gridDim.x) < num_groups) {
       load_first(group + gridDim.x, w);
       load_bias(group + gridDim.x, next_in);
       load_residual(group + gridDim.x, next_in);
@@ -562,7 +563,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
 #pragma unroll
     for (int i = 0; i < M * R; ++i) acc[i] = warp_sum(acc[i]);
 
-    if (R == 1 && warps_per_row > 1) {
+    if (!kResident && R == 1 && warps_per_row > 1) {
       if (lane == 0) {
 #pragma unroll
         for (int m = 0; m < M; ++m) partial[warp * M + m] = acc[m];
