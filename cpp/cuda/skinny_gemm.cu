@@ -347,10 +347,11 @@ __device__ __forceinline__ void argmax_publish(unsigned long long* keys) {  // a
 // process): gpt2 batch 1 0.226 -> 0.203 ms, gpt2-medium 0.568 -> 0.460 (notes.md, thirtieth
 // session). The fourteenth session's version (weights through shared memory by bulk copies)
 // and the twenty-first's (one block an SM, later row groups streamed after the wait) were slower.
+// WPR > 0: built for WPR warps a row (the argument warps_per_row is then WPR); 0: any.
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT, bool kArgmax = false,
-          int RESIDENT = 0, int VPR = 0>
+          int RESIDENT = 0, int VPR = 0, int WPR = 0>
 __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
-    skinny_gemm_kernel(const SkinnyParams<T> p, int warps_per_row, float inv_k) {
+    skinny_gemm_kernel(const SkinnyParams<T> p, int wpr_arg, float inv_k) {
   extern __shared__ float smem[];
   constexpr bool kLn = IN == SkinnyInput::kLayerNorm;
   float* xs = smem;                              // [M, K]
@@ -370,6 +371,8 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   static_assert(!kResident || (M == 1 && kSplitX), "resident variants: batch 1, 16-bit types");
   static_assert(!kArgmax || OUT == SkinnyOutput::kLogits, "greedy keys of logits only");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int kWpr = kResident ? 1 : WPR;
+  const int warps_per_row = kWpr > 0 ? kWpr : wpr_arg;
   const int rows_per_block = kWarps / warps_per_row * R;
   const int num_groups = (p.N + rows_per_block - 1) / rows_per_block;
   const int kslice = warp % warps_per_row;
@@ -669,12 +672,23 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
     }
   }
   const size_t smem = smem_bytes(M, p.K, IN == SkinnyInput::kLayerNorm);
-  auto kernel = skinny_gemm_kernel<T, M, IN, OUT, kArgmax>;
-  allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
-  const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row * R),
-                              resident_blocks_per_sm(kernel, smem) * num_sms);
-  launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row,
-                1.f / float(p.K));
+  auto launch = [&](auto kernel) {
+    allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
+    const int blocks = std::min(ceil_div(p.N, kWarps / warps_per_row * R),
+                                resident_blocks_per_sm(kernel, smem) * num_sms);
+    launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row,
+                  1.f / float(p.K));
+  };
+  // One row of a 16-bit type: kernels built for the warps a row of the models' shapes.
+  if constexpr (M == 1 && sizeof(T) == 2 && R > 1) {
+    launch(skinny_gemm_kernel<T, M, IN, OUT, kArgmax, 0, 0, 1>);
+  } else {
+    if constexpr (M == 1 && sizeof(T) == 2) {
+      if (warps_per_row == 1) return launch(skinny_gemm_kernel<T, M, IN, OUT, kArgmax, 0, 0, 1>);
+      if (warps_per_row == 2) return launch(skinny_gemm_kernel<T, M, IN, OUT, kArgmax, 0, 0, 2>);
+    }
+    launch(skinny_gemm_kernel<T, M, IN, OUT, kArgmax>);
+  }
 }
 
 template <typename T, int M>
