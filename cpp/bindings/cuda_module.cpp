@@ -293,6 +293,14 @@ void bind_ops(nb::module_& m) {
       "each row's greedy token as the kernel reduces it while writing the logits. "
       "resident=True: at one row, the resident variant where skinny_resident_rows is not 0.");
   ops.def(
+      "skinny_warps_per_row",
+      [](int out_features, int in_features, std::string dtype) {
+        return cuda::ops::skinny_warps_per_row(out_features, in_features, dt(dtype));
+      },
+      "out_features"_a, "in_features"_a, "dtype"_a,
+      "Warps a row (splitting K) the streaming skinny GEMV picks for this weight shape on this "
+      "GPU.");
+  ops.def(
       "skinny_resident_rows",
       [](int out_features, int in_features, std::string dtype) {
         return cuda::ops::skinny_resident_rows(out_features, in_features, dt(dtype));

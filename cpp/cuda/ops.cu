@@ -249,6 +249,10 @@ void matmul(float* out, const float* in, const float* weight, const float* bias,
   });
 }
 
+int skinny_warps_per_row(int out_features, int in_features, DType dtype) {
+  return cuda::skinny_warps_per_row(out_features, in_features, int(dtype_size(dtype)), num_sms());
+}
+
 int skinny_resident_rows(int out_features, int in_features, DType dtype) {
   return cuda::skinny_resident_rows(out_features, in_features, int(dtype_size(dtype)), num_sms());
 }

@@ -87,6 +87,9 @@ void skinny_matmul(float* out,              // [T, N]
                    int32_t* greedy_tokens = nullptr,  // [T] or nullptr
                    bool resident = false);
 
+// Warps a row the streaming skinny GEMV picks for an [N, K] weight of dtype on this GPU.
+int skinny_warps_per_row(int out_features, int in_features, DType dtype);
+
 // Rows a warp of the resident GEMV for an [N, K] weight of dtype on this GPU (0: none).
 int skinny_resident_rows(int out_features, int in_features, DType dtype);
 

@@ -663,14 +663,9 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
     }
   }
   constexpr int R = kRowsPerWarp<M, OUT>;
-  int warps_per_row = R > 1 ? 1 : p.warps_per_row;
-  if (warps_per_row == 0) {
-    warps_per_row = 1;
-    while (warps_per_row < kWarps && ceil_div(p.N, kWarps / warps_per_row) < 2 * num_sms &&
-           p.K / kVec16<T> >= 64 * warps_per_row) {
-      warps_per_row *= 2;
-    }
-  }
+  const int warps_per_row = R > 1                ? 1
+                            : p.warps_per_row > 0 ? p.warps_per_row
+                                                  : skinny_warps_per_row(p.N, p.K, sizeof(T), num_sms);
   const size_t smem = smem_bytes(M, p.K, IN == SkinnyInput::kLayerNorm);
   auto launch = [&](auto kernel) {
     allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
@@ -679,7 +674,13 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
     launch_kernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, pdl, p, warps_per_row,
                   1.f / float(p.K));
   };
-  // One row of a 16-bit type: kernels built for the warps a row of the models' shapes.
+  // One row of a 16-bit type: kernels built for 1 and 2 warps a row (every layer GEMV of
+  // gpt2-large and gpt2-xl takes one or the other), so that the row's indexing is constant.
+  // NOTE: measured on an H200 (bench_env.py, batch 1, two builds in alternating processes):
+  // gpt2-xl 639 / 635 -> 664 / 664 tok/s (1.57 -> 1.51 ms), gpt2-large 1,103 / 1,108 -> 1,138 /
+  // 1,133, gpt2-medium 2,414 / 2,406 -> 2,452 / 2,453, gpt2 5,420 / 5,401 -> 5,366 / 5,380
+  // (its layer GEMVs are resident, built for one warp a row too; notes.md, thirty-fourth
+  // session).
   if constexpr (M == 1 && sizeof(T) == 2 && R > 1) {
     launch(skinny_gemm_kernel<T, M, IN, OUT, kArgmax, 0, 0, 1>);
   } else {
@@ -802,6 +803,13 @@ bool skinny_gemm_supported(int rows, int K) {
   return rows >= 1 && rows <= kSkinnyMaxRows && K % 8 == 0 &&
          smem_bytes(padded_rows(rows), K, false) <= kMaxSmem &&
          smem_bytes(padded_rows(rows), K, true) <= kMaxSmemWithLayerNorm;
+}
+
+int skinny_warps_per_row(int N, int K, int elem_bytes, int num_sms) {
+  const int vecs = K * elem_bytes / 16;  // 16-byte vectors a row
+  int w = 1;
+  while (w < kWarps && ceil_div(N, kWarps / w) < 2 * num_sms && vecs >= 64 * w) w *= 2;
+  return w;
 }
 
 int skinny_resident_rows(int N, int K, int elem_bytes, int num_sms) {

@@ -94,6 +94,11 @@ bool skinny_gemm_supported(int rows, int K);
 // batch 2 0 to +1%, gpt2-xl batch 1 -1.4 to +0.4%; four: gpt2-xl batch 2 2.333 -> 2.466 ms.
 bool skinny_merges_attention(int rows, int K);
 
+// Warps a row (splitting K) of the streaming kernel for an [N, K] weight of elem_bytes-byte
+// elements on num_sms SMs, where SkinnyParams::warps_per_row is 0: doubled from 1 (up to 8)
+// while the row groups number fewer than 2 an SM and each warp keeps >= 64 vectors of a row.
+int skinny_warps_per_row(int N, int K, int elem_bytes, int num_sms);
+
 // Rows a warp of the resident GEMV (SkinnyParams::resident) for one row of x times an [N, K]
 // weight of elem_bytes-byte elements on num_sms SMs; 0 where the streaming kernel runs instead.
 // Built for 16-bit types and the K of gpt2 and gpt2-medium (768, 1,024, 3,072, 4,096); R is the

@@ -279,30 +279,69 @@ def test_matmul(rng, dtype, shape, epilogue):
 @pytest.mark.parametrize("variant", ["bias", "gelu", "residual", "logits", "ln_bias", "ln_logits"])
 def test_skinny_matmul(rng, dtype, rows, variant):
     K, N = (768, 2304) if variant != "residual" else (3072, 768)
+    check_skinny_matmul(rng, dtype, rows, N, K, variant)
+
+
+def check_skinny_matmul(rng, dtype, rows, N, K, variant):
+    """The skinny GEMV of `rows` rows against the CPU reference; variant: its prologue and
+    epilogue (bias, gelu, residual, logits, ln_bias, ln_gelu, ln_logits)."""
     ln = variant.startswith("ln_")
     x = rng.standard_normal((rows, K)).astype(np.float32) * 2 + 0.5
     if not ln:
         x = rounded(x, dtype)
     w = randn(rng, (N, K), dtype, 1.0 / np.sqrt(K))
-    b = randn(rng, (N,), dtype) if variant in ("bias", "gelu", "residual", "ln_bias") else None
+    b = randn(rng, (N,), dtype) if not variant.endswith("logits") else None
     ln_w = rng.standard_normal(K).astype(np.float32) if ln else None
     ln_b = rng.standard_normal(K).astype(np.float32) if ln else None
     residual = rng.standard_normal((rows, N)).astype(np.float32) if variant == "residual" else None
 
     xin = rounded(cpu.layernorm(x, ln_w, ln_b, 1e-5), dtype) if ln else x
     want = cpu.matmul(xin, w, b)
-    if variant == "gelu":
+    gelu = variant.endswith("gelu")
+    if gelu:
         want = cpu.gelu(want)
     if residual is not None:
         want = want + residual
     got = gpu.skinny_matmul(x, w, b, ln_weight=ln_w, ln_bias=ln_b, eps=1e-5, residual=residual,
-                            gelu=variant == "gelu", dtype=dtype)
+                            gelu=gelu, dtype=dtype)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else TOL[dtype]
     if ln and dtype != "float32":
         # The reference rounds the LayerNorm's output to dtype, as the wide path does; the skinny
         # GEMV folds the LayerNorm into its epilogue and rounds nothing.
         tol = dict(rtol=2 * tol["rtol"], atol=2 * tol["atol"])
     np.testing.assert_allclose(got, want, **tol)
+
+
+def warps_per_row_rule(N, K, elem_bytes, sms):
+    """skinny_warps_per_row, written again: doubled from 1 while the row groups number fewer
+    than 2 an SM and each warp keeps >= 64 16-byte vectors of a row."""
+    w = 1
+    while w < 8 and -(-N // (8 // w)) < 2 * sms and K * elem_bytes // 16 >= 64 * w:
+        w *= 2
+    return w
+
+
+# One row of a 16-bit type runs kernels built for 1 and 2 warps a row (gpt2-xl's layer shapes)
+# and, for other counts, the kernel for any (768 x 3,072: 4 warps on 100-200 SMs).
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("N,K,variant", [(4800, 1600, "ln_bias"), (1600, 1600, "residual"),
+                                         (6400, 1600, "ln_gelu"), (1600, 6400, "residual"),
+                                         (768, 3072, "residual"), (50257, 1600, "ln_logits")])
+def test_skinny_matmul_of_every_warps_per_row_at_one_row(rng, dtype, N, K, variant):
+    import torch
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert gpu.skinny_warps_per_row(N, K, dtype) == warps_per_row_rule(N, K, 2, sms)
+    check_skinny_matmul(rng, dtype, 1, N, K, variant)
+
+
+def test_skinny_warps_per_row_takes_each_built_count_at_gpt2_xl():
+    """gpt2-xl's QKV and fc take one warp a row, proj and fc_proj two (on 100-200 SMs), so both
+    one-row kernels built for a count are the ones its decode runs."""
+    got = [gpu.skinny_warps_per_row(n, k, "float16")
+           for n, k in ((4800, 1600), (1600, 1600), (6400, 1600), (1600, 6400))]
+    assert got == [1, 2, 1, 2]
+    assert gpu.skinny_warps_per_row(1600, 1600, "float32") == 2
 
 
 # The resident batch-1 GEMV (SkinnyParams::resident): gpt2's and gpt2-medium's K, N picking 1, 3
