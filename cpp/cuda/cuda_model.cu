@@ -331,7 +331,8 @@ class Engine final : public CudaModel::Impl {
   // kWidePrefetchMaxRows tokens our kernels before each cuBLASLt GEMM but fc_proj ask for its
   // first bytes. NOTE: 4 MiB, measured (H200): batch 1 gpt2-xl 2.69 -> 2.48 ms a step, gpt2
   // 0.41 -> 0.38; batch 8 gpt2-xl 2.75 -> 2.65; 8 MiB gained less, 16 none, 32 lost; batch 64
-  // gained nothing, batch 256 lost in one run (docs/notes.md, eighth session).
+  // gained nothing, batch 256 lost in one run (docs/notes.md, eighth session). Again in the
+  // thirty-fourth, gpt2-xl batch 1: 4 MiB 628 tok/s, 2 MiB 630, 0 613, 8 MiB 608.
   // PAGEDGPT2_L2_PREFETCH_MB overrides it (0: off).
   size_t l2_lookahead_ = size_t(4) << 20;
   // Wide steps: decode attention writes the decode rows' K/V (write_kv takes only the prompt

@@ -440,6 +440,10 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
     }
   }
   if constexpr (kLn) stage_ln_weight(ln_w, p.ln_weight, p.K);
+  // NOTE: each block asking L2 here for the bytes it reads after the wait as well (its first
+  // group's rows past the first chunk, and up to two later groups) was slower on an H200:
+  // gpt2-xl batch 1 0.95-0.96, batch 2 0.94-0.96, gpt2-large 0.98-0.99 (branch
+  // experiment/own-prefetch; notes.md, thirty-fourth session).
   prefetch_l2_share(p.prefetch);
   if constexpr (kLn) __syncthreads();  // ln_w staged
   pdl_wait();  // x and the outputs belong to earlier kernels: nothing before this touches them
@@ -557,6 +561,10 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
     if (group == int(blockIdx.x)) trace.mark_after(3, acc[0]);
     // The next group's first weights, bias and residual go out before this one is reduced.
     // (a resident grid has a block a group, and one warp a row)
+    // NOTE: the resident variants compiled this and the K split's sum, never taken, until the
+    // thirty-fourth session: 10-25% of their instructions. Without them (H200, bench_env.py,
+    // batch 1, two builds in alternating processes): gpt2 5,125 / 5,165 -> 5,444 / 5,459 tok/s,
+    // gpt2-medium 2,354 / 2,351 -> 2,510 / 2,512.
     EpilogueInputs next_in = in;
     if (!kResident && group + int(gridDim.x) < num_groups) {
       load_first(group + gridDim.x, w);
