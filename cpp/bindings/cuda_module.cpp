@@ -292,22 +292,21 @@ void bind_ops(nb::module_& m) {
       "float32 logits. greedy=True (logits): returns (logits, tokens), tokens [T] int32 being "
       "each row's greedy token as the kernel reduces it while writing the logits. "
       "resident=True: at one row, the resident variant where skinny_resident_rows is not 0.");
-  ops.def(
-      "skinny_warps_per_row",
-      [](int out_features, int in_features, std::string dtype) {
-        return cuda::ops::skinny_warps_per_row(out_features, in_features, dt(dtype));
-      },
-      "out_features"_a, "in_features"_a, "dtype"_a,
-      "Warps a row (splitting K) the streaming skinny GEMV picks for this weight shape on this "
-      "GPU.");
-  ops.def(
-      "skinny_resident_rows",
-      [](int out_features, int in_features, std::string dtype) {
-        return cuda::ops::skinny_resident_rows(out_features, in_features, dt(dtype));
-      },
-      "out_features"_a, "in_features"_a, "dtype"_a,
-      "Rows a warp of the resident batch-1 GEMV for this weight shape on this GPU (0: the "
-      "streaming kernel runs instead).");
+  // What the skinny GEMV's launcher picks for an [out_features, in_features] weight on this GPU.
+  auto def_skinny_pick = [&](const char* name, int (*pick)(int, int, cuda::DType), const char* doc) {
+    ops.def(
+        name,
+        [pick](int out_features, int in_features, std::string dtype) {
+          return pick(out_features, in_features, dt(dtype));
+        },
+        "out_features"_a, "in_features"_a, "dtype"_a, doc);
+  };
+  def_skinny_pick("skinny_warps_per_row", cuda::ops::skinny_warps_per_row,
+                  "Warps a row (splitting K) the streaming skinny GEMV picks for this weight "
+                  "shape on this GPU.");
+  def_skinny_pick("skinny_resident_rows", cuda::ops::skinny_resident_rows,
+                  "Rows a warp of the resident batch-1 GEMV for this weight shape on this GPU "
+                  "(0: the streaming kernel runs instead).");
   ops.def(
       "gelu",
       [](FloatTensor x, std::string dtype) {
