@@ -293,7 +293,8 @@ void bind_ops(nb::module_& m) {
       "each row's greedy token as the kernel reduces it while writing the logits. "
       "resident=True: at one row, the resident variant where skinny_resident_rows is not 0.");
   // What the skinny GEMV's launcher picks for an [out_features, in_features] weight on this GPU.
-  auto def_skinny_pick = [&](const char* name, int (*pick)(int, int, cuda::DType), const char* doc) {
+  using Pick = int (*)(int, int, cuda::DType);
+  auto def_skinny_pick = [&](const char* name, Pick pick, const char* doc) {
     ops.def(
         name,
         [pick](int out_features, int in_features, std::string dtype) {

@@ -347,7 +347,8 @@ __device__ __forceinline__ void argmax_publish(unsigned long long* keys) {  // a
 // process): gpt2 batch 1 0.226 -> 0.203 ms, gpt2-medium 0.568 -> 0.460 (notes.md, thirtieth
 // session). The fourteenth session's version (weights through shared memory by bulk copies)
 // and the twenty-first's (one block an SM, later row groups streamed after the wait) were slower.
-// WPR > 0: built for WPR warps a row (the argument warps_per_row is then WPR); 0: any.
+// WPR > 0: built for WPR warps a row, as the resident variants are for 1 (wpr_arg, the launch's
+// count, is then that); 0: any count, wpr_arg's.
 template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT, bool kArgmax = false,
           int RESIDENT = 0, int VPR = 0, int WPR = 0>
 __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
@@ -671,9 +672,8 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
     }
   }
   constexpr int R = kRowsPerWarp<M, OUT>;
-  const int warps_per_row = R > 1                ? 1
-                            : p.warps_per_row > 0 ? p.warps_per_row
-                                                  : skinny_warps_per_row(p.N, p.K, sizeof(T), num_sms);
+  int warps_per_row = R > 1 ? 1 : p.warps_per_row;
+  if (warps_per_row == 0) warps_per_row = skinny_warps_per_row(p.N, p.K, sizeof(T), num_sms);
   const size_t smem = smem_bytes(M, p.K, IN == SkinnyInput::kLayerNorm);
   auto launch = [&](auto kernel) {
     allow_dynamic_smem(kernel, kMaxSmemWithLayerNorm);
