@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
 #pragma unroll
     for (int i = 0; i < M * R; ++i) acc[i] = warp_sum(acc[i]);
 
-    if (!kResident && R == 1 && warps_per_row > 1) {
+    if (R == 1 && warps_per_row > 1) {  // (resident: built for one warp a row)
       if (lane == 0) {
 #pragma unroll
         for (int m = 0; m < M; ++m) partial[warp * M + m] = acc[m];
