@@ -175,9 +175,9 @@ constexpr int kPartsAtOnce = 4;
 // (H200, notes.md, twenty-third session).
 template <typename T, int M, bool kSplit>
 __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>& p,
-                                                const int (&parts)[M]) {
+                                                const int (&parts)[M], int K) {
   const DecodeWorkspace& ws = p.partials;
-  const int D = p.head_size, H = p.K / D, vecs = p.K / 4;  // float4 vectors a row
+  const int D = p.head_size, H = K / D, vecs = K / 4;  // float4 vectors a row
   for (int i = threadIdx.x; i < M * vecs; i += kThreads) {
     int m = 0, n = parts[0];
 #pragma unroll
@@ -189,7 +189,7 @@ __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>
     const float l = merge_partials<4, kPartsAtOnce>(ws, (int64_t(m) * H + h) * p.max_partitions,
                                                     n, D, k - h * D, o);
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i, m, p.K)] =
+    reinterpret_cast<float4*>(xs)[x_slot<kSplit>(i, m, K)] =
         make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
   }
 }
@@ -197,11 +197,12 @@ __device__ __forceinline__ void stage_attention(float* xs, const SkinnyParams<T>
 // x staged into xs [M, K] as float32, rows m >= p.rows zero; with kLayerNorm, x - x0 times ln_w
 // (the LayerNorm weight in shared memory), and the rows' statistics into stats (ln_warp_stats);
 // with kAttentionPartials, the partitions merged (parts: each row's count); kSplit (rows of
-// 8-element vectors): in x_slot's split order. The caller syncs.
+// 8-element vectors): in x_slot's split order; K: p.K (a constant in variants built for it).
+// The caller syncs.
 template <typename T, int M, SkinnyInput IN, bool kSplit = false>
 __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyParams<T>& p,
-                                        const float* ln_w, const int (&parts)[M]) {
-  const int K = p.K;
+                                        const float* ln_w, const int (&parts)[M],
+                                        int K) {
   auto row_of = [&](int m) { return int64_t(p.x_rows ? p.x_rows[m] : m); };
   if constexpr (IN == SkinnyInput::kLayerNorm) {
     // x is the float32 residual stream; K % 8 == 0 (skinny_gemm_supported).
@@ -232,7 +233,7 @@ __device__ __forceinline__ void stage_x(float* xs, float* stats, const SkinnyPar
         });
     ln_warp_stats<M>(stats, sum, sq);
   } else if constexpr (IN == SkinnyInput::kAttentionPartials) {
-    stage_attention<T, M, kSplit>(xs, p, parts);
+    stage_attention<T, M, kSplit>(xs, p, parts, K);
   } else {
     constexpr int V = kVec16<T>;
     const T* x = static_cast<const T*>(p.x);
@@ -354,10 +355,12 @@ template <typename T, int M, SkinnyInput IN, SkinnyOutput OUT, bool kArgmax = fa
 __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
     skinny_gemm_kernel(const SkinnyParams<T> p, int wpr_arg, float inv_k) {
   extern __shared__ float smem[];
+  // The resident variants are built for their row length too (32 * VPR 16-byte vectors).
+  const int K = RESIDENT > 0 ? 32 * VPR * kVec16<T> : p.K;
   constexpr bool kLn = IN == SkinnyInput::kLayerNorm;
   float* xs = smem;                              // [M, K]
-  float* ln_w = xs + M * p.K;                    // [K] (kLayerNorm)
-  float* partial = ln_w + (kLn ? p.K : 0);       // [kWarps, M]
+  float* ln_w = xs + M * K;                      // [K] (kLayerNorm)
+  float* partial = ln_w + (kLn ? K : 0);         // [kWarps, M]
   int32_t* slots = reinterpret_cast<int32_t*>(partial + kWarps * M);  // [M] (kBiasQkv)
   float* ln_stats = partial + (kWarps + 1) * M;  // [kWarps, M, 2] (kLayerNorm)
   constexpr int V = kVec16<T>;
@@ -377,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   const int rows_per_block = kWarps / warps_per_row * R;
   const int num_groups = (p.N + rows_per_block - 1) / rows_per_block;
   const int kslice = warp % warps_per_row;
-  const int num_vecs = p.K / V;
+  const int num_vecs = K / V;
   const int stride = warps_per_row * 32;
   // The first of the R rows this warp takes in `group`, and the vectors of their run.
   auto row_of = [&](int group) { return group * rows_per_block + warp / warps_per_row * R; };
@@ -386,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   auto load_first = [&](int group, uint4 (&w)[U]) {
     const int n = row_of(group);
     const int run = run_vecs(n);
-    const T* w_row = p.weight + int64_t(n) * p.K;
+    const T* w_row = p.weight + int64_t(n) * K;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int idx = kslice * 32 + lane + u * stride;
@@ -422,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
     const int n = row_of(blockIdx.x);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const T* row = p.weight + int64_t(min(n + r, p.N - 1)) * p.K;
+      const T* row = p.weight + int64_t(min(n + r, p.N - 1)) * K;
       const uint4* w_row = reinterpret_cast<const uint4*>(row);
 #pragma unroll
       for (int v = 0; v < VPR; ++v) w[r * VPR + v] = w_row[lane + 32 * v];
@@ -440,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
       parts[m] = (ctx + p.partition_size - 1) / p.partition_size;
     }
   }
-  if constexpr (kLn) stage_ln_weight(ln_w, p.ln_weight, p.K);
+  if constexpr (kLn) stage_ln_weight(ln_w, p.ln_weight, K);
   // NOTE: each block asking L2 here for the bytes it reads after the wait as well (its first
   // group's rows past the first chunk, and up to two later groups) was slower on an H200:
   // gpt2-xl batch 1 0.95-0.96, batch 2 0.94-0.96, gpt2-large 0.98-0.99 (branch
@@ -461,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
   if constexpr (kArgmax) {
     if (threadIdx.x < M) argmax_block_keys<M>()[threadIdx.x] = 0;
   }
-  stage_x<T, M, IN, kSplitX>(xs, ln_stats, p, ln_w, parts);
+  stage_x<T, M, IN, kSplitX>(xs, ln_stats, p, ln_w, parts, K);
   if constexpr (OUT == SkinnyOutput::kBiasQkv) cp_async_wait<0>();
   __syncthreads();
   trace.mark(2);
@@ -473,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
     const int n = row_of(group);
     const bool active = n < p.N;
     const int run = run_vecs(n);
-    const T* w_row = p.weight + int64_t(active ? n : 0) * p.K;
+    const T* w_row = p.weight + int64_t(active ? n : 0) * K;
     float acc[M * R];  // [m * R + r]
 #pragma unroll
     for (int i = 0; i < M * R; ++i) acc[i] = 0.f;
@@ -498,13 +501,13 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
           unpack16<T>(wv[u], wf);
 #pragma unroll
           for (int m = 0; m < M; ++m) {
-            const float* x_row = xs + m * p.K;
+            const float* x_row = xs + m * K;
             float dot = 0.f;
 #pragma unroll
             for (int q = 0; q < V / 4; ++q) {
               // float4 q of x's vector k / V, where stage_x put it
               const float4 x4 = kSplitX
-                                    ? reinterpret_cast<const float4*>(x_row)[x_half(k / V, q, p.K)]
+                                    ? reinterpret_cast<const float4*>(x_row)[x_half(k / V, q, K)]
                                     : reinterpret_cast<const float4*>(x_row + k)[q];
               dot += wf[4 * q] * x4.x + wf[4 * q + 1] * x4.y + wf[4 * q + 2] * x4.z +
                      wf[4 * q + 3] * x4.w;
@@ -528,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, RESIDENT ? 2 : kMinBlocksPerSm)
         float4 x4[V / 4];
 #pragma unroll
         for (int q = 0; q < V / 4; ++q) {
-          x4[q] = reinterpret_cast<const float4*>(xs)[x_half(lane + 32 * v, q, p.K)];
+          x4[q] = reinterpret_cast<const float4*>(xs)[x_half(lane + 32 * v, q, K)];
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {

@@ -303,6 +303,23 @@ def test_resident_gemvs_match_hf(model_dirs_of, monkeypatch, dtype, resident):
         assert np.mean((logits.argmax(-1) == ref.argmax(-1))[clear]) >= TOP1_AGREEMENT
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gemvs_at_gpt2_xl_width_match_hf(model_dirs_of, dtype):
+    """gpt2-xl's width (1,600; MLP 6,400), where the batch-1 layer GEMVs take the kernels built
+    for one and two warps a row: decode steps of 2 then 1 sequences, teacher-forced through
+    shuffled block tables, against HF fp32 at every position."""
+    model, _, engine_dir = model_dirs_of((1, 1600, 25, 1024, 50257), "w1600",
+                                         initializer_range=0.04)
+    model = hf_on_gpu(model)
+    eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=64)
+    rng = np.random.default_rng(41)
+    seqs = [rng.integers(0, 50257, size=n).tolist() for n in (120, 40)]
+    got = _decode_teacher_forced(eng.backend, seqs, 20, 16, rng)
+    for seq, logits in zip(seqs, got):
+        ref = hf_logits(model, seq)[20:]
+        np.testing.assert_allclose(logits, ref, rtol=0, atol=LOGIT_ATOL[dtype])
+
+
 def _logits_under(hf_model_dirs, monkeypatch, dtype, env: dict[str, str | None]) -> list:
     """Teacher-forced logits of four sequences (decode steps of 4 and 3 rows through cuBLASLt,
     then 2 and 1 through the GEMVs) from an engine built with env set (None: unset)."""

@@ -326,7 +326,8 @@ def warps_per_row_rule(N, K, elem_bytes, sms):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("N,K,variant", [(4800, 1600, "ln_bias"), (1600, 1600, "residual"),
                                          (6400, 1600, "ln_gelu"), (1600, 6400, "residual"),
-                                         (768, 3072, "residual"), (50257, 1600, "ln_logits")])
+                                         (768, 3072, "residual"), (50257, 1600, "ln_logits"),
+                                         (5120, 1280, "ln_gelu"), (1280, 5120, "residual")])
 def test_skinny_matmul_of_every_warps_per_row_at_one_row(rng, dtype, N, K, variant):
     import torch
 
