@@ -692,7 +692,7 @@ void launch_tile(const SkinnyParams<T>& p, int num_sms, cudaStream_t stream, boo
   // 1,133, gpt2-medium 2,414 / 2,406 -> 2,452 / 2,453, gpt2 5,420 / 5,401 -> 5,366 / 5,380
   // (its layer GEMVs are resident, built for one warp a row too; notes.md, thirty-fourth
   // session).
-  if constexpr (M == 1 && sizeof(T) == 2 && R > 1) {
+  if constexpr (M == 1 && sizeof(T) == 2 && R > 1) {  // several rows a warp: always one warp a row
     launch(skinny_gemm_kernel<T, M, IN, OUT, kArgmax, 0, 0, 1>);
   } else {
     if constexpr (M == 1 && sizeof(T) == 2) {
