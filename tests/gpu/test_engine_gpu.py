@@ -272,52 +272,52 @@ def test_kv_pool_is_sized_from_free_memory_and_steps_allocate_nothing(hf_model_d
     assert torch.cuda.mem_get_info()[0] == free_after_first
 
 
+def _decode_against_hf(model_dirs_of, dtype, shape, name, initializer_range, lengths, seed,
+                       top1=False):
+    """Sequences of `lengths` teacher-forced from position 20 through decode steps (of 2, then 1
+    sequence) and shuffled block tables, against HF fp32 at every position; top1: also the
+    greedy token wherever HF's top two are >= 0.1 apart."""
+    model, _, engine_dir = model_dirs_of(shape, name, initializer_range=initializer_range)
+    model = hf_on_gpu(model)
+    eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=64)
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(0, shape[-1], size=n).tolist() for n in lengths]
+    got = _decode_teacher_forced(eng.backend, seqs, 20, 16, rng)
+    for seq, logits in zip(seqs, got):
+        ref = hf_logits(model, seq)[20:]
+        np.testing.assert_allclose(logits, ref, rtol=0, atol=LOGIT_ATOL[dtype])
+        if top1:
+            top2 = np.sort(ref, axis=-1)[:, -2:]
+            clear = top2[:, 1] - top2[:, 0] >= 0.1
+            assert np.mean((logits.argmax(-1) == ref.argmax(-1))[clear]) >= TOP1_AGREEMENT
+
+
 @pytest.mark.parametrize("resident", [True, False])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_resident_gemvs_match_hf(model_dirs_of, monkeypatch, dtype, resident):
     """gpt2's width, where every batch-1 layer GEMV is a resident one (QKV and fc 3 rows a warp,
     proj and fc_proj 1; PAGEDGPT2_RESIDENT_GEMV=0 runs the streaming kernels instead): decode
-    steps of 2 then 1 sequences, teacher-forced through shuffled block tables, against HF fp32 at
-    every position."""
+    steps of 2 then 1 sequences against HF fp32."""
     from pagedgpt2 import _cuda
 
     rows = [_cuda.ops.skinny_resident_rows(n, k, dtype) for n, k in
             ((2304, 768), (768, 768), (3072, 768), (768, 3072))]
     assert all(rows), rows
-    # std 0.06: logits of the same order as the d64 model's at 0.15 (the tolerances' scale)
-    model, _, engine_dir = model_dirs_of((2, 768, 12, 1024, 50257), "w768", initializer_range=0.06)
-    model = hf_on_gpu(model)
     if resident:
         monkeypatch.delenv("PAGEDGPT2_RESIDENT_GEMV", raising=False)
     else:
         monkeypatch.setenv("PAGEDGPT2_RESIDENT_GEMV", "0")
-    eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=64)
-    rng = np.random.default_rng(37)
-    seqs = [rng.integers(0, 50257, size=n).tolist() for n in (160, 50)]
-    got = _decode_teacher_forced(eng.backend, seqs, 20, 16, rng)
-    for seq, logits in zip(seqs, got):
-        ref = hf_logits(model, seq)[20:]
-        np.testing.assert_allclose(logits, ref, rtol=0, atol=LOGIT_ATOL[dtype])
-        top2 = np.sort(ref, axis=-1)[:, -2:]
-        clear = top2[:, 1] - top2[:, 0] >= 0.1
-        assert np.mean((logits.argmax(-1) == ref.argmax(-1))[clear]) >= TOP1_AGREEMENT
+    # std 0.06: logits of the same order as the d64 model's at 0.15 (the tolerances' scale)
+    _decode_against_hf(model_dirs_of, dtype, (2, 768, 12, 1024, 50257), "w768", 0.06, (160, 50),
+                       37, top1=True)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gemvs_at_gpt2_xl_width_match_hf(model_dirs_of, dtype):
     """gpt2-xl's width (1,600; MLP 6,400), where the batch-1 layer GEMVs take the kernels built
-    for one and two warps a row: decode steps of 2 then 1 sequences, teacher-forced through
-    shuffled block tables, against HF fp32 at every position."""
-    model, _, engine_dir = model_dirs_of((1, 1600, 25, 1024, 50257), "w1600",
-                                         initializer_range=0.04)
-    model = hf_on_gpu(model)
-    eng = Engine(engine_dir, device="cuda", dtype=dtype, block_size=16, num_blocks=64)
-    rng = np.random.default_rng(41)
-    seqs = [rng.integers(0, 50257, size=n).tolist() for n in (120, 40)]
-    got = _decode_teacher_forced(eng.backend, seqs, 20, 16, rng)
-    for seq, logits in zip(seqs, got):
-        ref = hf_logits(model, seq)[20:]
-        np.testing.assert_allclose(logits, ref, rtol=0, atol=LOGIT_ATOL[dtype])
+    for one and two warps a row: decode steps of 2 then 1 sequences against HF fp32."""
+    _decode_against_hf(model_dirs_of, dtype, (1, 1600, 25, 1024, 50257), "w1600", 0.04,
+                       (120, 40), 41)
 
 
 def _logits_under(hf_model_dirs, monkeypatch, dtype, env: dict[str, str | None]) -> list:
